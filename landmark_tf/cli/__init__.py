@@ -1,0 +1,1 @@
+"""Thin absl apps, one per stage: flags -> config object -> one library call -> one JSON line."""

@@ -1,0 +1,52 @@
+"""What every landmark-* entry point shares: error handling and the closing JSON line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, logging
+
+from landmark_tf.errors import UserError
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """Prints the stage's results as one JSON line; it must be the last line on stdout."""
+    sys.stdout.flush()
+    print(json.dumps(result, sort_keys=True, default=_json_default), flush=True)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
+    """Runs an absl `main`; a `UserError` becomes one line on stderr and exit code 2.
+
+    Args:
+      main: absl main taking argv; returns a dict printed as the closing JSON line, or None.
+      prog: the console-script name, used as the message prefix.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def wrapped(argv: list[str]) -> None:
+        logging.set_verbosity(logging.WARNING)
+        try:
+            result = main(argv)
+        except UserError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+            sys.exit(130)
+        if result is not None:
+            print_result(result)
+
+    app.run(wrapped)
