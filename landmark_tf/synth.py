@@ -1,0 +1,198 @@
+"""A small synthetic dataset in the Google Landmarks v2 layout, made without any download.
+
+Output (`output_dir`):
+  train.csv                      id,url,landmark_id
+  train_clean.csv                landmark_id,images (space-separated ids)
+  index.csv, test.csv            id
+  retrieval_solution_v2.1.csv    id,images,Usage   (images "None" and Usage "Ignored" for test
+                                                    images with no match in the index)
+  recognition_solution_v2.1.csv  id,landmarks,Usage (landmarks empty for test images of no
+                                                    training landmark)
+  {train,index,test}/a/b/c/<id>.jpg
+  synth_config.json              the settings; a rerun with the same settings resumes
+
+Every landmark is a procedural scene (`scenes`), every image a random view of it (`views`).
+Train landmarks have a Zipf-like number of images from `max_images` down to `min_images`.
+Index and test hold views of some train landmarks, of "novel" landmarks seen only there (as in
+GLDv2, where retrieval landmarks need not be in train), and distractors of no landmark. A
+`noisy_fraction` of each landmark's train images is left out of train_clean.csv, and those
+images really are noise: views of an unrelated scene, like the mislabelled images in GLDv2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from landmark_tf import fileio, scenes, views
+from landmark_tf.errors import UserError
+from landmark_tf.synth_plan import LANDMARK_ID_RANGE, Item, Plan, csv_files, make_plan
+
+CONFIG_FILE = "synth_config.json"
+GENERATOR_VERSION = 1  # bump when the drawing changes, so a rerun never mixes two versions
+SPLITS = ("train", "index", "test")
+_FRACTIONS = ("retrieval_fraction", "noisy_fraction", "unclean_landmarks", "public_fraction")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """Sizes and difficulty of the synthetic dataset (defaults: ~1.2k images, ~10 s to make)."""
+
+    num_landmarks: int = 60  # landmarks with train images
+    min_images: int = 8  # train images of the rarest landmark
+    max_images: int = 40  # train images of the most frequent landmark
+    image_size: int = 96
+    seed: int = 0
+    retrieval_fraction: float = 0.5  # share of train landmarks that also appear in index/test
+    novel_landmarks: int = 10  # landmarks that appear only in index/test
+    index_images: tuple[int, int] = (3, 8)  # index images per retrieval landmark (min, max)
+    test_images: tuple[int, int] = (1, 3)  # test images per retrieval landmark (min, max)
+    index_distractors: float = 0.5  # distractors in index, relative to its landmark images
+    test_distractors: float = 0.3  # distractors in test, relative to its landmark images
+    noisy_fraction: float = 0.1  # train images per landmark that are noise (not in clean)
+    unclean_landmarks: float = 0.1  # share of train landmarks absent from train_clean.csv
+    public_fraction: float = 0.3  # test images scored "Public" (the rest "Private")
+    difficulty: float = 1.0  # scales every view knob; 0 = identical views
+    view: views.ViewConfig = dataclasses.field(default_factory=views.ViewConfig)
+
+    def validate(self) -> None:
+        """Raises UserError naming the first setting that cannot make a dataset."""
+        (index_lo, index_hi), (test_lo, test_hi) = self.index_images, self.test_images
+        checks = [
+            (self.num_landmarks >= 1, "num_landmarks must be >= 1"),
+            (1 <= self.min_images <= self.max_images, "need 1 <= min_images <= max_images"),
+            (16 <= self.image_size <= 2048, "image_size must be within 16..2048"),
+            (self.novel_landmarks >= 0, "novel_landmarks must be >= 0"),
+            (self.num_landmarks + self.novel_landmarks <= LANDMARK_ID_RANGE,
+             f"num_landmarks + novel_landmarks must be <= {LANDMARK_ID_RANGE}"),
+            (1 <= index_lo <= index_hi, "index_images needs 1 <= min <= max"),
+            (0 <= test_lo <= test_hi, "test_images needs 0 <= min <= max"),
+            (self.index_distractors >= 0, "index_distractors must be >= 0"),
+            (self.test_distractors >= 0, "test_distractors must be >= 0"),
+            (self.difficulty >= 0, "difficulty must be >= 0"),
+        ]
+        for name in _FRACTIONS:
+            value = getattr(self, name)
+            checks.append((0 <= value <= 1, f"{name} must be within 0..1, got {value}"))
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def image_path(root: str, split: str, image_id: str) -> str:
+    """`root/split/a/b/c/<id>.jpg`, the GLDv2 tree."""
+    return fileio.join(root, split, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
+
+
+def _scene(cfg: SynthConfig, plan: Plan, index: int) -> scenes.Scene:
+    rng = np.random.default_rng([cfg.seed, 1, index])
+    if index < plan.num_landmark_scenes:
+        return scenes.make_scene(rng)
+    return scenes.make_distractor(rng)
+
+
+def render_item(cfg: SynthConfig, plan: Plan, item: Item, cache: dict | None = None) -> bytes:
+    """JPEG bytes of one planned image; depends only on (cfg, item), so reruns are identical."""
+    cache = {} if cache is None else cache
+    if item.scene not in cache:
+        scene = _scene(cfg, plan, item.scene)
+        if item.scene >= plan.num_landmark_scenes:
+            return _encode(cfg, item, scene)  # distractor scenes are used once: keep no copy
+        cache[item.scene] = scene
+    return _encode(cfg, item, cache[item.scene])
+
+
+def _encode(cfg: SynthConfig, item: Item, scene: scenes.Scene) -> bytes:
+    view_cfg = cfg.view.scaled(cfg.difficulty)
+    rng = np.random.default_rng([cfg.seed, 2, item.serial])
+    pixels = views.render_view(scene, rng, cfg.image_size, view_cfg)
+    return views.encode_jpeg(rng, pixels, view_cfg)
+
+
+def _claim_output_dir(cfg: SynthConfig, output_dir: str) -> bool:
+    """Records the settings in output_dir; True when resuming a run with the same settings.
+
+    Refuses a folder made with other settings, or one that holds GLDv2 files not made here.
+    """
+    path = fileio.join(output_dir, CONFIG_FILE)
+    settings = json_roundtrip({"generator_version": GENERATOR_VERSION, **cfg.to_dict()})
+    if fileio.exists(path):
+        stored = fileio.read_json(path)
+        if stored != settings:
+            changed = sorted(k for k in settings if stored.get(k) != settings[k])
+            raise UserError(f"{output_dir} holds a synthetic dataset made with other settings "
+                            f"({', '.join(changed) or 'unknown'}); choose a new --output_dir "
+                            f"or delete that one")
+        return True
+    for name in ("train.csv", "index.csv", "test.csv", *SPLITS):
+        if fileio.exists(fileio.join(output_dir, name)):
+            raise UserError(f"{output_dir} already holds {name} but no {CONFIG_FILE}: not a "
+                            f"landmark-synth folder; choose an empty --output_dir")
+    fileio.makedirs(output_dir)
+    fileio.write_json_atomic(path, settings)
+    return False
+
+
+def json_roundtrip(obj):
+    """`obj` as it reads back from JSON (tuples become lists), for comparing settings."""
+    return json.loads(json.dumps(obj))
+
+
+def _remove_temporaries(output_dir: str) -> None:
+    for split in SPLITS:
+        root = fileio.join(output_dir, split)
+        if tf.io.gfile.isdir(root):
+            for folder, _, _ in tf.io.gfile.walk(root):
+                fileio.remove_temporaries(folder)
+
+
+def write_images(cfg: SynthConfig, plan: Plan, output_dir: str, progress: bool = True) -> int:
+    """Renders every planned image not already on disk; returns how many it wrote."""
+    made_dirs, cache, written = set(), {}, 0
+    for item in tqdm(plan.items, desc="landmark-synth", unit="img", disable=not progress):
+        path = image_path(output_dir, item.split, item.id)
+        if fileio.exists(path):
+            continue  # a resumed run: same settings, same seed, so the same bytes
+        folder = path.rsplit("/", 1)[0]
+        if folder not in made_dirs:
+            fileio.makedirs(folder)
+            made_dirs.add(folder)
+        fileio.write_bytes_atomic(path, render_item(cfg, plan, item, cache))
+        written += 1
+    return written
+
+
+def generate(cfg: SynthConfig, output_dir: str, progress: bool = True) -> dict:
+    """Writes the whole dataset into `output_dir` (resuming a run with the same settings).
+
+    Returns the closing-JSON summary: images, landmarks (train landmarks = classes), per-split
+    counts, and how many images this run wrote versus found already done.
+    """
+    cfg.validate()
+    plan = make_plan(cfg)
+    if _claim_output_dir(cfg, output_dir):
+        _remove_temporaries(output_dir)
+    written = write_images(cfg, plan, output_dir, progress)
+    for name, text in csv_files(plan).items():
+        fileio.write_text_atomic(fileio.join(output_dir, name), text)
+    counts = {split: len(plan.split(split)) for split in SPLITS}
+    return {
+        "output_dir": output_dir,
+        "images": len(plan.items),
+        "landmarks": len(plan.train_landmarks),
+        "novel_landmarks": len(plan.novel_landmarks),
+        "train_images": counts["train"],
+        "clean_images": sum(len(v) for v in plan.clean.values()),
+        "index_images": counts["index"],
+        "test_images": counts["test"],
+        "distractors": sum(it.landmark_id < 0 for it in plan.items),
+        "written": written,
+        "reused": len(plan.items) - written,
+    }

@@ -1,0 +1,143 @@
+"""Which images a synthetic dataset holds, and its six GLDv2 CSV files; no pixels.
+
+The plan decides, from the seed alone, every image id (16 hex digits, like GLDv2), every
+landmark id (random, non-contiguous ints below 200k, so relabelling is exercised), which
+landmark and which scene each image shows, the clean subset and the solutions' Usage column.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from landmark_tf.synth import SynthConfig
+
+LANDMARK_ID_RANGE = 200_000  # GLDv2 landmark ids go up to ~203k
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One planned image: split, id, landmark (-1 = none), the scene it shows, view serial."""
+
+    split: str
+    id: str
+    landmark_id: int
+    scene: int  # index into the plan's scene seeds; landmarks first, then one per distractor
+    serial: int  # seeds this image's view
+
+
+def zipf_counts(n: int, low: int, high: int) -> np.ndarray:
+    """int64 [n]: count(rank r) = high * r^-a with a chosen so that count(n) = low."""
+    if n == 1:
+        return np.array([high])
+    a = np.log(high / low) / np.log(n)
+    return np.clip(np.round(high * np.arange(1, n + 1) ** -a), low, high).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything about the dataset except the pixels; cheap, and identical for one config."""
+
+    items: tuple[Item, ...]
+    train_landmarks: tuple[int, ...]
+    novel_landmarks: tuple[int, ...]
+    clean: dict[int, list[str]]  # landmark id -> ids of its clean train images
+    usage: dict[str, str]  # test id -> "Public" or "Private"
+    num_landmark_scenes: int
+
+    def split(self, name: str) -> list[Item]:
+        return [it for it in self.items if it.split == name]
+
+
+def _unique_ids(rng: np.random.Generator) -> Iterator[str]:
+    seen = set()
+    while True:
+        image_id = rng.bytes(8).hex()
+        if image_id not in seen:
+            seen.add(image_id)
+            yield image_id
+
+
+def make_plan(cfg: SynthConfig) -> Plan:
+    """Decides ids, landmark ids, splits, clean subset and scoring usage from `cfg.seed`."""
+    rng = np.random.default_rng([cfg.seed, 0])
+    n_train, n_all = cfg.num_landmarks, cfg.num_landmarks + cfg.novel_landmarks
+    lids = [int(v) for v in rng.choice(LANDMARK_ID_RANGE, n_all, replace=False)]
+    scene_of = {lid: i for i, lid in enumerate(lids)}
+    counts = zipf_counts(n_train, cfg.min_images, cfg.max_images)[rng.permutation(n_train)]
+    ids, items = _unique_ids(rng), []
+    next_scene = n_all  # distractor and noise scenes come after the landmark scenes
+
+    def add(split: str, lid: int, scene: int) -> str:
+        items.append(Item(split, next(ids), lid, scene, len(items)))
+        return items[-1].id
+
+    clean = {}
+    for lid, count in zip(lids[:n_train], counts, strict=True):
+        noisy = min(round(cfg.noisy_fraction * count), count - 1)
+        clean[lid] = [add("train", lid, scene_of[lid]) for _ in range(count - noisy)]
+        for _ in range(noisy):
+            add("train", lid, next_scene)
+            next_scene += 1
+    unclean = rng.choice(n_train, round(cfg.unclean_landmarks * n_train), replace=False)
+    for i in unclean:
+        del clean[lids[i]]
+    n_shared = round(cfg.retrieval_fraction * n_train)
+    retrieval = [lids[i] for i in sorted(rng.choice(n_train, n_shared, replace=False))]
+    retrieval += lids[n_train:]
+    for split, (low, high), share in (("index", cfg.index_images, cfg.index_distractors),
+                                      ("test", cfg.test_images, cfg.test_distractors)):
+        before = len(items)
+        for lid in retrieval:
+            for _ in range(rng.integers(low, high + 1)):
+                add(split, lid, scene_of[lid])
+        for _ in range(round(share * (len(items) - before))):
+            add(split, -1, next_scene)
+            next_scene += 1
+    usage = {it.id: "Public" if rng.random() < cfg.public_fraction else "Private"
+             for it in items if it.split == "test"}
+    return Plan(tuple(items), tuple(lids[:n_train]), tuple(lids[n_train:]), clean, usage, n_all)
+
+
+def _csv(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def csv_files(plan: Plan) -> dict[str, str]:
+    """File name -> text of the six GLDv2 CSV files; rows sorted by id like the Kaggle files."""
+    train = sorted(plan.split("train"), key=lambda it: it.id)
+    index = sorted(plan.split("index"), key=lambda it: it.id)
+    test = sorted(plan.split("test"), key=lambda it: it.id)
+    matches: dict[int, list[str]] = {}
+    for it in index:
+        matches.setdefault(it.landmark_id, []).append(it.id)
+    known = set(plan.train_landmarks)
+    retrieval, recognition = [], []
+    for it in test:
+        if it.landmark_id in matches and it.landmark_id >= 0:
+            retrieval.append([it.id, " ".join(matches[it.landmark_id]), plan.usage[it.id]])
+        else:
+            retrieval.append([it.id, "None", "Ignored"])
+        lid = str(it.landmark_id) if it.landmark_id in known else ""
+        recognition.append([it.id, lid, plan.usage[it.id]])
+    url = "https://synthetic.invalid/train/{}.jpg"
+    return {
+        "train.csv": _csv(["id", "url", "landmark_id"],
+                          [[it.id, url.format(it.id), it.landmark_id] for it in train]),
+        "train_clean.csv": _csv(["landmark_id", "images"],
+                                [[k, " ".join(sorted(v))] for k, v in sorted(plan.clean.items())]),
+        "index.csv": _csv(["id"], [[it.id] for it in index]),
+        "test.csv": _csv(["id"], [[it.id] for it in test]),
+        "retrieval_solution_v2.1.csv": _csv(["id", "images", "Usage"], retrieval),
+        "recognition_solution_v2.1.csv": _csv(["id", "landmarks", "Usage"], recognition),
+    }

@@ -1,0 +1,214 @@
+"""landmark-synth: GLDv2 layout and CSV formats, solution consistency, long tail, determinism."""
+
+import csv
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from landmark_tf import scenes, synth, synth_plan, views
+from landmark_tf.errors import UserError
+
+TINY = synth.SynthConfig(
+    num_landmarks=8, min_images=2, max_images=9, image_size=32, novel_landmarks=2,
+    index_images=(1, 3), test_images=(1, 2), noisy_fraction=0.3, unclean_landmarks=0.25,
+    index_distractors=0.5, test_distractors=0.5,
+)
+
+
+def read(root, name):
+    with open(os.path.join(root, name), newline="") as f:
+        return list(csv.reader(f))
+
+
+def tree(root):
+    """Relative path -> bytes of every file under root."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synth"))
+    summary = synth.generate(TINY, root, progress=False)
+    return root, summary
+
+
+def test_csv_formats_and_image_tree(tiny):
+    root, summary = tiny
+    headers = {"train.csv": ["id", "url", "landmark_id"],
+               "train_clean.csv": ["landmark_id", "images"],
+               "index.csv": ["id"], "test.csv": ["id"],
+               "retrieval_solution_v2.1.csv": ["id", "images", "Usage"],
+               "recognition_solution_v2.1.csv": ["id", "landmarks", "Usage"]}
+    for name, header in headers.items():
+        rows = read(root, name)
+        assert rows[0] == header, name
+        assert all(len(r) == len(header) for r in rows[1:]), name
+    ids = {s: [r[0] for r in read(root, f"{s}.csv")[1:]] for s in synth.SPLITS}
+    every = [i for v in ids.values() for i in v]
+    assert len(every) == len(set(every)) == summary["images"]
+    assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in every)
+    files = tree(root)
+    for split, split_ids in ids.items():
+        jpgs = {p for p in files if p.startswith(split + os.sep)}
+        assert jpgs == {os.path.join(split, i[0], i[1], i[2], i + ".jpg") for i in split_ids}
+    last = every[-1]
+    image = Image.open(io.BytesIO(files[os.path.join("test", *last[:3], last + ".jpg")]))
+    assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
+    lids = sorted({int(r[2]) for r in read(root, "train.csv")[1:]})
+    assert len(lids) == summary["landmarks"] == TINY.num_landmarks
+    assert lids != list(range(lids[0], lids[0] + len(lids)))  # non-contiguous, like GLDv2
+
+
+def test_solutions_list_exactly_the_true_matches(tiny):
+    root, _ = tiny
+    plan = synth_plan.make_plan(TINY)
+    landmark = {it.id: it.landmark_id for it in plan.items}
+    index_ids = [r[0] for r in read(root, "index.csv")[1:]]
+    train_lids = set(plan.train_landmarks)
+    recognition = {r[0]: r[1:] for r in read(root, "recognition_solution_v2.1.csv")[1:]}
+    kinds = set()
+    for test_id, images, usage in read(root, "retrieval_solution_v2.1.csv")[1:]:
+        lid = landmark[test_id]
+        if lid < 0:
+            kinds.add("distractor")
+            assert (images, usage) == ("None", "Ignored")
+            assert recognition[test_id][0] == ""
+            continue
+        kinds.add("train landmark" if lid in train_lids else "novel landmark")
+        assert usage in ("Public", "Private") and recognition[test_id][1] == usage
+        assert set(images.split()) == {i for i in index_ids if landmark[i] == lid} != set()
+        assert recognition[test_id][0] == (str(lid) if lid in train_lids else "")
+    assert kinds == {"distractor", "train landmark", "novel landmark"}
+    assert any(landmark[i] < 0 for i in index_ids)
+
+
+def test_clean_subset_drops_noise_and_some_landmarks(tiny):
+    root, summary = tiny
+    train = {r[0]: int(r[2]) for r in read(root, "train.csv")[1:]}
+    clean = {int(r[0]): r[1].split() for r in read(root, "train_clean.csv")[1:]}
+    assert all(train[i] == lid for lid, ids in clean.items() for i in ids)
+    assert 0 < len(clean) < len(set(train.values()))
+    assert sum(map(len, clean.values())) == summary["clean_images"] < len(train)
+    plan = synth_plan.make_plan(TINY)
+    for it in plan.split("train"):  # the images left out of the clean list are real noise
+        if it.landmark_id in clean:
+            shows_its_landmark = it.scene < plan.num_landmark_scenes
+            assert shows_its_landmark == (it.id in clean[it.landmark_id])
+
+
+def test_images_per_landmark_are_long_tailed():
+    counts = synth_plan.zipf_counts(60, 8, 40)
+    assert counts[0] == 40 and counts[-1] == 8 and np.all(np.diff(counts) <= 0)
+    assert np.median(counts) < counts.mean() < (8 + 40) / 2
+    assert list(synth_plan.zipf_counts(1, 3, 5)) == [5]
+    plan = synth_plan.make_plan(TINY)
+    per = np.unique([it.landmark_id for it in plan.split("train")], return_counts=True)[1]
+    assert per.min() == TINY.min_images and per.max() == TINY.max_images
+
+
+def test_same_seed_same_bytes_other_seed_other_ids(tmp_path, tiny):
+    cfg = dict(num_landmarks=3, min_images=2, max_images=3, image_size=24, novel_landmarks=1)
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    synth.generate(synth.SynthConfig(**cfg), a, progress=False)
+    synth.generate(synth.SynthConfig(**cfg), b, progress=False)
+    synth.generate(synth.SynthConfig(seed=1, **cfg), c, progress=False)
+    assert tree(a) == tree(b)
+    ids = lambda root: {r[0] for r in read(root, "train.csv")[1:]}  # noqa: E731
+    assert not ids(a) & ids(c)
+
+
+def test_rerun_resumes_and_guards_the_folder(tmp_path):
+    cfg = synth.SynthConfig(num_landmarks=3, min_images=2, max_images=4, image_size=24,
+                            novel_landmarks=1)
+    root = str(tmp_path / "out")
+    synth.generate(cfg, root, progress=False)
+    before = tree(root)
+    jpgs = sorted(p for p in before if p.endswith(".jpg"))[:2]
+    for p in jpgs:
+        os.remove(os.path.join(root, p))
+    stale = os.path.join(root, os.path.dirname(jpgs[0]), ".tmp-0123456789ab-x.jpg")
+    open(stale, "wb").close()
+    summary = synth.generate(cfg, root, progress=False)
+    assert (summary["written"], summary["reused"]) == (2, summary["images"] - 2)
+    assert tree(root) == before
+    with pytest.raises(UserError, match="seed"):
+        synth.generate(synth.SynthConfig(seed=7, num_landmarks=3, min_images=2, max_images=4,
+                                         image_size=24, novel_landmarks=1), root, progress=False)
+    foreign = tmp_path / "gldv2"
+    foreign.mkdir()
+    (foreign / "train.csv").write_text("id,url,landmark_id\n")
+    with pytest.raises(UserError, match="not a landmark-synth folder"):
+        synth.generate(cfg, str(foreign), progress=False)
+
+
+@pytest.mark.parametrize("bad", [dict(min_images=5, max_images=4), dict(num_landmarks=0),
+                                 dict(index_images=(0, 2)), dict(noisy_fraction=1.5)])
+def test_rejects_settings_that_cannot_work(bad, tmp_path):
+    with pytest.raises(UserError):
+        synth.generate(synth.SynthConfig(**bad), str(tmp_path), progress=False)
+    assert not os.listdir(tmp_path)
+
+
+def test_views_keep_geometry_and_change_appearance():
+    scene, other = (scenes.make_scene(np.random.default_rng(i)) for i in (0, 1))
+    same = views.ViewConfig().scaled(0)
+    a, b = (views.render_view(scene, np.random.default_rng(s), 64, same) for s in (1, 2))
+    np.testing.assert_array_equal(a, b)  # difficulty 0: the canonical photo, whatever the seed
+    c = views.render_view(other, np.random.default_rng(1), 64, same)
+    assert np.abs(a.astype(int) - c).mean() > 20  # two landmarks look different
+    d = views.render_view(scene, np.random.default_rng(3), 64, views.ViewConfig())
+    assert np.abs(a.astype(int) - d).mean() > 10  # a default view changes the photo a lot
+
+
+def test_cameras_keep_the_world_in_front():
+    src = np.array([[0.1, 0.2], [0.9, 0.1], [1.0, 0.8], [0.0, 1.0]])
+    dst = np.array([[0.0, 0], [1, 0], [1, 1], [0, 1]])
+    np.testing.assert_allclose(views.project(views.homography(src, dst), src), dst, atol=1e-9)
+    lo, hi = scenes.WORLD_MIN, scenes.WORLD_MAX
+    grid = np.stack(np.meshgrid(np.linspace(lo, hi, 9), np.linspace(lo, hi, 9)), -1).reshape(-1, 2)
+    cfg = views.ViewConfig().scaled(3)
+    for seed in range(200):
+        h = views.random_camera(np.random.default_rng(seed), cfg)
+        depth = np.c_[grid, np.ones(len(grid))] @ h[2]
+        assert np.all(depth > 0)
+
+
+def _cli(tmp_path, *extra):
+    """Runs the installed console script, as a user would (TF import: a few seconds)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "landmark-synth")
+    args = [exe, f"--output_dir={tmp_path / 'out'}", "--num_landmarks=3", "--min_images=2",
+            "--max_images=3", "--image_size=24", "--novel_landmarks=1", "--index_images=1,2",
+            "--noprogress", *extra]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_cli_prints_the_summary_last(tmp_path):
+    done = _cli(tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    csvs_and_config = 7
+    assert result["landmarks"] == 3
+    assert result["images"] == len(tree(tmp_path / "out")) - csvs_and_config
+
+
+@pytest.mark.slow
+def test_cli_bad_flag_is_one_line_and_exit_2(tmp_path):
+    bad = _cli(tmp_path, "--index_images=1,x")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "landmark-synth: error: --index_images must be MIN,MAX integers, got '1,x'")
+    assert not (tmp_path / "out").exists()
