@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from absl import app, logging
+from absl import app, flags, logging
 
 from landmark_tf.errors import UserError
 
@@ -27,6 +27,18 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_HELP_ARGS = ("-h", "-?", "--help", "--helpshort")
+
+
+def _print_help(module_name: str) -> None:
+    """absl's --help lists only flags of `__main__`, which for a console script is the wrapper:
+    print the CLI module's docstring and its own flags instead."""
+    module = sys.modules[module_name]
+    print((module.__doc__ or "").strip() + "\n")
+    print(flags.FLAGS.module_help(module_name))
+    print("\n--flagfile=FILE reads flags from a file; --helpfull lists every flag.")
+
+
 def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
     """Runs an absl `main`; a `UserError` becomes one line on stderr and exit code 2.
 
@@ -35,6 +47,9 @@ def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
       prog: the console-script name, used as the message prefix.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if any(arg in _HELP_ARGS for arg in sys.argv[1:]):
+        _print_help(main.__module__)
+        sys.exit(0)
 
     def wrapped(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)

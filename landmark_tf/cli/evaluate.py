@@ -1,0 +1,91 @@
+"""landmark-evaluate: kNN retrieval / recognition over embedding sets, Kaggle metrics, submissions.
+
+Retrieval (GLR2019/2020):
+  landmark-evaluate --index index.npz --queries test.npz \
+      --solution retrieval_solution_v2.1.csv --submission submission.csv --rerank dba+aqe
+Recognition (GLR2020):
+  landmark-evaluate --train train.npz --queries test.npz \
+      --recognition_solution recognition_solution_v2.1.csv --recognition_submission rec.csv
+Revisited Oxford/Paris:
+  landmark-evaluate --index roxford_db.npz --queries roxford_q.npz --revisitop_gnd gnd_roxford5k.pkl
+
+Without a solution file, labelled sets (landmark_ids in the .npz) are scored against each other.
+Last stdout line: JSON with map@100[, map@100_public, map@100_private], gap[, ...], ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from absl import flags
+
+from landmark_tf import evaluation, knn, rerank
+from landmark_tf.cli import app as app_lib
+from landmark_tf.errors import UserError
+
+_D = evaluation.EvalConfig
+flags.DEFINE_string("queries", None, "Query embedding set (.npz: ids, embeddings[, landmark_ids]).")
+flags.DEFINE_string("index", None, "Index (database) embedding set for retrieval (.npz).")
+flags.DEFINE_string(
+    "train", None, "Labelled embedding set (.npz with landmark_ids) for recognition."
+)
+flags.DEFINE_integer("k", _D.k, "Neighbours retrieved per query (Kaggle scores the first 100).")
+flags.DEFINE_integer("batch_size", knn.DEFAULT_BATCH, "Queries per faiss call; keep it large.")
+flags.DEFINE_enum(
+    "index_type",
+    _D.index_type,
+    ["flat", "ivf"],
+    "flat: exact search; ivf: inverted-file approximate search for 1M+ images.",
+)
+flags.DEFINE_integer("nlist", _D.nlist, "IVF lists; 0 = about 4*sqrt(N).")
+flags.DEFINE_integer("nprobe", _D.nprobe, "IVF lists visited per query (more = slower, better).")
+flags.DEFINE_integer(
+    "recall_sample",
+    _D.recall_sample,
+    "Queries on which IVF recall@k against exact search is measured; 0 = skip.",
+)
+flags.DEFINE_enum(
+    "rerank",
+    _D.rerank,
+    list(rerank.METHODS),
+    "Re-ranking: alpha-query expansion (aqe), database-side augmentation (dba), or both. dba "
+    "searches the whole index against itself (1M images exact: hours on 2 cores; ivf is faster).",
+)
+flags.DEFINE_integer("qe_k", _D.qe_k, "Neighbours used by aqe and dba.")
+flags.DEFINE_float(
+    "aqe_alpha", _D.aqe_alpha, "Exponent on neighbour similarity for aqe/dba weights."
+)
+flags.DEFINE_string("solution", None, "Kaggle retrieval_solution_v2.1.csv (id,images,Usage).")
+flags.DEFINE_string("submission", None, "Write a Kaggle retrieval submission (id,images) here.")
+flags.DEFINE_integer(
+    "recognition_k",
+    _D.recognition_k,
+    "Train neighbours whose similarities are summed per landmark.",
+)
+flags.DEFINE_string(
+    "recognition_solution", None, "Kaggle recognition_solution_v2.1.csv (id,landmarks,Usage)."
+)
+flags.DEFINE_string(
+    "recognition_submission", None, "Write a Kaggle recognition submission (id,landmarks) here."
+)
+flags.DEFINE_string(
+    "revisitop_gnd",
+    None,
+    "Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl layout); index and "
+    "query ids must equal its imlist/qimlist names.",
+)
+flags.DEFINE_integer("seed", _D.seed, "Seed for IVF training and the recall sample.")
+
+FLAGS = flags.FLAGS
+_FIELDS = [f.name for f in dataclasses.fields(evaluation.EvalConfig)]
+
+
+def main(argv: list[str]) -> dict:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {argv[1:]}")
+    cfg = evaluation.EvalConfig(**{name: FLAGS[name].value for name in _FIELDS})
+    return evaluation.evaluate(cfg)
+
+
+def run() -> None:
+    app_lib.run_main(main, "landmark-evaluate")
