@@ -1,0 +1,107 @@
+"""EfficientNet B0-B7 feature extractors from `keras.applications`, with offline ImageNet weights.
+
+`keras.applications.EfficientNetBx(weights="imagenet")` adds, after its Normalization layer, a
+Rescaling by 1/sqrt(ImageNet std), because the released weight files store the std (not the
+variance) in the Normalization layer. With `weights=<file path>` Keras silently leaves that layer
+out (tensorflow/tensorflow#62193), so the input scaling is wrong. We always build the model the
+`weights="imagenet"` code path builds (also without weights, so that a checkpoint trained from
+ImageNet weights restores into the same function), then load the file ourselves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+
+import keras
+import tensorflow as tf
+
+from landmark_tf import fileio
+from landmark_tf.config import BACKBONES
+from landmark_tf.errors import UserError
+
+# What Keras's efficientnetbN_notop.h5 files hold in their Normalization layer: the mean and,
+# in the variance slot, the std (see keras/src/applications/efficientnet.py).
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def keras_name(backbone: str) -> str:
+    """'efficientnet-b3' -> 'efficientnetb3' (Keras's model name and weight-file stem)."""
+    _check_name(backbone)
+    return backbone.replace("-", "")
+
+
+def weights_file_name(backbone: str) -> str:
+    """The Keras ImageNet no-top weight file for a backbone, e.g. 'efficientnetb0_notop.h5'."""
+    return f"{keras_name(backbone)}_notop.h5"
+
+
+def build_backbone(backbone: str, weights_path: str | None = None) -> keras.Model:
+    """Builds a no-top EfficientNet: float32 [B, H, W, 3] in 0..255 -> features [B, h, w, F].
+
+    Any H, W >= 32 works. The features are in the global dtype policy's compute dtype
+    (bfloat16 under mixed_bfloat16). `weights_path`: a Keras `efficientnetbN_notop.h5` file,
+    local or gs://; None keeps the random initialisation (with ImageNet input normalisation).
+    """
+    _check_name(backbone)
+    if weights_path and not fileio.exists(weights_path):
+        raise UserError(f"pretrained weights file not found: {weights_path}")
+    constructor = getattr(keras.applications, f"EfficientNetB{backbone[-1]}")
+    plain = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
+    model = _with_imagenet_input_scaling(plain)
+    if weights_path:
+        _load_weights_file(model, weights_path)
+    return model
+
+
+def refresh_normalization(model: keras.Model) -> None:
+    """Re-reads Normalization mean/variance variables into the tensors the layer computes with.
+
+    Keras's Normalization snapshots its variables when built or loaded through Keras; a
+    `tf.train.Checkpoint` restore updates the variables only. Call this after such a restore.
+    """
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()
+        elif isinstance(layer, keras.Model):
+            refresh_normalization(layer)
+
+
+def _check_name(backbone: str) -> None:
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r}; expected one of {', '.join(BACKBONES)}")
+
+
+def _with_imagenet_input_scaling(plain: keras.Model) -> keras.Model:
+    """Rebuilds `plain` (same layer objects) with the Rescaling that weights="imagenet" adds."""
+    norm = next(la for la in plain.layers if isinstance(la, keras.layers.Normalization))
+    norm.adapt_mean.assign(IMAGENET_MEAN_RGB)
+    norm.adapt_variance.assign(IMAGENET_STDDEV_RGB)
+    norm.finalize_state()
+    fix = keras.layers.Rescaling([1.0 / math.sqrt(s) for s in IMAGENET_STDDEV_RGB])
+
+    def call(layer, *args, **kwargs):
+        out = layer(*args, **kwargs)
+        return fix(out) if layer is norm else out
+
+    return keras.models.clone_model(plain, clone_function=lambda layer: layer, call_function=call)
+
+
+def _load_weights_file(model: keras.Model, weights_path: str) -> None:
+    tmpdir = tempfile.mkdtemp(prefix="landmark_tf_weights_")
+    try:
+        # Keras picks the loader from the file suffix and reads only local files.
+        local = os.path.join(tmpdir, os.path.basename(weights_path.rstrip("/")))
+        tf.io.gfile.copy(weights_path, local, overwrite=True)
+        try:
+            model.load_weights(local)
+        except (ValueError, OSError, KeyError) as e:
+            raise UserError(
+                f"pretrained weights {weights_path}: not ImageNet weights for {model.name} "
+                f"(expected Keras's {model.name}_notop.h5): {e}"
+            ) from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

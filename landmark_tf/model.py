@@ -1,0 +1,156 @@
+"""The landmark models and their one checkpoint layout.
+
+backbone (EfficientNet) -> neck (pool -> Dense -> BN) -> head (cosine classifier) for training;
+backbone -> neck -> L2 normalisation for the product, the embedding model. Both share layers.
+A training workdir holds `config.json` ({"model": ModelConfig.to_dict(), ...}) and
+`checkpoints/` written by a tf.train.CheckpointManager over `make_checkpoint(...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from landmark_tf import backbones, fileio, heads
+from landmark_tf.config import ModelConfig
+from landmark_tf.errors import UserError
+from landmark_tf.pooling import EmbeddingNeck
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class LandmarkModels:
+    """The parts and the models built from them (all sharing the same layer objects).
+
+    train_model: {"image": float32 [B, S, S, 3] 0..255, "label": int32 [B]} -> float32 [B, C]
+      logits, margin applied when called with training=True (as `fit` does), scaled.
+    eval_logits_model: float32 [B, H, W, 3] -> float32 [B, C] logits without margin.
+    embedding_model: float32 [B, H, W, 3] 0..255 -> float32 [B, D], L2-normalised.
+    head, train_model and eval_logits_model are None when built with `with_head=False`.
+    """
+
+    config: ModelConfig
+    backbone: keras.Model
+    neck: EmbeddingNeck
+    head: keras.layers.Layer | None
+    embedding_model: keras.Model
+    train_model: keras.Model | None
+    eval_logits_model: keras.Model | None
+
+
+def build_models(
+    cfg: ModelConfig, pretrained_weights: str | None = None, *, with_head: bool = True
+) -> LandmarkModels:
+    """Builds all models for `cfg`. Call under `strategy.scope()` to place the variables.
+
+    pretrained_weights: Keras `efficientnetbN_notop.h5` ImageNet file (local or gs://), or None.
+    The backbone computes in the global dtype policy; neck, embeddings and logits are float32.
+    """
+    cfg.validate()
+    backbone = backbones.build_backbone(cfg.backbone, pretrained_weights)
+    neck = EmbeddingNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, name="neck")
+    image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
+    features = neck(backbone(image))
+    normalized = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(features)
+    embedding_model = keras.Model(image, normalized, name="embedding_model")
+    if not with_head:
+        return LandmarkModels(cfg, backbone, neck, None, embedding_model, None, None)
+    head = heads.build_head(
+        cfg.head, cfg.num_classes, cfg.scale, cfg.margin, cfg.subcenters, name="head"
+    )
+    label = keras.Input(shape=(), dtype="int32", name="label")
+    train_model = keras.Model(
+        {"image": image, "label": label}, head(features, label), name="train_model"
+    )
+    eval_logits_model = keras.Model(image, head(features), name="eval_logits_model")
+    return LandmarkModels(
+        cfg, backbone, neck, head, embedding_model, train_model, eval_logits_model
+    )
+
+
+def make_checkpoint(models: LandmarkModels, **extra: Any) -> tf.train.Checkpoint:
+    """The one checkpoint layout: backbone=, neck=, head= plus `extra` (optimizer=, step=, ...)."""
+    parts = {"backbone": models.backbone, "neck": models.neck}
+    if models.head is not None:
+        parts["head"] = models.head
+    return tf.train.Checkpoint(**parts, **extra)
+
+
+def read_model_config(workdir: str) -> ModelConfig:
+    """The ModelConfig saved under "model" in workdir/config.json."""
+    path = fileio.join(workdir, CONFIG_FILE)
+    if not fileio.exists(path):
+        raise UserError(f"{path}: not found; is {workdir} a landmark-train workdir?")
+    config = fileio.read_json(path)
+    if not isinstance(config, dict) or "model" not in config:
+        raise UserError(f"{path}: has no \"model\" section")
+    return ModelConfig.from_dict(config["model"])
+
+
+def latest_checkpoint(workdir: str) -> str:
+    """Path prefix of the newest checkpoint in workdir/checkpoints; UserError when none."""
+    path = tf.train.latest_checkpoint(fileio.join(workdir, CHECKPOINT_DIR))
+    if path is None:
+        raise UserError(f"no checkpoint in {fileio.join(workdir, CHECKPOINT_DIR)}")
+    return path
+
+
+def restore_embedding_model(workdir: str) -> tuple[keras.Model, ModelConfig]:
+    """Builds the embedding model from workdir/config.json and restores the latest checkpoint.
+
+    The head (C x D, large) is neither built nor read.
+    """
+    cfg = read_model_config(workdir)
+    path = latest_checkpoint(workdir)
+    models = build_models(cfg, with_head=False)
+    _restore(make_checkpoint(models), path, models)
+    return models.embedding_model, cfg
+
+
+def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, Any]:
+    """Starts a training stage from another workdir's latest checkpoint.
+
+    Restores backbone and neck (their architecture must match), and the head only when head type,
+    class count and sub-centres match. The image size may differ: the backbone takes any size.
+    Returns {"checkpoint": path, "restored": [part names], "skipped": {part: reason}}.
+    """
+    source, mine = read_model_config(workdir_from), models.config
+    for field in ("backbone", "pooling", "embedding_dim"):
+        if getattr(source, field) != getattr(mine, field):
+            raise UserError(
+                f"cannot start from {workdir_from}: its {field} is {getattr(source, field)!r}, "
+                f"this run's is {getattr(mine, field)!r}"
+            )
+    path = latest_checkpoint(workdir_from)
+    parts = {"backbone": models.backbone, "neck": models.neck}
+    skipped = {}
+    reason = _head_mismatch(source, mine) if models.head is not None else "no head built"
+    if reason:
+        skipped["head"] = reason
+    else:
+        parts["head"] = models.head
+    _restore(tf.train.Checkpoint(**parts), path, models)
+    return {"checkpoint": path, "restored": sorted(parts), "skipped": skipped}
+
+
+def _head_mismatch(source: ModelConfig, mine: ModelConfig) -> str | None:
+    for field in ("head", "num_classes", "subcenters"):
+        if field == "subcenters" and mine.head != "subcenter_arcface":
+            continue
+        if getattr(source, field) != getattr(mine, field):
+            return f"{field} differs: {getattr(source, field)!r} -> {getattr(mine, field)!r}"
+    return None
+
+
+def _restore(checkpoint: tf.train.Checkpoint, path: str, models: LandmarkModels) -> None:
+    status = checkpoint.restore(path).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise UserError(f"checkpoint {path} does not match the model config: {e}") from e
+    backbones.refresh_normalization(models.backbone)
