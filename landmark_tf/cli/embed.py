@@ -1,0 +1,55 @@
+"""landmark-embed: embed every image of an index/query/train set with an exported SavedModel.
+
+  landmark-embed --model=E --records='data/index-*.tfrec' --output=index.npz
+  landmark-embed --model=E --csv=index.csv --image_dir=index/ --output=index.npz
+
+Writes OUTPUT (.npz: ids, embeddings[, landmark_ids] when the source has labels) and
+OUTPUT_STEM.skipped.json (unreadable images, with reasons). Interrupted runs resume from the
+finished chunks in OUTPUT.parts/ when rerun with the same flags.
+Last stdout line: JSON with count, dim, skipped, images_per_second.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from landmark_tf import embed
+from landmark_tf.cli import app as app_lib
+from landmark_tf.errors import UserError
+
+_D = embed.EmbedConfig(model="", output="")
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "SavedModel folder from landmark-export or landmark-ensemble.")
+flags.DEFINE_string("records", None, "Glob of TFRecord shards (landmark-tfrecords output).")
+flags.DEFINE_string("csv", None, "Instead of --records: CSV with id (and landmark_id) columns.")
+flags.DEFINE_string("image_dir", None,
+                    "With --csv: the image of id X is IMAGE_DIR/X[0]/X[1]/X[2]/X.jpg.")
+flags.DEFINE_string("output", None, "Embedding set to write (.npz, local or gs://).")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Images per model call.")
+flags.DEFINE_integer("chunk_size", _D.chunk_size,
+                     "Images per resumable part file in OUTPUT.parts/ (work lost on a kill).")
+flags.DEFINE_integer("max_batch_pixels", _D.max_batch_pixels,
+                     "Cap on batch * padded height * width; large images get smaller batches.")
+flags.DEFINE_integer("num_threads", embed.default_threads(), "Threads reading/decoding images.")
+
+
+def main(argv: list[str]) -> dict:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    for name in ("model", "output"):
+        if not getattr(FLAGS, name):
+            raise UserError(f"--{name} is required")
+    cfg = embed.EmbedConfig(
+        model=FLAGS.model, output=FLAGS.output, records=FLAGS.records, csv=FLAGS.csv,
+        image_dir=FLAGS.image_dir, batch_size=FLAGS.batch_size, chunk_size=FLAGS.chunk_size,
+        max_batch_pixels=FLAGS.max_batch_pixels, num_threads=FLAGS.num_threads,
+    )
+    return embed.embed_set(cfg)
+
+
+def run() -> None:
+    app_lib.run_main(main, "landmark-embed")
+
+
+if __name__ == "__main__":
+    run()

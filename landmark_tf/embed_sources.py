@@ -1,0 +1,158 @@
+"""Where landmark-embed's images come from: TFRecord shards or a CSV + GLDv2 image tree.
+
+Both give `Item`s in a fixed order (shards sorted by name, records in file order; CSV rows in file
+order), which is what makes chunked, resumable embedding reproducible.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from landmark_tf import fileio, records
+from landmark_tf.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image: `data` holds the encoded bytes (records), else they are read from `path`."""
+
+    id: str
+    landmark_id: int
+    path: str
+    data: bytes | None = None
+
+
+@dataclasses.dataclass
+class Source:
+    """items: in order; total: count when known; labelled: None = decide from landmark ids."""
+
+    items: Iterable[Item]
+    total: int | None
+    labelled: bool | None
+    digest: str
+
+
+def open_source(records_glob: str | None, csv_path: str | None, image_dir: str | None) -> Source:
+    """Exactly one of `records_glob` or `csv_path` (+ `image_dir`); UserError otherwise."""
+    if bool(records_glob) == bool(csv_path):
+        raise UserError("give either --records or --csv (with --image_dir), not both or neither")
+    if records_glob:
+        if image_dir:
+            raise UserError("--image_dir goes with --csv, not with --records")
+        return records_source(records_glob)
+    if not image_dir:
+        raise UserError("--csv needs --image_dir (images at IMAGE_DIR/a/b/c/<id>.jpg)")
+    return csv_source(csv_path, image_dir)
+
+
+def image_path(image_dir: str, image_id: str) -> str:
+    """GLDv2 layout: IMAGE_DIR/X[0]/X[1]/X[2]/X.jpg; "" when the id is too short for it."""
+    if len(image_id) < 3:
+        return ""
+    return fileio.join(image_dir, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
+
+
+def csv_source(csv_path: str, image_dir: str) -> Source:
+    """Rows of a CSV with an `id` column and an optional `landmark_id` column (labels)."""
+    if not fileio.exists(csv_path):
+        raise UserError(f"--csv {csv_path}: not found")
+    text = fileio.read_text(csv_path)
+    reader = csv.DictReader(io.StringIO(text))
+    fields = reader.fieldnames or []
+    if "id" not in fields:
+        raise UserError(f"{csv_path}:1: no 'id' column in header {fields}")
+    labelled = "landmark_id" in fields
+    items, seen = [], {}
+    for row in reader:
+        line = reader.line_num
+        image_id = (row.get("id") or "").strip()
+        if not image_id:
+            raise UserError(f"{csv_path}:{line}: empty id")
+        if image_id in seen:
+            raise UserError(f"{csv_path}:{line}: id {image_id} already on line {seen[image_id]}")
+        seen[image_id] = line
+        landmark = _landmark_id(row.get("landmark_id"), csv_path, line) if labelled else -1
+        items.append(Item(image_id, landmark, image_path(image_dir, image_id)))
+    digest = hashlib.sha256(text.encode("utf-8") + image_dir.encode("utf-8")).hexdigest()
+    return Source(items, len(items), labelled, digest)
+
+
+def _landmark_id(value: str | None, path: str, line: int) -> int:
+    value = (value or "").strip()
+    if not value:
+        return -1
+    try:
+        return int(value)
+    except ValueError as e:
+        raise UserError(f"{path}:{line}: landmark_id {value!r} is not an integer") from e
+
+
+def records_source(pattern: str) -> Source:
+    """All records of the shards matching `pattern` (sorted), with ids and landmark ids."""
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise UserError(f"--records {pattern}: no file matches")
+    sizes = "".join(f"{f}:{tf.io.gfile.stat(f).length}\n" for f in files)
+    digest = hashlib.sha256(sizes.encode("utf-8")).hexdigest()
+    return Source(_record_items(files), _records_total(files), None, digest)
+
+
+def _record_items(files: list[str]) -> Iterator[Item]:
+    for path in files:
+        ds = tf.data.TFRecordDataset(path).map(records.parse_example).prefetch(64)
+        try:
+            for ex in ds.as_numpy_iterator():
+                yield Item(
+                    ex["image/id"].decode("utf-8", "replace"),
+                    int(ex["image/class/landmark_id"]),
+                    path,
+                    ex["image/encoded"],
+                )
+        except tf.errors.OpError as e:
+            raise UserError(f"{path}: unreadable TFRecord file ({_first_line(e)})") from e
+
+
+def _records_total(files: list[str]) -> int | None:
+    """Example count from dataset_info.json when the files are whole splits listed there."""
+    info_path = fileio.join(os.path.dirname(files[0]), records.DATASET_INFO)
+    if not fileio.exists(info_path):
+        return None
+    try:
+        splits = fileio.read_json(info_path).get("splits", {})
+    except ValueError:
+        return None
+    names = {os.path.basename(f) for f in files}
+    used = [s for s in splits.values() if names & set(s.get("shards", []))]
+    if not used or set().union(*(set(s["shards"]) for s in used)) != names:
+        return None
+    return sum(int(s.get("examples", 0)) for s in used)
+
+
+def load_image(item: Item) -> np.ndarray | str:
+    """uint8 [H, W, 3], decoded as the input pipeline does; or why it cannot be used."""
+    if not item.path and item.data is None:
+        return "id shorter than 3 characters: no IMAGE_DIR/a/b/c/ folder for it"
+    try:
+        data = item.data if item.data is not None else fileio.read_bytes(item.path)
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+        image = image.numpy()
+    except tf.errors.NotFoundError:
+        return "file not found"
+    except (tf.errors.OpError, ValueError) as e:
+        return f"cannot decode: {_first_line(e)}"
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        return f"empty image {list(image.shape)}"
+    return image
+
+
+def _first_line(e: Exception) -> str:
+    text = getattr(e, "message", None) or str(e) or type(e).__name__
+    return text.strip().splitlines()[0][:200]

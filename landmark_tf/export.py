@@ -1,0 +1,222 @@
+"""landmark-export's library: a training workdir -> a Kaggle-format SavedModel + metadata.json.
+
+The SavedModel (signatures in `landmark_tf.serving`) resizes inside with `resize_for_model`, the
+function the evaluation pipeline uses, so its descriptor equals the embedding model's output on
+the same image. `metadata.json` is written last: its presence means "complete export of ours".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow as tf
+from absl import logging
+
+from landmark_tf import fileio, serving
+from landmark_tf import model as model_lib
+from landmark_tf.errors import UserError
+
+FORMAT = "landmark-tf/savedmodel/v1"
+METADATA_FILE = "metadata.json"
+MIN_IMAGE_SIZE = 32  # EfficientNet's total stride: smaller inputs fail inside the backbone.
+# Kaggle's GLR2020 limit could not be confirmed from a primary source here; we warn at 1 GB
+# (10^9 bytes), the conservative reading of the limit reported for the competition: the winning
+# 4-model ensemble (3x EfficientNet-B7 + B6, ~238M float32 parameters, ~0.95 GB) fitted under it.
+KAGGLE_GLR2020_LIMIT_BYTES = 1_000_000_000
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """What landmark-export needs; `image_size=None` means the trained size."""
+
+    workdir: str
+    export_dir: str
+    scales: Sequence[float] = (1.0,)
+    image_size: int | None = None
+    overwrite: bool = False
+
+
+def parse_float_list(values: Sequence[str], flag: str) -> list[float]:
+    """Comma-list flag values -> floats; UserError naming the flag on a bad value."""
+    try:
+        return [float(v) for v in values]
+    except ValueError as e:
+        raise UserError(f"{flag}: {e}; expected numbers separated by commas") from e
+
+
+def scaled_sizes(image_size: int, scales: Sequence[float]) -> list[int]:
+    """Input side per scale, round(image_size * scale); UserError below the backbone minimum."""
+    if not scales:
+        raise UserError("--scales: give at least one scale, e.g. 1 or 0.7071,1,1.4142")
+    sizes = []
+    for s in scales:
+        size = int(round(image_size * s)) if math.isfinite(s) and s > 0 else 0
+        if size < MIN_IMAGE_SIZE:
+            raise UserError(
+                f"--scales: scale {s} of image size {image_size} gives {size} px; "
+                f"each scale must give at least {MIN_IMAGE_SIZE} px"
+            )
+        sizes.append(size)
+    return sizes
+
+
+def export_model(cfg: ExportConfig) -> dict[str, Any]:
+    """Exports the latest checkpoint of `cfg.workdir`; returns the closing-JSON facts."""
+    config_path = fileio.join(cfg.workdir, model_lib.CONFIG_FILE)
+    check_target(cfg.export_dir, cfg.overwrite)
+    trained_size = model_lib.read_model_config(cfg.workdir).image_size
+    image_size = int(cfg.image_size or trained_size)
+    if image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
+    sizes = scaled_sizes(image_size, cfg.scales)  # before the slow part: fail fast
+    checkpoint = model_lib.latest_checkpoint(cfg.workdir)
+    embedding_model, mcfg = model_lib.restore_embedding_model(cfg.workdir)
+    branch = serving.KerasBranch(embedding_model, sizes, name="embedding")
+    module = serving.DescriptorModule([branch], [1.0])
+    metadata = {
+        "format": FORMAT,
+        "kind": "single",
+        "backbone": mcfg.backbone,
+        "pooling": mcfg.pooling,
+        "image_size": image_size,
+        "trained_image_size": mcfg.image_size,
+        "scales": [float(s) for s in cfg.scales],
+        "input_sizes": sizes,
+        "embedding_dim": mcfg.embedding_dim,
+        "config_sha256": hashlib.sha256(fileio.read_bytes(config_path)).hexdigest(),
+        "checkpoint": checkpoint,
+        "step": checkpoint_step(checkpoint),
+        "signatures": list(serving.SIGNATURES),
+    }
+    size = write_savedmodel(module, cfg.export_dir, metadata, cfg.overwrite)
+    return summary(cfg.export_dir, metadata, size)
+
+
+def summary(export_dir: str, metadata: dict[str, Any], size: int) -> dict[str, Any]:
+    """Closing-JSON facts for an export of `size` bytes; warns above Kaggle's GLR2020 limit."""
+    too_big = size > KAGGLE_GLR2020_LIMIT_BYTES
+    if too_big:
+        logging.warning(
+            "%s is %.1f MB, above the %.0f MB Kaggle accepted for GLR2020 submissions",
+            export_dir, size / 1e6, KAGGLE_GLR2020_LIMIT_BYTES / 1e6,
+        )
+    return {
+        "export_dir": export_dir,
+        "embedding_dim": metadata["embedding_dim"],
+        "size_bytes": size,
+        "size_mb": round(size / 1e6, 3),
+        "kaggle_limit_bytes": KAGGLE_GLR2020_LIMIT_BYTES,
+        "exceeds_kaggle_limit": too_big,
+    }
+
+
+def checkpoint_step(checkpoint: str) -> int | None:
+    """The `step` variable saved in the checkpoint, else the ckpt-N number, else None."""
+    reader = tf.train.load_checkpoint(checkpoint)
+    key = "step/.ATTRIBUTES/VARIABLE_VALUE"
+    if reader.has_tensor(key):
+        return int(reader.get_tensor(key))
+    match = re.search(r"-(\d+)$", checkpoint)
+    return int(match.group(1)) if match else None
+
+
+def check_target(export_dir: str, overwrite: bool) -> None:
+    """Refuses an existing non-empty export_dir unless --overwrite and it looks like an export."""
+    if not fileio.exists(export_dir):
+        return
+    if not tf.io.gfile.isdir(export_dir):
+        raise UserError(f"--export_dir {export_dir} exists and is a file")
+    entries = {e.rstrip("/") for e in tf.io.gfile.listdir(export_dir)}
+    if not entries:
+        return
+    is_export = bool(entries & {METADATA_FILE, "saved_model.pb"})
+    if not overwrite:
+        state = "" if METADATA_FILE in entries else " (no metadata.json: an interrupted export?)"
+        raise UserError(
+            f"--export_dir {export_dir} already exists{state}; pass --overwrite to replace it"
+        )
+    if not is_export:
+        raise UserError(
+            f"--export_dir {export_dir} exists and is not a SavedModel export; "
+            "refusing to delete it even with --overwrite"
+        )
+
+
+def write_savedmodel(
+    module: serving.DescriptorModule, export_dir: str, metadata: dict[str, Any], overwrite: bool
+) -> int:
+    """Saves `module` + metadata.json atomically to `export_dir`; returns its size in bytes.
+
+    The SavedModel is written to a temporary folder beside `export_dir`, then published: a
+    rename on local disks; on object stores (gs://, no atomic rename) a copy of every file with
+    metadata.json copied last, so metadata.json present = export complete.
+    """
+    check_target(export_dir, overwrite)
+    tmp = fileio.tmp_name(export_dir.rstrip("/"))
+    try:
+        serving.save(module, tmp)
+        fileio.write_json_atomic(fileio.join(tmp, METADATA_FILE), metadata)
+        _publish(tmp, export_dir.rstrip("/"))
+    finally:
+        if fileio.exists(tmp):
+            tf.io.gfile.rmtree(tmp)
+    return dir_size(export_dir)
+
+
+def _publish(tmp: str, export_dir: str) -> None:
+    if "://" not in export_dir:
+        old = fileio.tmp_name(export_dir) if fileio.exists(export_dir) else None
+        if old:
+            tf.io.gfile.rename(export_dir, old)
+        tf.io.gfile.rename(tmp, export_dir)
+        if old:
+            tf.io.gfile.rmtree(old)
+        return
+    if fileio.exists(export_dir):
+        marker = fileio.join(export_dir, METADATA_FILE)
+        if fileio.exists(marker):
+            tf.io.gfile.remove(marker)  # first: a half-replaced export must read as incomplete
+        tf.io.gfile.rmtree(export_dir)
+    files = _relative_files(tmp)
+    for rel in sorted(files, key=lambda r: r == METADATA_FILE):
+        dst = fileio.join(export_dir, rel)
+        fileio.makedirs(dst.rsplit("/", 1)[0])
+        tf.io.gfile.copy(fileio.join(tmp, rel), dst, overwrite=True)
+
+
+def _relative_files(root: str) -> list[str]:
+    out = []
+    for folder, _, names in tf.io.gfile.walk(root):
+        rel = folder[len(root):].strip("/")
+        out += [f"{rel}/{n}" if rel else n for n in names]
+    return out
+
+
+def dir_size(root: str) -> int:
+    """Total bytes of the files under `root` (local or gs://)."""
+    return sum(tf.io.gfile.stat(fileio.join(root, r)).length for r in _relative_files(root))
+
+
+def read_metadata(export_dir: str, flag: str = "--model") -> dict[str, Any]:
+    """metadata.json of a complete landmark-export/landmark-ensemble output, else UserError."""
+    path = fileio.join(export_dir, METADATA_FILE)
+    if not fileio.exists(export_dir):
+        raise UserError(f"{flag} {export_dir}: not found")
+    if not fileio.exists(path):
+        raise UserError(
+            f"{flag} {export_dir}: no {METADATA_FILE}, so not a complete landmark-export or "
+            "landmark-ensemble output"
+        )
+    try:
+        metadata = fileio.read_json(path)
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise UserError(f"{path}: format is {found!r}, expected {FORMAT!r}: not one of our exports")
+    return metadata
