@@ -3,6 +3,8 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
+# TPUs run tensorflow-tpu 2.20 (there is no 2.21): an end-to-end smoke run under TF 2.20 on CPU.
+VENV_TF220 ?= .venv-tf220
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_output
@@ -16,14 +18,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[cpu,test,notebooks]"
 	touch $(STAMP)
 
+$(VENV_TF220)/.installed: pyproject.toml
+	test -x $(VENV_TF220)/bin/python || $(PYTHON) -m venv $(VENV_TF220)
+	$(VENV_TF220)/bin/python -m pip install -q --upgrade pip
+	$(VENV_TF220)/bin/python -m pip install -q -e ".[test]" "tensorflow-cpu==2.20.*"
+	touch $@
+
 venv: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh "$(DEMO_DIR)"
 
-test: $(STAMP)
+test: $(STAMP) $(VENV_TF220)/.installed
 	$(VENV)/bin/ruff check landmark_tf tests bench
+	$(VENV)/bin/shellcheck scripts/*.sh launch/*.sh launch/*/*.sh
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15
+	$(VENV_TF220)/bin/python -m pytest -q -p no:xdist -m slow tests/test_smoke_e2e.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow

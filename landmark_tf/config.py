@@ -9,9 +9,17 @@ import dataclasses
 import math
 from typing import Any
 
+from landmark_tf.errors import UserError
+
 BACKBONES = tuple(f"efficientnet-b{i}" for i in range(8))
 POOLINGS = ("gap", "gem")
 HEADS = ("cosface", "arcface", "adacos", "subcenter_arcface", "softmax")
+
+
+def auto_scale(num_classes: int) -> float:
+    """The fixed AdaCos logit scale sqrt(2) * ln(C - 1) (Zhang et al. 2019), used by the GLR2020
+    winner; C - 1 is floored at 2 so that tiny test class counts still give a positive scale."""
+    return math.sqrt(2.0) * math.log(max(num_classes - 1, 2))
 
 
 @dataclasses.dataclass
@@ -36,12 +44,130 @@ class ModelConfig:
         """The logit scale actually used; auto is sqrt(2) * ln(C - 1) (AdaCos fixed scale)."""
         if self.scale is not None:
             return float(self.scale)
-        return math.sqrt(2.0) * math.log(max(self.num_classes - 1, 2))
+        return auto_scale(self.num_classes)
+
+    def validate(self) -> ModelConfig:
+        """Raises UserError naming the first bad field and its value; returns self."""
+        checks = [
+            ("backbone", self.backbone in BACKBONES, f"one of {BACKBONES}"),
+            ("pooling", self.pooling in POOLINGS, f"one of {POOLINGS}"),
+            ("head", self.head in HEADS, f"one of {HEADS}"),
+            ("image_size", self.image_size >= 32, ">= 32 (the EfficientNet minimum)"),
+            ("embedding_dim", self.embedding_dim > 0, "> 0"),
+            ("gem_p", self.gem_p > 0, "> 0"),
+            ("scale", self.scale is None or self.scale > 0, "> 0, or None for auto"),
+            ("margin", 0 <= self.margin < math.pi / 2, "in [0, pi/2)"),
+            ("subcenters", self.subcenters >= 1, ">= 1"),
+            ("num_classes", self.num_classes >= 2, ">= 2"),
+        ]
+        for field, ok, expected in checks:
+            if not ok:
+                raise UserError(f"model config: {field} must be {expected}, got "
+                                f"{getattr(self, field)!r}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker", "cpu")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+JIT_MODES = ("auto", "on", "off")
+SCHEDULES = ("constant", "cosine")
+SAMPLINGS = ("uniform", "class_balanced", "log")
+CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "log")
+AUGMENTATIONS = ("flip", "crop", "color")
+# TrainConfig keys that may change between runs into one workdir: they do not change the math.
+RESUME_SAFE = frozenset(
+    {"strategy", "tpu", "steps_per_execution", "checkpoint_every", "keep_checkpoints",
+     "eval_every", "jit_compile", "workdir"}
+)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything `landmark_tf.train.train` needs besides the ModelConfig.
+
+    `batch_size` is global: examples per optimizer step over all replicas and accumulation
+    micro-steps. `train_steps` counts optimizer steps; 0 means "derive from `epochs`".
+    `eval_every=0` evaluates once per epoch. Keys in RESUME_SAFE may change between runs into the
+    same workdir (they do not change what is computed); any other difference is a conflict.
+    """
+
+    data_dir: str = ""
+    workdir: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = 64
+    train_steps: int = 0
+    epochs: float = 0.0
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    grad_accum_steps: int = 1
+    sampling: str = "uniform"
+    class_weighting: str = "none"
+    not_clean_weight: float = 1.0
+    augment: list[str] = dataclasses.field(default_factory=lambda: ["flip"])
+    shuffle_buffer: int = 4096
+    seed: int = 0
+    strategy: str = "auto"
+    tpu: str = ""
+    mixed_precision: str = "auto"
+    jit_compile: str = "auto"
+    steps_per_execution: int = 1
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    eval_every: int = 0
+    init_from: str = ""
+    pretrained_weights: str = ""
+
+    def validate(self) -> TrainConfig:
+        """Raises UserError naming the first bad setting (as its flag); returns self."""
+        choices = [("schedule", SCHEDULES), ("sampling", SAMPLINGS),
+                   ("class_weighting", CLASS_WEIGHTINGS), ("strategy", STRATEGIES),
+                   ("mixed_precision", PRECISIONS), ("jit_compile", JIT_MODES)]
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise UserError(f"--{name}={getattr(self, name)}: expected one of {allowed}")
+        bad_augment = sorted(set(self.augment) - set(AUGMENTATIONS))
+        checks = [
+            (self.data_dir, "--data_dir is required"),
+            (self.workdir, "--workdir is required"),
+            (self.train_steps >= 0, f"--train_steps={self.train_steps}: must be > 0"),
+            (self.train_steps > 0 or self.epochs > 0, "give --train_steps > 0 or --epochs > 0"),
+            (not (self.train_steps > 0 and self.epochs > 0), "give --train_steps or --epochs, "
+             "not both"),
+            (self.batch_size > 0, f"--batch_size={self.batch_size}: must be > 0"),
+            (self.grad_accum_steps > 0, "--grad_accum_steps must be > 0"),
+            (self.learning_rate > 0, "--learning_rate must be > 0"),
+            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+            (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+            (self.not_clean_weight >= 0, "--not_clean_weight must be >= 0"),
+            (not bad_augment, f"--augment: unknown {bad_augment}; expected {AUGMENTATIONS}"),
+            (self.shuffle_buffer > 0, "--shuffle_buffer must be > 0"),
+            (self.steps_per_execution > 0, "--steps_per_execution must be > 0"),
+            (self.checkpoint_every > 0, "--checkpoint_every must be > 0"),
+            (self.keep_checkpoints > 0, "--keep_checkpoints must be > 0"),
+            (self.eval_every >= 0, "--eval_every must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

@@ -64,7 +64,7 @@ def make_example(
     width: int,
     is_clean: bool,
 ) -> bytes:
-    """Serialises one tf.train.Example in the schema above."""
+    """Serialises one tf.train.Example in the schema above; the same fields give the same bytes."""
     feature = {
         "image/encoded": _bytes(encoded),
         "image/id": _bytes(image_id.encode("utf-8")),
@@ -74,7 +74,10 @@ def make_example(
         "image/width": _int(width),
         "image/is_clean": _int(1 if is_clean else 0),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    # The feature map's wire order otherwise varies between processes (protobuf map iteration
+    # is hash-seeded): deterministic=True sorts it, so shards are byte-identical across workers.
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:

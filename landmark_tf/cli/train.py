@@ -1,0 +1,151 @@
+"""landmark-train: trains a landmark model on a landmark-tfrecords folder into a workdir.
+
+  landmark-train --data_dir=gs://b/gldv2_clean --workdir=gs://b/runs/b0_512 --train_steps=20000
+
+Rerunning the same command resumes where it stopped (also after kill -9 or a TPU preemption).
+The last stdout line is JSON: step, loss, accuracy, images_per_second, ...
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from landmark_tf import config
+from landmark_tf.cli import app as app_lib
+from landmark_tf.config import ModelConfig, TrainConfig
+from landmark_tf.errors import UserError
+
+_M, _T = ModelConfig(), TrainConfig()
+_CHOICES: dict[str, tuple[str, ...]] = {}
+
+
+def _define_choice(name: str, default: str, choices: tuple[str, ...], help_text: str) -> None:
+    """A string flag with a fixed set of values, checked in main() so that a bad value is a
+    one-line UserError (exit 2) like every other bad input."""
+    _CHOICES[name] = choices
+    flags.DEFINE_string(name, default, f"One of {', '.join(choices)}. {help_text}")
+
+# Data and run.
+flags.DEFINE_string("data_dir", None, "A landmark-tfrecords output folder (local or gs://); "
+                    "classes and per-class counts come from its dataset_info.json.")
+flags.DEFINE_string("workdir", None, "Run folder: config.json, checkpoints/, logs/ (TensorBoard),"
+                    " summary.json. Rerunning into it resumes; a conflicting config is an error.")
+flags.DEFINE_string("train_split", _T.train_split, "Split of --data_dir to train on.")
+flags.DEFINE_string("val_split", _T.val_split, "Split for validation accuracy (top-1 of the "
+                    "cosine head without margin), used when present; empty disables.")
+flags.DEFINE_integer("train_steps", None, "Total optimizer steps (give this or --epochs).")
+flags.DEFINE_float("epochs", None, "Training length in passes over the train split "
+                   "(alternative to --train_steps; may be fractional).")
+flags.DEFINE_integer("batch_size", _T.batch_size, "Global batch per optimizer step (over all "
+                     "replicas and accumulation steps); must split evenly over them.")
+flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints.")
+flags.DEFINE_integer("keep_checkpoints", _T.keep_checkpoints, "Checkpoints kept in the workdir.")
+flags.DEFINE_integer("eval_every", _T.eval_every, "Steps between validations; 0 = every epoch.")
+flags.DEFINE_integer("seed", _T.seed, "Seed of initial weights, data order and augmentation.")
+# Optimisation.
+flags.DEFINE_float("learning_rate", _T.learning_rate, "Peak learning rate of SGD.")
+flags.DEFINE_float("momentum", _T.momentum, "SGD momentum.")
+flags.DEFINE_float("weight_decay", _T.weight_decay, "Decoupled weight decay (lr-scaled) on "
+                   "kernels; not on biases, normalisation parameters or GeM p.")
+_define_choice("schedule", _T.schedule, config.SCHEDULES, "Learning-rate schedule after "
+                  "warmup: constant, or cosine decay to 0 at the last step.")
+flags.DEFINE_integer("warmup_steps", _T.warmup_steps, "Linear warmup steps.")
+flags.DEFINE_integer("grad_accum_steps", _T.grad_accum_steps, "Micro-batches accumulated per "
+                     "optimizer step (memory of batch_size / grad_accum_steps).")
+# Long tail.
+_define_choice("sampling", _T.sampling, config.SAMPLINGS, "Class frequency in the input: "
+                  "uniform (as stored), class_balanced (each class equally often), log "
+                  "(proportional to ln(1 + count)).")
+_define_choice("class_weighting", _T.class_weighting, config.CLASS_WEIGHTINGS, "Loss weight "
+                  "per class from its train count (1/n, 1/sqrt(n), 1/ln(1+n)), mean 1 over "
+                  "training examples.")
+flags.DEFINE_float("not_clean_weight", _T.not_clean_weight, "Loss weight of examples whose "
+                   "image/is_clean is 0 (the GLR2020 winner's last stage used 0.5).")
+flags.DEFINE_list("augment", _T.augment, "Augmentations: flip (default), crop (random resized "
+                  "crop), color (brightness/contrast); empty for none.")
+flags.DEFINE_integer("shuffle_buffer", _T.shuffle_buffer, "Serialized records in each host's "
+                     "shuffle buffer.")
+# Hardware.
+_define_choice("strategy", _T.strategy, config.STRATEGIES, "auto: TPU if one resolves, else "
+                  "Mirrored over several GPUs, else default; mirrored uses all GPUs (or all "
+                  "logical CPUs); multi_worker reads TF_CONFIG.")
+flags.DEFINE_string("tpu", _T.tpu, "TPU name or address; 'local' on a TPU VM; empty in Colab.")
+_define_choice("mixed_precision", _T.mixed_precision, config.PRECISIONS, "auto: bfloat16 on "
+                  "TPU, float16 with loss scaling on GPU, float32 on CPU.")
+_define_choice("jit_compile", _T.jit_compile, config.JIT_MODES, "XLA for the train step; "
+                  "auto: on for TPU/GPU, off on CPU (XLA is ~8x slower there).")
+flags.DEFINE_integer("steps_per_execution", _T.steps_per_execution, "Train steps per compiled "
+                     "execution (falls back to 1 where multi-step fails with several replicas).")
+# Stages.
+flags.DEFINE_string("init_from", _T.init_from, "Workdir of an earlier stage: backbone and neck "
+                    "restored; the head too when head type and class count match.")
+flags.DEFINE_string("pretrained_weights", _T.pretrained_weights, "Keras ImageNet weights "
+                    "efficientnetbN_notop.h5 (local or gs://) for a fresh backbone.")
+# Model.
+_define_choice("backbone", _M.backbone, config.BACKBONES, "EfficientNet backbone.")
+flags.DEFINE_integer("image_size", _M.image_size, "Square training image side in pixels.")
+_define_choice("pooling", _M.pooling, config.POOLINGS, "Global pooling: gap or gem.")
+flags.DEFINE_float("gem_p", _M.gem_p, "Initial GeM exponent (trainable).")
+flags.DEFINE_integer("embedding_dim", _M.embedding_dim, "Descriptor dimension.")
+_define_choice("head", _M.head, config.HEADS, "Classification head.")
+flags.DEFINE_string("scale", "auto", "Logit scale: a float, or auto = sqrt(2) * ln(C - 1).")
+flags.DEFINE_float("margin", _M.margin, "Margin of CosFace/ArcFace heads.")
+flags.DEFINE_integer("subcenters", _M.subcenters, "Sub-centres per class (subcenter_arcface).")
+
+FLAGS = flags.FLAGS
+
+
+def _scale(value: str) -> float | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--scale={value}: expected a number or 'auto'") from None
+
+
+def _check_choices() -> None:
+    for name, choices in _CHOICES.items():
+        value = getattr(FLAGS, name)
+        if value not in choices:
+            raise UserError(f"--{name}={value}: expected one of {', '.join(choices)}")
+
+
+def model_config() -> ModelConfig:
+    return ModelConfig(
+        backbone=FLAGS.backbone, image_size=FLAGS.image_size, pooling=FLAGS.pooling,
+        gem_p=FLAGS.gem_p, embedding_dim=FLAGS.embedding_dim, head=FLAGS.head,
+        scale=_scale(FLAGS.scale), margin=FLAGS.margin, subcenters=FLAGS.subcenters,
+    )
+
+
+def train_config() -> TrainConfig:
+    if FLAGS.train_steps is not None and FLAGS.train_steps <= 0:
+        raise UserError(f"--train_steps={FLAGS.train_steps}: must be > 0")
+    if FLAGS.epochs is not None and FLAGS.epochs <= 0:
+        raise UserError(f"--epochs={FLAGS.epochs}: must be > 0")
+    names = ("train_split", "val_split", "batch_size", "learning_rate", "momentum",
+             "weight_decay", "schedule", "warmup_steps", "grad_accum_steps", "sampling",
+             "class_weighting", "not_clean_weight", "shuffle_buffer", "seed", "strategy", "tpu",
+             "mixed_precision", "jit_compile", "steps_per_execution", "checkpoint_every",
+             "keep_checkpoints", "eval_every", "init_from", "pretrained_weights")
+    return TrainConfig(
+        data_dir=FLAGS.data_dir or "", workdir=FLAGS.workdir or "",
+        train_steps=FLAGS.train_steps or 0, epochs=FLAGS.epochs or 0.0,
+        augment=[a.strip() for a in FLAGS.augment if a.strip()],
+        **{n: getattr(FLAGS, n) for n in names},
+    )
+
+
+def main(argv: list[str]) -> dict:
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _check_choices()
+    model_cfg, train_cfg = model_config(), train_config().validate()
+    from landmark_tf import train  # TensorFlow loads only now: flag errors and --help are fast
+
+    return train.train(model_cfg, train_cfg)
+
+
+def run() -> None:
+    app_lib.run_main(main, "landmark-train")

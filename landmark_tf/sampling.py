@@ -1,0 +1,92 @@
+"""Class-rebalanced sampling of a record stream against GLDv2's long tail.
+
+A TFRecord stream can only be read in order, so instead of drawing classes and then images, each
+record is emitted a random number of times with mean `factor[label]` (0, 1 or several copies;
+"repeat-factor sampling"): floor(f) copies plus one more with probability frac(f). With
+factor_c = q_c * N / n_c, class c appears in the output with frequency q_c, where q is the target
+class distribution of the mode, and the expected number of emitted records per pass stays N:
+
+  uniform         q_c ∝ n_c          (every record once; the stream is left untouched)
+  class_balanced  q_c ∝ 1            (every class equally often)
+  log             q_c ∝ ln(1 + n_c)  (between the two: big classes still more frequent, but only
+                                      logarithmically)
+
+Copies land next to each other, so a shuffle buffer must follow. The draws are stateless random
+functions of (seed, position in the stream): the same seed gives the same stream, which the
+step-exact resume of training relies on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from landmark_tf import config
+
+SAMPLING_MODES = config.SAMPLINGS
+
+_LABEL_SPEC = {"image/class/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1)}
+_BLOCK = 256  # records whose labels are parsed and repeated together (vectorised)
+
+
+def class_distribution(counts: Sequence[int], mode: str) -> np.ndarray:
+    """Target class frequencies q (float64[C], sums to 1; 0 for classes without examples)."""
+    n = np.asarray(counts, dtype=np.float64)
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}; expected one of {SAMPLING_MODES}")
+    if n.size == 0 or n.sum() <= 0:
+        raise ValueError("class counts are empty: nothing to sample")
+    if mode == "uniform":
+        q = n
+    elif mode == "class_balanced":
+        q = (n > 0).astype(np.float64)
+    else:
+        q = np.log1p(n)
+    return q / q.sum()
+
+
+def repeat_factors(counts: Sequence[int], mode: str) -> np.ndarray:
+    """Mean number of copies per record of each class (float32[C]): q_c * N / n_c.
+
+    The expected emitted count per pass, sum_c n_c * factor_c, equals N = sum(counts).
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    q = class_distribution(n, mode)
+    factors = np.divide(q * n.sum(), n, out=np.zeros_like(n), where=n > 0)
+    return factors.astype(np.float32)
+
+
+def copies(labels: tf.Tensor, factors: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """How many times to emit each record: int32[B] from int labels[B] and stateless seed[2]."""
+    f = tf.gather(factors, tf.cast(labels, tf.int32))
+    u = tf.random.stateless_uniform(tf.shape(f), seed=seed, dtype=tf.float32)
+    whole = tf.floor(f)
+    return tf.cast(whole + tf.cast(u < f - whole, tf.float32), tf.int32)
+
+
+def resample(
+    records: tf.data.Dataset, factors: np.ndarray | None, seed: tf.Tensor
+) -> tf.data.Dataset:
+    """Repeat-factor resampling of a dataset of serialized tf.train.Examples.
+
+    Args:
+      records: dataset of scalar tf.string (serialized examples with `image/class/label`).
+      factors: float32[C] from `repeat_factors`, or None to return `records` unchanged.
+      seed: int64[2] stateless seed; position-dependent seeds are folded in from it.
+    Returns:
+      dataset of scalar tf.string, each input record 0..k times, in input order.
+    """
+    if factors is None:
+        return records
+    table = tf.constant(factors, tf.float32)
+    seed = tf.cast(seed, tf.int64)
+
+    def repeat_block(index: tf.Tensor, block: tf.Tensor) -> tf.Tensor:
+        labels = tf.io.parse_example(block, _LABEL_SPEC)["image/class/label"]
+        n = copies(labels, table, tf.random.experimental.stateless_fold_in(seed, index))
+        return tf.repeat(block, n)
+
+    blocks = records.batch(_BLOCK).enumerate()
+    return blocks.map(repeat_block, num_parallel_calls=tf.data.AUTOTUNE).unbatch()

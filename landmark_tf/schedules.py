@@ -1,0 +1,50 @@
+"""Learning-rate schedules: linear warmup, then constant or cosine decay to zero."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from landmark_tf.config import SCHEDULES
+
+
+@keras.saving.register_keras_serializable(package="landmark_tf")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """lr(step) for optimizer step `step` (0-based), float32 scalar.
+
+    Warmup: peak * (step + 1) / warmup_steps for step < warmup_steps (so step 0 trains already).
+    Then `constant`: peak; `cosine`: peak * (1 + cos(pi * t)) / 2 with t going 0 -> 1 from the end
+    of warmup to `total_steps`, and 0 after.
+    """
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine"):
+        if kind not in SCHEDULES:
+            raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
+        self.peak = float(peak)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.kind = kind
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        peak = tf.constant(self.peak, tf.float32)
+        if self.kind == "constant":
+            after = peak
+        else:
+            span = float(max(self.total_steps - self.warmup_steps, 1))
+            t = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
+            after = 0.5 * peak * (1.0 + tf.cos(math.pi * t))
+        if self.warmup_steps <= 0:
+            return after
+        warm = peak * (step + 1.0) / float(self.warmup_steps)
+        return tf.where(step < self.warmup_steps, warm, after)
+
+    def get_config(self):
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "kind": self.kind,
+        }

@@ -1,0 +1,107 @@
+"""Write planned examples into one TFRecord shard.
+
+`write_shard` is the unit a Beam pipeline can reuse: it takes the shard's planned examples in
+order, writes them under a temporary name, optionally writes a JSON report, and only then renames
+the shard to its final name, so "final name exists" means "shard complete" (GCS has no atomic
+rename). Its bytes depend only on the examples and the image options, never on the process.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import tensorflow as tf
+
+from landmark_tf import fileio, gldv2, images, records
+
+_RECORD_FRAMING = 16  # TFRecord: 8-byte length + 4-byte length CRC + 4-byte data CRC
+
+
+class ImageOptions(NamedTuple):
+    """How source images become stored JPEGs (see images.convert)."""
+
+    max_side: int
+    quality: int
+
+
+class ShardTask(NamedTuple):
+    """One shard to write: final path, report path ('' for none) and its examples in order."""
+
+    path: str
+    report_path: str
+    examples: list[gldv2.Example]
+    image_dir: str
+    options: ImageOptions
+
+
+def read_image(path: str) -> bytes:
+    """The file's bytes; a missing or unreadable file raises SkipImage. Other I/O errors (e.g. a
+    GCS outage) propagate: they say nothing about the image and the run should stop and resume."""
+    try:
+        return fileio.read_bytes(path)
+    except tf.errors.NotFoundError:
+        raise images.SkipImage("missing", "no such file") from None
+    except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError) as e:
+        raise images.SkipImage("unreadable", e.message) from None
+
+
+def serialize(example: gldv2.Example, image_dir: str, options: ImageOptions) -> bytes:
+    """The serialized tf.train.Example for one planned example; raises SkipImage."""
+    raw = read_image(gldv2.image_path(image_dir, example.image_id))
+    encoded, height, width = images.convert(raw, options.max_side, options.quality)
+    return records.make_example(
+        encoded=encoded,
+        image_id=example.image_id,
+        label=example.label,
+        landmark_id=example.landmark_id,
+        height=height,
+        width=width,
+        is_clean=example.is_clean,
+    )
+
+
+def record_size(example: gldv2.Example, image_dir: str, options: ImageOptions) -> int:
+    """Bytes this example takes in a shard, or 0 when it would be skipped (for size estimates)."""
+    try:
+        return len(serialize(example, image_dir, options)) + _RECORD_FRAMING
+    except images.SkipImage:
+        return 0
+
+
+def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Writes one shard (temporary name, report, rename) and returns its report.
+
+    Report: {"shard": file name, "planned": int, "examples": int written, "bytes": int,
+             "label_counts": {str(label): int}, "skipped": [{"id", "path", "reason"}]}
+    """
+    counts: collections.Counter = collections.Counter()
+    skipped, size = [], 0
+    tmp = fileio.tmp_name(task.path)
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for ex in task.examples:
+            try:
+                record = serialize(ex, task.image_dir, task.options)
+            except images.SkipImage as e:
+                path = gldv2.image_path(task.image_dir, ex.image_id)
+                skipped.append({"id": ex.image_id, "path": path, "reason": e.reason})
+            else:
+                writer.write(record)
+                counts[ex.label] += 1
+                size += len(record) + _RECORD_FRAMING
+            if on_image is not None:
+                on_image()
+    report = {
+        "shard": os.path.basename(task.path),
+        "planned": len(task.examples),
+        "examples": sum(counts.values()),
+        "bytes": size,
+        "label_counts": {str(k): v for k, v in sorted(counts.items())},
+        "skipped": skipped,
+    }
+    if task.report_path:
+        fileio.write_json_atomic(task.report_path, report)
+    tf.io.gfile.rename(tmp, task.path, overwrite=True)
+    return report

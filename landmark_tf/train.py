@@ -1,0 +1,358 @@
+"""Training: a hand-written `strategy.run` loop inside a tf.function, not `Model.fit`.
+
+Why: (1) step-exact resume — model, optimizer and a step counter form one tf.train.Checkpoint
+and the data order is a function of (seed, step) (see input_pipeline), whereas fit's
+BackupAndRestore resumes at epoch starts only; (2) steps_per_execution is our own `tf.range` loop
+of `strategy.run` (the TF custom-loop pattern that TPUStrategy compiles), not Keras's multi-step
+loop that breaks with several replicas (keras-team/keras#19246), and it is still probed
+(distribute.multi_step_supported) with a fallback to 1; (3) gradient accumulation is a loop over
+micro-batches inside the (XLA-compiled) step with one optimizer update; (4) the same loop runs on
+CPU, GPUs and TPUs with TF 2.20 and 2.21.
+
+`train(model_cfg, cfg)` returns the closing JSON dict: step, loss, accuracy, images_per_second,
+learning_rate, val_accuracy (when a validation split exists), ...
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import keras
+import tensorflow as tf
+from absl import logging
+from tqdm import tqdm
+
+from landmark_tf import (
+    checkpointing,
+    distribute,
+    fileio,
+    input_pipeline,
+    losses,
+    model,
+    records,
+    sampling,
+    train_step,
+)
+from landmark_tf.config import ModelConfig, TrainConfig
+from landmark_tf.errors import UserError
+from landmark_tf.schedules import WarmupSchedule
+
+_LOSS_WINDOW = 20  # steps averaged for the reported loss and accuracy
+
+
+@dataclasses.dataclass
+class Plan:
+    """Facts about the data that fix the run: read from dataset_info.json."""
+
+    train_files: tuple[str, ...]
+    val_files: tuple[str, ...]
+    val_examples: int
+    num_classes: int
+    class_counts: list[int]
+    steps_per_epoch: int
+    train_steps: int
+
+
+def make_plan(cfg: TrainConfig) -> Plan:
+    """Reads dataset_info.json of cfg.data_dir; UserError for anything that cannot train."""
+    info = records.load_dataset_info(cfg.data_dir)
+    num_classes = int(info["num_classes"])
+    where = fileio.join(cfg.data_dir, records.DATASET_INFO)
+    if num_classes < 2:
+        raise UserError(f"{where}: num_classes is {num_classes}; training needs a labelled split")
+    train_files = tuple(records.split_files(cfg.data_dir, info, cfg.train_split))
+    split = info["splits"][cfg.train_split]
+    counts = split.get("class_counts") or info.get("class_counts") or []
+    if len(counts) != num_classes:
+        raise UserError(f"{where}: {len(counts)} class_counts for {num_classes} classes")
+    steps_per_epoch = int(split["examples"]) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"--batch_size {cfg.batch_size} exceeds the {split['examples']} "
+                        f"examples of split '{cfg.train_split}'")
+    train_steps = cfg.train_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    val_files, val_examples = (), 0
+    val = info["splits"].get(cfg.val_split) if cfg.val_split else None
+    if val and int(val.get("examples", 0)) > 0:
+        val_files = tuple(records.split_files(cfg.data_dir, info, cfg.val_split))
+        val_examples = int(val["examples"])
+    return Plan(train_files, val_files, val_examples, num_classes, [int(c) for c in counts],
+                steps_per_epoch, train_steps)
+
+
+def make_optimizer(cfg: TrainConfig, train_steps: int, variables, policy: str):
+    """SGD + momentum + decoupled weight decay (not on biases, norms, GeM p), lr schedule,
+    loss scaling under float16. Call under the strategy scope."""
+    schedule = WarmupSchedule(cfg.learning_rate, train_steps, cfg.warmup_steps, cfg.schedule)
+    sgd = keras.optimizers.SGD(
+        schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay or None
+    )
+    sgd.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
+    optimizer = keras.optimizers.LossScaleOptimizer(sgd) if policy == "mixed_float16" else sgd
+    optimizer.build(variables)
+    return optimizer
+
+
+def seed_states(net: keras.Model) -> list:
+    """The state variables of the model's Keras SeedGenerators (dropout / stochastic depth).
+
+    They are model variables but not children in the tf.train.Checkpoint object graph, so they
+    are checkpointed explicitly: without them a resumed run draws other dropout masks.
+    """
+    return [g.state for layer in net._flatten_layers() for g in getattr(
+        layer, "_seed_generators", [])]
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
+    """Trains (or resumes) into cfg.workdir; returns the closing JSON dict."""
+    cfg.validate()
+    plan = make_plan(cfg)
+    model_cfg = dataclasses.replace(model_cfg, num_classes=plan.num_classes).validate()
+    strategy = distribute.resolve_strategy(cfg.strategy, cfg.tpu)
+    previous = keras.mixed_precision.global_policy()
+    try:
+        return Trainer(model_cfg, cfg, plan, strategy).run()
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+class Trainer:
+    """One run: builds models, optimizer, checkpoint and pipelines, then loops."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, strategy):
+        self.cfg, self.plan, self.strategy = cfg, plan, strategy
+        self.kind = distribute.device_kind(strategy)
+        self.replicas = strategy.num_replicas_in_sync
+        self.micro = distribute.per_replica_batch(
+            cfg.batch_size, self.replicas, cfg.grad_accum_steps)
+        self.chief = distribute.is_chief(strategy)
+        config = checkpointing.workdir_config(model_cfg, cfg, plan.num_classes)
+        self.rerun = checkpointing.check_and_write_config(cfg.workdir, config, self.chief)
+        self.policy = distribute.precision_policy(cfg.mixed_precision, self.kind)
+        self.jit = distribute.use_jit(cfg.jit_compile, self.kind)
+        keras.mixed_precision.set_global_policy(self.policy)
+        keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed
+        with strategy.scope():
+            self.models = model.build_models(model_cfg, cfg.pretrained_weights or None)
+            variables = self.models.train_model.trainable_variables
+            self.optimizer = make_optimizer(cfg, plan.train_steps, variables, self.policy)
+        with tf.device("/cpu:0"):
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.checkpoint = model.make_checkpoint(
+            self.models, optimizer=self.optimizer, step=self.step,
+            rng=seed_states(self.models.train_model))
+        self.manager = checkpointing.manager(
+            self.checkpoint, cfg.workdir, cfg.keep_checkpoints, self.chief,
+            getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0)
+        self.start_info = self._restore_or_init()
+        self.start_step = int(self.step.numpy())
+        self.steps_per_execution = self._steps_per_execution()
+
+    def _restore_or_init(self) -> dict[str, Any]:
+        path = checkpointing.restore_latest(self.checkpoint, self.cfg.workdir, self.models)
+        if path:
+            return {"resumed_from": path}
+        if self.cfg.init_from:
+            return {"init_from": model.restore_for_stage(self.models, self.cfg.init_from)}
+        return {}
+
+    def _steps_per_execution(self) -> int:
+        n = self.cfg.steps_per_execution
+        if n > 1 and self.replicas > 1 and not distribute.multi_step_supported(self.strategy):
+            logging.warning("steps_per_execution=%d fails with %d replicas here; using 1",
+                            n, self.replicas)
+            return 1
+        return n
+
+    def _train_function(self):
+        cfg, plan = self.cfg, self.plan
+        weights = None
+        if cfg.class_weighting != "none":
+            weights = losses.class_weights(plan.class_counts, cfg.class_weighting)
+        factors = None
+        if cfg.sampling != "uniform":
+            factors = sampling.repeat_factors(plan.class_counts, cfg.sampling)
+        spec = input_pipeline.TrainInput(
+            files=plan.train_files, image_size=self.models.config.image_size,
+            global_batch_size=cfg.batch_size, steps_per_epoch=plan.steps_per_epoch,
+            seed=cfg.seed, start_step=self.start_step, shuffle_buffer=cfg.shuffle_buffer,
+            augment=tuple(cfg.augment), repeat_factors=factors, class_weights=weights,
+            not_clean_weight=cfg.not_clean_weight,
+        )
+        iterator = iter(input_pipeline.distribute(self.strategy, spec))
+        replica_fn = train_step.make_train_step(
+            self.models, self.optimizer, global_batch=cfg.batch_size, replicas=self.replicas,
+            accum_steps=cfg.grad_accum_steps, jit=self.jit)
+        multi = distribute.multi_step_function(self.strategy, replica_fn, train_step.TRAIN_KEYS)
+
+        @tf.function
+        def run(iterator, n):
+            totals = multi(iterator, n)
+            self.step.assign_add(tf.cast(n, tf.int64))
+            return totals
+
+        return lambda n: run(iterator, n)
+
+    def _eval_function(self):
+        if not self.plan.val_files:
+            return None
+        eval_batch = self.micro * self.replicas
+        # With several hosts each reads its own shards; one spare step absorbs uneven shards.
+        spare = 1 if distribute.num_hosts(self.strategy) > 1 else 0
+        steps = math.ceil(self.plan.val_examples / eval_batch) + spare
+        spec = input_pipeline.EvalInput(self.plan.val_files, self.models.config.image_size,
+                                        eval_batch, steps)
+        dataset = input_pipeline.distribute(self.strategy, spec)
+        replica_fn = train_step.make_eval_step(self.models)
+        multi = distribute.multi_step_function(self.strategy, replica_fn, train_step.EVAL_KEYS)
+        return lambda: multi(iter(dataset), tf.constant(steps))
+
+    def run(self) -> dict[str, Any]:
+        loop = _Loop(self)
+        with _sigterm_as_interrupt():
+            try:
+                loop.run()
+            except KeyboardInterrupt:
+                loop.save(int(self.step.numpy()))
+                raise
+        return loop.result()
+
+
+class _Loop:
+    """The Python side of training: chunks of steps, logging, checkpoints, evaluation."""
+
+    def __init__(self, trainer: Trainer):
+        self.t, cfg = trainer, trainer.cfg
+        self.train_fn = trainer._train_function()
+        self.eval_fn = trainer._eval_function()
+        self.eval_every = cfg.eval_every or trainer.plan.steps_per_epoch
+        logs = fileio.join(cfg.workdir, checkpointing.LOGS_DIR)
+        writer = tf.summary.create_file_writer if trainer.chief else (
+            lambda _: tf.summary.create_noop_writer())
+        self.writers = {"train": writer(fileio.join(logs, "train")),
+                        "val": writer(fileio.join(logs, "val"))}
+        self.window = collections.deque()
+        self.timed_images, self.timed_seconds, self.executions = 0, 0.0, 0
+        self.val: dict[str, float] = {}
+        self.saved_step = -1
+        self.last_ips = 0.0
+
+    def chunk(self, step: int) -> int:
+        cfg, total = self.t.cfg, self.t.plan.train_steps
+        n = min(self.t.steps_per_execution, total - step,
+                cfg.checkpoint_every - step % cfg.checkpoint_every)
+        if self.eval_fn is not None:
+            n = min(n, self.eval_every - step % self.eval_every)
+        return n
+
+    def run(self) -> None:
+        step, total = int(self.t.step.numpy()), self.t.plan.train_steps
+        bar = tqdm(total=total, initial=min(step, total), unit="step", file=sys.stderr,
+                   disable=not self.t.chief, dynamic_ncols=True, desc="train")
+        with bar:
+            while step < total:
+                n = self.chunk(step)
+                start = time.perf_counter()
+                totals = {k: float(v) for k, v in self.train_fn(tf.constant(n)).items()}
+                self.record(n, totals, time.perf_counter() - start)
+                step = int(self.t.step.numpy())
+                self.log(step, n, totals)
+                bar.update(n)
+                bar.set_postfix(loss=f"{self.loss():.4f}", acc=f"{self.accuracy():.3f}")
+                evaluate = self.eval_fn is not None and (
+                    step % self.eval_every == 0 or step == total)
+                if evaluate:
+                    self.evaluate(step)
+                if evaluate or step % self.t.cfg.checkpoint_every == 0 or step == total:
+                    self.save(step)
+
+    def record(self, n: int, totals: dict[str, float], seconds: float) -> None:
+        self.window.append((n, totals))
+        while sum(k for k, _ in self.window) - self.window[0][0] >= _LOSS_WINDOW:
+            self.window.popleft()
+        self.executions += 1
+        if self.executions == 2:  # the first execution includes tracing and compilation
+            self.timed_images, self.timed_seconds = 0, 0.0
+        self.timed_images += n * self.t.cfg.batch_size
+        self.timed_seconds += seconds
+        self.last_ips = n * self.t.cfg.batch_size / max(seconds, 1e-9)
+
+    def loss(self) -> float:
+        return sum(t["loss"] for _, t in self.window) / max(sum(n for n, _ in self.window), 1)
+
+    def accuracy(self) -> float:
+        return sum(t["correct"] for _, t in self.window) / max(
+            sum(t["count"] for _, t in self.window), 1.0)
+
+    def log(self, step: int, n: int, totals: dict[str, float]) -> None:
+        with self.writers["train"].as_default(step=step):
+            tf.summary.scalar("loss", totals["loss"] / n)
+            tf.summary.scalar("accuracy", totals["correct"] / max(totals["count"], 1.0))
+            tf.summary.scalar("learning_rate", self.learning_rate())
+            tf.summary.scalar("images_per_second", self.last_ips)
+
+    def learning_rate(self) -> float:
+        return float(self.t.optimizer.learning_rate.numpy())
+
+    def evaluate(self, step: int) -> None:
+        totals = {k: float(v) for k, v in self.eval_fn().items()}
+        self.val = {"val_accuracy": totals["correct"] / max(totals["count"], 1.0),
+                    "val_examples": int(totals["count"])}
+        if self.val["val_examples"] < self.t.plan.val_examples:
+            logging.warning("validation saw %d of %d examples (uneven shards over hosts)",
+                            self.val["val_examples"], self.t.plan.val_examples)
+        with self.writers["val"].as_default(step=step):
+            tf.summary.scalar("accuracy", self.val["val_accuracy"])
+
+    def save(self, step: int) -> None:
+        if step == self.saved_step:
+            return
+        self.t.manager.save(checkpoint_number=step)
+        self.saved_step = step
+        for w in self.writers.values():
+            w.flush()
+        if self.t.chief:
+            checkpointing.write_summary(self.t.cfg.workdir, self.result())
+
+    def result(self) -> dict[str, Any]:
+        t = self.t
+        step = int(t.step.numpy())
+        if not self.window:  # nothing trained in this process: report the finished run
+            previous = checkpointing.read_summary(t.cfg.workdir)
+            return {"loss": None, "images_per_second": 0.0, **previous, "step": step,
+                    "start_step": t.start_step}
+        return {
+            "step": step, "loss": self.loss(), "accuracy": self.accuracy(),
+            "images_per_second": self.timed_images / max(self.timed_seconds, 1e-9),
+            "learning_rate": self.learning_rate(), "epoch": step / t.plan.steps_per_epoch,
+            "start_step": t.start_step, "train_steps": t.plan.train_steps,
+            "workdir": t.cfg.workdir, "checkpoint": t.manager.latest_checkpoint,
+            "device": t.kind, "replicas": t.replicas, "mixed_precision": t.policy,
+            "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
+            **self.val, **t.start_info,
+        }
+
+
+class _sigterm_as_interrupt:
+    """Turns SIGTERM (TPU preemption, `kill`) into KeyboardInterrupt, so a checkpoint is saved."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False

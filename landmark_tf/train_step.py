@@ -1,0 +1,97 @@
+"""Per-replica train and eval steps, run by `distribute.multi_step_function`.
+
+A train step takes this replica's batch of `accum_steps * micro` examples, runs forward and
+backward on each micro-batch (a `tf.range` loop carrying the gradient sums, so memory is that of
+one micro-batch), then makes one optimizer update; the optimizer sums gradients over replicas.
+Forward/backward is XLA-compiled when `jit` is set (GPU); the update stays outside XLA because it
+contains the cross-replica all-reduce. On TPU the whole step is compiled by TPUStrategy anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+
+from landmark_tf import augment, losses
+from landmark_tf.model import LandmarkModels
+
+TRAIN_KEYS = ("loss", "correct", "count")
+EVAL_KEYS = ("correct", "count")
+
+
+def make_train_step(
+    models: LandmarkModels,
+    optimizer: keras.optimizers.Optimizer,
+    *,
+    global_batch: int,
+    replicas: int,
+    accum_steps: int,
+    jit: bool,
+) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """Returns replica_fn(batch) -> {"loss", "correct", "count"} float32 scalars of this replica.
+
+    batch: {"image": float32[accum*micro, S, S, 3], "label": int32[...], "weight": float32[...],
+    optionally "flip": bool[...]} (input_pipeline.train_dataset's batches).
+    "loss" is this replica's share of the global mean weighted loss (sums to the mean over
+    replicas), "correct"/"count" count top-1 hits of the margin logits.
+    """
+    model = models.train_model
+    variables = model.trainable_variables
+
+    def grads_of(image, label, weight):
+        with tf.GradientTape() as tape:
+            logits = model({"image": image, "label": label}, training=True)
+            loss = losses.weighted_cross_entropy(label, logits, weight, global_batch)
+            if model.losses:  # layer regularisers, split over replicas and micro-steps
+                loss += tf.add_n(model.losses) / float(replicas * accum_steps)
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), label)
+        return loss, tf.reduce_sum(tf.cast(hits, tf.float32)), grads
+
+    def accumulate(batch):
+        if "flip" in batch:
+            batch = {**batch, "image": augment.apply_flips(batch["image"], batch["flip"])}
+        if accum_steps == 1:
+            return grads_of(batch["image"], batch["label"], batch["weight"])
+        micro = {k: _split(v, accum_steps) for k, v in batch.items()}
+        loss, correct, grads = grads_of(micro["image"][0], micro["label"][0], micro["weight"][0])
+        for i in tf.range(1, accum_steps):
+            l_i, c_i, g_i = grads_of(micro["image"][i], micro["label"][i], micro["weight"][i])
+            loss, correct = loss + l_i, correct + c_i
+            grads = [a + b for a, b in zip(grads, g_i, strict=True)]
+        return loss, correct, grads
+
+    compute = tf.function(accumulate, jit_compile=True) if jit else accumulate
+
+    def replica_fn(batch):
+        loss, correct, grads = compute(batch)
+        optimizer.apply(grads, variables)
+        count = tf.cast(tf.shape(batch["label"])[0], tf.float32)
+        return {"loss": tf.cast(loss, tf.float32), "correct": correct, "count": count}
+
+    return replica_fn
+
+
+def make_eval_step(models: LandmarkModels) -> Callable[[dict[str, tf.Tensor]], dict]:
+    """replica_fn(batch) -> {"correct", "count"}: top-1 of the cosine head without margin.
+
+    Examples with weight 0 (padding) count in neither.
+    """
+    model = models.eval_logits_model
+
+    def replica_fn(batch):
+        logits = model(batch["image"], training=False)
+        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), batch["label"])
+        valid = tf.cast(batch["weight"] > 0, tf.float32)
+        return {"correct": tf.reduce_sum(tf.cast(hits, tf.float32) * valid),
+                "count": tf.reduce_sum(valid)}
+
+    return replica_fn
+
+
+def _split(x: tf.Tensor, parts: int) -> tf.Tensor:
+    """[parts * m, ...] -> [parts, m, ...] (static shapes)."""
+    return tf.reshape(x, [parts, x.shape[0] // parts, *x.shape[1:]])

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The whole landmark-tf path on a synthetic GLDv2-layout set, on a laptop CPU:
+#   synth -> tfrecords -> train b0 and b1 -> export -> ensemble -> embed -> evaluate.
+# Usage: scripts/demo.sh [OUTPUT_DIR]   (default demo_output; `make demo` calls this)
+# Every stage is resumable: rerunning after an interruption picks up where it stopped.
+set -euo pipefail
+
+OUT=${1:-demo_output}
+STEPS=${DEMO_STEPS:-250}
+SIZE=${DEMO_IMAGE_SIZE:-64}
+BATCH=${DEMO_BATCH:-32}
+mkdir -p "$OUT/results"
+export TF_CPP_MIN_LOG_LEVEL=2
+
+say() { printf '\n== %s\n' "$*" >&2; }
+# Runs a landmark-* command, echoes it, keeps its closing JSON line in results/NAME.json.
+stage() {
+  local name=$1; shift
+  printf '$ %s\n' "$*" >&2
+  "$@" | tee "$OUT/results/$name.log" | tail -n 1 > "$OUT/results/$name.json"
+}
+
+say "1/7 synthetic GLDv2-layout dataset"
+# difficulty 0.7: untrained features stay near chance, a few hundred CPU steps learn it.
+stage synth landmark-synth --output_dir="$OUT/gldv2" --seed=0 --difficulty=0.7
+
+say "2/7 TFRecords (train with a per-landmark validation split; index; test)"
+stage tfrecords_train landmark-tfrecords --train_csv="$OUT/gldv2/train.csv" \
+  --clean_csv="$OUT/gldv2/train_clean.csv" --image_dir="$OUT/gldv2/train" \
+  --output_dir="$OUT/tfrecords/train" --val_fraction=0.1 --num_shards=4
+for split in index test; do
+  stage "tfrecords_$split" landmark-tfrecords --csv="$OUT/gldv2/$split.csv" --split="$split" \
+    --image_dir="$OUT/gldv2/$split" --output_dir="$OUT/tfrecords/$split" --num_shards=1
+done
+
+say "3/7 train: an untrained baseline (0 learning rate), then EfficientNet-B0 and -B1"
+common=(--data_dir="$OUT/tfrecords/train" --image_size="$SIZE" --batch_size="$BATCH"
+        --head=cosface --embedding_dim=128 --checkpoint_every=100)
+stage train_untrained landmark-train "${common[@]}" --workdir="$OUT/runs/untrained" \
+  --backbone=efficientnet-b0 --train_steps=1 --learning_rate=1e-9
+for b in b0 b1; do
+  stage "train_$b" landmark-train "${common[@]}" --workdir="$OUT/runs/$b" \
+    --backbone="efficientnet-$b" --train_steps="$STEPS" --learning_rate=0.1 \
+    --schedule=cosine --warmup_steps=30
+done
+
+say "4/7 export SavedModels (Kaggle GLR2020 format)"
+for m in untrained b0 b1; do
+  stage "export_$m" landmark-export --workdir="$OUT/runs/$m" --export_dir="$OUT/exports/$m" \
+    --overwrite
+done
+
+say "5/7 ensemble b0 + b1 (weighted concatenation 1.0 / 0.8)"
+stage ensemble landmark-ensemble --models="$OUT/exports/b0,$OUT/exports/b1" --weights=1.0,0.8 \
+  --export_dir="$OUT/exports/ensemble" --overwrite
+
+say "6/7 embed index and test sets (and train for recognition), then 7/7 evaluate"
+for m in untrained b0 b1 ensemble; do
+  splits=(index test)
+  # Recognition (GAP) needs labelled train embeddings: computed for the ensemble, the product.
+  [ "$m" = ensemble ] && splits+=(train)
+  for split in "${splits[@]}"; do
+    stage "embed_${m}_$split" landmark-embed --model="$OUT/exports/$m" \
+      --records="$OUT/tfrecords/$split/*.tfrec" --output="$OUT/embeddings/$m/$split.npz"
+  done
+  recognition=()
+  if [ "$m" = ensemble ]; then
+    recognition=(--train="$OUT/embeddings/$m/train.npz"
+                 --recognition_solution="$OUT/gldv2/recognition_solution_v2.1.csv"
+                 --recognition_submission="$OUT/submissions/$m/recognition.csv")
+  fi
+  stage "evaluate_$m" landmark-evaluate --index="$OUT/embeddings/$m/index.npz" \
+    --queries="$OUT/embeddings/$m/test.npz" --solution="$OUT/gldv2/retrieval_solution_v2.1.csv" \
+    --submission="$OUT/submissions/$m/retrieval.csv" "${recognition[@]}"
+done
+
+python -m landmark_tf.cli.demo_report "$OUT/results"

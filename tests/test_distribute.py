@@ -1,0 +1,165 @@
+"""Strategy choice, precision/XLA policy, batch splitting, and MirroredStrategy on 2 CPU devices."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tiny_dataset import make_dataset
+
+from landmark_tf import distribute
+from landmark_tf.errors import UserError
+
+
+def test_precision_and_jit_follow_the_hardware():
+    assert distribute.precision_policy("auto", "tpu") == "mixed_bfloat16"
+    assert distribute.precision_policy("auto", "gpu") == "mixed_float16"
+    assert distribute.precision_policy("auto", "cpu") == "float32"
+    assert distribute.precision_policy("bfloat16", "cpu") == "mixed_bfloat16"
+    assert distribute.use_jit("auto", "tpu") and distribute.use_jit("auto", "gpu")
+    assert not distribute.use_jit("auto", "cpu")
+    assert distribute.use_jit("on", "cpu") and not distribute.use_jit("off", "gpu")
+
+
+def test_global_batch_must_split_over_replicas_and_accumulation():
+    assert distribute.per_replica_batch(64, 8, 2) == 4
+    with pytest.raises(UserError, match="--batch_size 30 does not split over 8 replica"):
+        distribute.per_replica_batch(30, 8, 1)
+    with pytest.raises(UserError, match="multiple of 12"):
+        distribute.per_replica_batch(30, 4, 3)
+
+
+def test_auto_on_cpu_is_the_default_strategy_and_cpu_is_one_device(monkeypatch):
+    for var in ("COLAB_TPU_ADDR", "TPU_NAME", "TPU_ACCELERATOR_TYPE"):
+        monkeypatch.delenv(var, raising=False)
+    auto = distribute.resolve_strategy("auto")
+    assert auto.num_replicas_in_sync == 1 and distribute.device_kind(auto) == "cpu"
+    one = distribute.resolve_strategy("cpu")
+    assert isinstance(one, tf.distribute.OneDeviceStrategy) and distribute.is_chief(one)
+    assert distribute.num_hosts(one) == 1
+
+
+def test_tpu_without_a_tpu_is_a_user_error():
+    with pytest.raises(UserError, match="cannot connect to a TPU"):
+        distribute.resolve_strategy("tpu", "local")
+
+
+def _run_two_cpu_script(script: str, *args: str) -> dict:
+    """Runs `script` in a fresh process with 2 logical CPU devices; returns its last JSON line."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", _TWO_CPUS + script, *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_TWO_CPUS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+""")
+
+_STEP_MATH = textwrap.dedent("""
+    import types
+    import keras
+    from landmark_tf import distribute, input_pipeline, records, train_step
+
+    data = sys.argv[1]
+    info = records.load_dataset_info(data)
+    files = tuple(records.split_files(data, info, "train"))
+
+
+    def run(strategy, accum):
+        keras.utils.set_random_seed(1)
+        with strategy.scope():
+            image = keras.Input((32, 32, 3), name="image")
+            label = keras.Input((), dtype="int32", name="label")
+            x = keras.layers.Conv2D(6, 3, strides=2)(keras.layers.Rescaling(1 / 255)(image))
+            x = keras.layers.GlobalAveragePooling2D()(keras.layers.BatchNormalization()(x))
+            net = keras.Model({"image": image, "label": label}, keras.layers.Dense(4)(x))
+            opt = keras.optimizers.SGD(0.5, momentum=0.9)
+            opt.build(net.trainable_variables)
+        step = train_step.make_train_step(
+            types.SimpleNamespace(train_model=net), opt, global_batch=8,
+            replicas=strategy.num_replicas_in_sync, accum_steps=accum, jit=False)
+        multi = distribute.multi_step_function(strategy, step, train_step.TRAIN_KEYS)
+        spec = input_pipeline.TrainInput(files, 32, 8, steps_per_epoch=4, augment=())
+        it = iter(input_pipeline.distribute(strategy, spec))
+        losses = [float(multi(it, tf.constant(n))["loss"]) / n for n in (1, 2, 1)]
+        return losses, [np.asarray(v.numpy()).tolist() for v in net.trainable_variables]
+
+
+    mirrored = distribute.resolve_strategy("mirrored")
+    one, two = run(tf.distribute.get_strategy(), 2), run(mirrored, 1)
+    print(json.dumps({"replicas": mirrored.num_replicas_in_sync,
+                      "multi_step": distribute.multi_step_supported(mirrored),
+                      "one": one, "two": two}))
+""")
+
+
+def test_mirrored_step_math_equals_one_device_with_accumulation(tmp_path):
+    """2 replicas x 4 examples == 1 device x 2 micro-batches of 4: same batch-norm statistics,
+    same loss, same summed gradient, so the same weights (a model without dropout)."""
+    make_dataset(str(tmp_path), train_counts=(8, 8, 8, 8), val_counts=None, size=32)
+    r = _run_two_cpu_script(_STEP_MATH, str(tmp_path))
+    assert r["replicas"] == 2 and r["multi_step"]
+    np.testing.assert_allclose(r["two"][0], r["one"][0], rtol=1e-5)
+    for a, b in zip(r["two"][1], r["one"][1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert r["one"][0][0] != r["one"][0][-1]  # it trained
+
+
+_MIRRORED = textwrap.dedent("""
+    import keras
+    from landmark_tf import distribute, model, train
+    from landmark_tf.config import ModelConfig, TrainConfig
+
+    data, out = sys.argv[1], sys.argv[2]
+    mirrored = distribute.resolve_strategy("mirrored")
+    result = {"replicas": mirrored.num_replicas_in_sync,
+              "multi_step": distribute.multi_step_supported(mirrored)}
+    model_cfg = ModelConfig(image_size=32, embedding_dim=16, num_classes=4)
+    keras.utils.set_random_seed(0)  # the initial weights training starts from
+    model.make_checkpoint(model.build_models(model_cfg)).write(out + "/init/ckpt")
+    for strategy, accum in (("cpu", 2), ("mirrored", 1)):
+        # Two micro-batches of 4 on one device see the batch-norm statistics of two replicas.
+        cfg = TrainConfig(data_dir=data, workdir=f"{out}/{strategy}", train_steps=4,
+                          batch_size=8, learning_rate=0.05, val_split="", augment=[],
+                          strategy=strategy, steps_per_execution=2, grad_accum_steps=accum)
+        result[strategy] = train.train(model_cfg, cfg)
+    readers = {k: tf.train.load_checkpoint(f"{out}/{k}/" + ("ckpt" if k == "init" else
+                                                             "checkpoints"))
+               for k in ("init", "cpu", "mirrored")}
+    names = [set(r.get_variable_to_shape_map()) for r in readers.values()]
+    keys = sorted(k for k in set.intersection(*names)
+                  if k.startswith(("backbone/", "neck/", "head/")) and "OPTIMIZER" not in k)
+    result["compared_variables"] = len(keys)
+    flat = {n: np.concatenate([np.ravel(r.get_tensor(k)).astype(np.float64) for k in keys])
+            for n, r in readers.items()}
+    d_cpu, d_mir = flat["cpu"] - flat["init"], flat["mirrored"] - flat["init"]
+    result["update_cosine"] = float(d_cpu @ d_mir / np.linalg.norm(d_cpu) / np.linalg.norm(d_mir))
+    result["update_norm_ratio"] = float(np.linalg.norm(d_mir) / np.linalg.norm(d_cpu))
+    print(json.dumps(result))
+""")
+
+
+@pytest.mark.slow
+def test_mirrored_two_cpu_replicas_train_like_one_device(tmp_path):
+    """The full landmark model through train.train (about 150 s of CPU on 2 cores)."""
+    make_dataset(str(tmp_path / "data"), train_counts=(8, 8, 8, 8), val_counts=None, size=32)
+    r = _run_two_cpu_script(_MIRRORED, str(tmp_path / "data"), str(tmp_path / "out"))
+    assert r["replicas"] == 2 and r["mirrored"]["replicas"] == 2
+    # Our multi-step loop works with 2 replicas (unlike Keras's fit loop, keras#19246).
+    assert r["multi_step"] and r["mirrored"]["steps_per_execution"] == 2
+    assert r["cpu"]["step"] == r["mirrored"]["step"] == 4
+    # Same data, same initial weights: only dropout draws differ between the two runs.
+    assert r["mirrored"]["loss"] == pytest.approx(r["cpu"]["loss"], rel=0.05)
+    assert r["compared_variables"] > 200
+    assert r["update_cosine"] > 0.9, r
+    assert 0.8 < r["update_norm_ratio"] < 1.25, r

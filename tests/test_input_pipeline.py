@@ -1,0 +1,159 @@
+"""Input pipeline: static shapes, (seed, step)-determined order, sampling frequencies, eval."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tiny_dataset import make_dataset
+
+from landmark_tf import augment, losses, records, sampling
+from landmark_tf import input_pipeline as ip
+from landmark_tf.errors import UserError
+
+ONE_HOST = tf.distribute.InputContext(1, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("records"))
+    info = make_dataset(out, train_counts=(14, 10, 6, 2), val_counts=(3, 2, 2, 0), size=32,
+                        shards=3, not_clean_every=4)
+    return out, info
+
+
+def _train_spec(data, **kw):
+    out, info = data
+    args = dict(files=tuple(records.split_files(out, info, "train")), image_size=32,
+                global_batch_size=8, steps_per_epoch=4, seed=7, shuffle_buffer=16)
+    args.update(kw)
+    return ip.TrainInput(**args)
+
+
+def _take(spec, n, ctx=ONE_HOST):
+    return [{k: v.numpy() for k, v in b.items()} for b in ip.train_dataset(spec, ctx).take(n)]
+
+
+def _digest(image):
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def test_batches_have_static_shapes_and_contract_dtypes(data):
+    ds = ip.train_dataset(_train_spec(data, global_batch_size=6), tf.distribute.InputContext(
+        1, 0, 2))  # two replicas on this host -> per-replica batch 3
+    spec = ds.element_spec
+    assert spec["image"].shape == (3, 32, 32, 3) and spec["image"].dtype == tf.float32
+    assert spec["label"].dtype == tf.int32 and spec["weight"].dtype == tf.float32
+    assert spec["flip"].shape == (3,) and spec["flip"].dtype == tf.bool
+    batch = next(iter(ds))
+    assert 0.0 <= float(tf.reduce_min(batch["image"])) <= float(tf.reduce_max(batch["image"]))
+    assert float(tf.reduce_max(batch["image"])) <= 255.0
+
+
+@pytest.mark.parametrize("sampling_mode, augment", [("uniform", ("flip",)),
+                                                    ("class_balanced", ("flip", "crop", "color"))])
+def test_resuming_at_any_step_gives_the_same_batches(data, sampling_mode, augment):
+    factors = None if sampling_mode == "uniform" else sampling.repeat_factors(
+        data[1]["class_counts"], sampling_mode)
+    full = _take(_train_spec(data, augment=augment, repeat_factors=factors), 10)
+    for start in (3, 5):  # inside epoch 0, and in epoch 1 after skipping one step
+        resumed = _take(_train_spec(data, augment=augment, repeat_factors=factors,
+                                    start_step=start), 10 - start)
+        for a, b in zip(full[start:], resumed, strict=True):
+            assert a.keys() == b.keys() == {"image", "label", "weight", "flip"}
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_uniform_epoch_reads_each_record_at_most_once_and_epochs_differ(data):
+    batches = _take(_train_spec(data, augment=()), 8)  # two epochs of 4 steps x 8 = 32 of 32
+    epochs = [[_digest(im) for b in batches[e * 4:(e + 1) * 4] for im in b["image"]]
+              for e in range(2)]
+    assert len(set(epochs[0])) == 32 and set(epochs[0]) == set(epochs[1])
+    assert epochs[0] != epochs[1]
+    other_seed = _take(_train_spec(data, augment=(), seed=8), 4)
+    assert [_digest(im) for b in other_seed for im in b["image"]] != epochs[0]
+
+
+def test_flips_are_drawn_per_image_and_applied_by_the_step(data):
+    flips = np.concatenate([b["flip"] for b in _take(_train_spec(data), 8)])
+    assert 0.3 < flips.mean() < 0.7
+    assert not any(b["flip"].any() for b in _take(_train_spec(data, augment=()), 4))
+    images = tf.reshape(tf.range(2 * 2 * 3 * 3, dtype=tf.float32), [2, 2, 3, 3])
+    out = augment.apply_flips(images, tf.constant([True, False])).numpy()
+    np.testing.assert_array_equal(out[0], images.numpy()[0][:, ::-1])
+    np.testing.assert_array_equal(out[1], images.numpy()[1])
+
+
+def test_weights_combine_class_weight_and_not_clean_weight(data):
+    w = losses.class_weights(data[1]["class_counts"], "inverse")
+    batches = _take(_train_spec(data, class_weights=w, not_clean_weight=0.5, augment=()), 4)
+    got = np.concatenate([b["weight"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    ratio = got / w[labels]
+    assert set(np.round(ratio, 5)) == {1.0, 0.5}  # every 4th example is not clean
+    assert 0.1 < np.mean(ratio == 0.5) < 0.4
+
+
+def _label_records(counts):
+    serialized = [records.make_example(encoded=b"", image_id=f"{c}-{i}", label=c, landmark_id=c,
+                                       height=1, width=1, is_clean=True)
+                  for c, n in enumerate(counts) for i in range(n)]
+    return tf.data.Dataset.from_tensor_slices(serialized)
+
+
+def _resampled_labels(recs, factors, seeds) -> np.ndarray:
+    spec = {"image/class/label": tf.io.FixedLenFeature([], tf.int64)}
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(seeds, tf.int64)).flat_map(
+        lambda s: sampling.resample(recs, factors, tf.stack([s, tf.constant(1, tf.int64)])))
+    ds = ds.batch(8192).map(lambda b: tf.io.parse_example(b, spec)["image/class/label"])
+    return np.concatenate(list(ds.as_numpy_iterator()))
+
+
+@pytest.mark.parametrize("mode", ["class_balanced", "log"])
+def test_resampling_frequencies_match_target_distribution(mode):
+    counts = [400, 100, 20, 5, 1]
+    factors = sampling.repeat_factors(counts, mode)
+    assert np.dot(factors, counts) == pytest.approx(sum(counts), rel=1e-5)
+    labels = _resampled_labels(_label_records(counts), factors, list(range(30)))  # ~16k draws
+    freq = np.bincount(labels, minlength=5) / len(labels)
+    target = np.full(5, 0.2) if mode == "class_balanced" else np.log1p(counts)
+    np.testing.assert_allclose(freq, target / target.sum(), atol=0.012)
+    assert len(labels) == pytest.approx(30 * sum(counts), rel=0.03)
+
+
+def test_uniform_sampling_leaves_the_stream_untouched():
+    recs = _label_records([3, 2])
+    assert sampling.resample(recs, None, tf.constant([0, 0], tf.int64)) is recs
+    np.testing.assert_allclose(sampling.repeat_factors([3, 2], "uniform"), [1.0, 1.0])
+
+
+def test_resampling_is_a_function_of_the_seed():
+    recs, factors = _label_records([50, 3]), sampling.repeat_factors([50, 3], "class_balanced")
+    a, b, c = (_resampled_labels(recs, factors, [s]) for s in (1, 1, 2))
+    assert list(a) == list(b) and list(a) != list(c)
+
+
+def test_hosts_read_disjoint_shards_and_too_few_shards_fail(data):
+    spec = _train_spec(data)
+    mine = ip.host_files(spec.files, tf.distribute.InputContext(2, 1, 2))
+    assert mine == [spec.files[1]]
+    with pytest.raises(UserError, match="cannot feed 4 hosts"):
+        ip.host_files(spec.files, tf.distribute.InputContext(4, 3, 4))
+
+
+def test_eval_is_in_file_order_and_padded_to_fixed_steps(data):
+    out, info = data
+    files = tuple(records.split_files(out, info, "val"))
+    spec = ip.EvalInput(files=files, image_size=32, global_batch_size=4, num_steps=3)
+    batches = [{k: v.numpy() for k, v in b.items()} for b in ip.eval_dataset(spec, ONE_HOST)]
+    assert len(batches) == 3
+    labels = np.concatenate([b["label"] for b in batches])
+    weights = np.concatenate([b["weight"] for b in batches])
+    truth = [int(tf.io.parse_single_example(r, records.FEATURE_SPEC)["image/class/label"])
+             for r in tf.data.TFRecordDataset(list(files))]
+    np.testing.assert_array_equal(labels[:7], truth)
+    np.testing.assert_array_equal(labels[7:], -1)
+    np.testing.assert_array_equal(weights, [1.0] * 7 + [0.0] * 5)
+    again = [b["image"].numpy() for b in ip.eval_dataset(spec, ONE_HOST)]
+    np.testing.assert_array_equal(again[0], batches[0]["image"])

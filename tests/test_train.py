@@ -1,0 +1,185 @@
+"""Training end to end on tiny records: it learns, resumes exactly after kill -9, stages, errors."""
+
+import dataclasses
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tiny_dataset import make_dataset
+
+from landmark_tf import train
+from landmark_tf.config import ModelConfig, TrainConfig
+from landmark_tf.errors import UserError
+
+MODEL = ModelConfig(image_size=32, embedding_dim=32, margin=0.1)
+STEPS, EVERY = 36, 6  # 6 epochs of 6 steps of 8 examples
+
+
+def _config(data_dir, workdir, **kw) -> TrainConfig:
+    args = dict(data_dir=data_dir, workdir=workdir, train_steps=STEPS, batch_size=8,
+                learning_rate=0.05, schedule="constant", checkpoint_every=EVERY, val_split="",
+                augment=["flip"], steps_per_execution=3)
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("records"))
+    make_dataset(out, train_counts=(12, 12, 12, 12), val_counts=(3, 3, 3, 3), size=32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One uninterrupted run (with validation each epoch), shared by the tests below."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    result = train.train(MODEL, _config(data, workdir, val_split="val"))
+    return workdir, result
+
+
+def _scalars(workdir: str, split: str, tag: str) -> list[float]:
+    values = []
+    for path in sorted(glob.glob(os.path.join(workdir, "logs", split, "*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            values += [float(tf.make_ndarray(v.tensor)) for v in event.summary.value
+                       if v.tag == tag]
+    return values
+
+
+def _weights(workdir: str) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith(("backbone/", "neck/", "head/")) and "OPTIMIZER" not in k}
+
+
+def test_tiny_model_learns_and_logs(reference):
+    workdir, r = reference
+    assert r["step"] == STEPS and r["start_step"] == 0
+    losses = _scalars(workdir, "train", "loss")
+    assert len(losses) == STEPS // 3  # one point per execution of 3 steps
+    assert np.mean(losses[-4:]) < 0.75 * np.mean(losses[:2]), losses
+    accuracy = _scalars(workdir, "train", "accuracy")
+    assert np.mean(accuracy[-4:]) > 0.55, accuracy  # 4 classes: chance is 0.25
+    assert _scalars(workdir, "train", "learning_rate")[-1] == pytest.approx(0.05)
+    assert len(_scalars(workdir, "train", "images_per_second")) == STEPS // 3
+    assert len(_scalars(workdir, "val", "accuracy")) == STEPS // EVERY  # once per epoch
+    assert r["val_examples"] == 12 and 0.0 <= r["val_accuracy"] <= 1.0
+    assert r["images_per_second"] > 0 and np.isfinite(r["loss"])
+    names = sorted(os.listdir(workdir))
+    assert names == ["checkpoints", "config.json", "logs", "summary.json"]
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    assert config["data"]["num_classes"] == 4 and config["model"]["num_classes"] == 4
+
+
+def _latest_step(workdir: str) -> int:
+    path = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    return int(path.rsplit("-", 1)[1]) if path else 0
+
+
+def test_killed_run_resumes_to_the_same_weights(data, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    flagfile = tmp_path / "train.flags"
+    flagfile.write_text("\n".join([
+        f"--data_dir={data}", f"--workdir={workdir}", f"--train_steps={STEPS}",
+        "--batch_size=8", "--learning_rate=0.05", "--schedule=constant",
+        f"--checkpoint_every={EVERY}", "--val_split=", "--augment=flip",
+        "--steps_per_execution=3", "--image_size=32", "--embedding_dim=32", "--margin=0.1",
+    ]) + "\n")
+    command = [os.path.join(os.path.dirname(sys.executable), "landmark-train"),
+               f"--flagfile={flagfile}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while _latest_step(workdir) < 2 * EVERY and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = _latest_step(workdir)
+    assert 2 * EVERY <= killed_at < STEPS, "the first run should be killed mid-way"
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert {"step", "loss", "images_per_second"} <= set(result)
+    assert result["step"] == STEPS and result["start_step"] == killed_at
+    assert result["resumed_from"].endswith(f"ckpt-{killed_at}")
+    resumed, uninterrupted = _weights(workdir), _weights(reference[0])
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        np.testing.assert_allclose(resumed[key], value, rtol=1e-3, atol=1e-4, err_msg=key)
+    # The steps after the checkpoint were recomputed on the same data: same logged losses.
+    np.testing.assert_allclose(_scalars(workdir, "train", "loss")[-(STEPS - killed_at) // 3:],
+                               _scalars(reference[0], "train", "loss")[killed_at // 3:],
+                               rtol=1e-3)
+
+
+def test_rerun_with_conflicting_config_is_an_error(data, reference):
+    workdir, _ = reference
+    with pytest.raises(UserError, match=r"train.learning_rate: 0.05 -> 0.2.*new --workdir"):
+        train.train(MODEL, _config(data, workdir, val_split="val", learning_rate=0.2))
+
+
+def test_finished_run_reruns_without_training(data, reference):
+    workdir, first = reference
+    again = train.train(MODEL, _config(data, workdir, val_split="val", steps_per_execution=1))
+    assert again["step"] == STEPS and again["start_step"] == STEPS
+    assert again["loss"] == first["loss"]
+
+
+def test_next_stage_restores_backbone_and_matching_head(data, reference, tmp_path):
+    workdir, _ = reference
+    bigger = dataclasses.replace(MODEL, image_size=48)  # a higher-resolution stage
+    cfg = _config(data, str(tmp_path / "stage2"), init_from=workdir)
+    trainer = train.Trainer(dataclasses.replace(bigger, num_classes=4), cfg,
+                            train.make_plan(cfg), tf.distribute.get_strategy())
+    info = trainer.start_info["init_from"]
+    assert info["restored"] == ["backbone", "head", "neck"] and not info["skipped"]
+    source = _weights(workdir)
+    kernel = trainer.models.head.kernel.numpy()
+    np.testing.assert_array_equal(kernel, source["head/kernel/.ATTRIBUTES/VARIABLE_VALUE"])
+
+    other = str(tmp_path / "five")
+    make_dataset(other, train_counts=(4, 4, 4, 4, 4), val_counts=None, size=32)
+    cfg5 = _config(other, str(tmp_path / "stage3"), init_from=workdir)
+    five = train.Trainer(dataclasses.replace(bigger, num_classes=5), cfg5,
+                         train.make_plan(cfg5), tf.distribute.get_strategy())
+    assert five.start_info["init_from"]["skipped"]["head"].startswith("num_classes differs")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(data_dir="/nonexistent"), "dataset_info.json not found"),
+    (dict(train_split="test"), "split 'test' not in"),
+    (dict(grad_accum_steps=3), "does not split over 1 replica"),
+    (dict(train_steps=-1), "--train_steps=-1: must be > 0"),
+    (dict(train_steps=0), "give --train_steps > 0 or --epochs > 0"),
+    (dict(batch_size=64), "exceeds the 48 examples"),
+    (dict(sampling="sqrt"), "--sampling=sqrt"),
+    (dict(init_from="/nonexistent/run"), "config.json: not found"),
+])
+def test_bad_input_is_a_user_error(data, tmp_path, change, message):
+    with pytest.raises(UserError, match=message):
+        train.train(MODEL, dataclasses.replace(_config(data, str(tmp_path / "w")), **change))
+
+
+@pytest.mark.parametrize("model, message", [
+    (ModelConfig(backbone="resnet50"), "backbone must be one of"),
+    (ModelConfig(head="triplet"), "head must be one of"),
+])
+def test_unknown_backbone_or_head_is_a_user_error(data, tmp_path, model, message):
+    with pytest.raises(UserError, match=message):
+        train.train(model, _config(data, str(tmp_path / "w")))
+
+
+def test_epochs_set_the_number_of_steps(data, tmp_path):
+    plan = train.make_plan(_config(data, str(tmp_path), train_steps=0, epochs=1.5))
+    assert plan.steps_per_epoch == 6 and plan.train_steps == 9 and plan.num_classes == 4
