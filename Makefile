@@ -7,6 +7,7 @@ VENV ?= .venv
 VENV_TF220 ?= .venv-tf220
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 DEMO_DIR ?= demo_output
 PYTEST_WORKERS ?= 2
 
@@ -15,8 +16,13 @@ PYTEST_WORKERS ?= 2
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu,test,notebooks]"
+	$(PY) -m pip install -q -e ".[cpu]"
 	touch $(STAMP)
+
+# Test tools, notebooks and Apache Beam (its DirectRunner tests) only where tests run.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[cpu,test,notebooks,beam]"
+	touch $(TEST_STAMP)
 
 $(VENV_TF220)/.installed: pyproject.toml
 	test -x $(VENV_TF220)/bin/python || $(PYTHON) -m venv $(VENV_TF220)
@@ -29,16 +35,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh "$(DEMO_DIR)"
 
-test: $(STAMP) $(VENV_TF220)/.installed
+test: $(TEST_STAMP) $(VENV_TF220)/.installed
 	$(VENV)/bin/ruff check landmark_tf tests bench
 	$(VENV)/bin/shellcheck scripts/*.sh launch/*.sh launch/*/*.sh
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15
 	$(VENV_TF220)/bin/python -m pytest -q -p no:xdist -m slow tests/test_smoke_e2e.py
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m slow
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check landmark_tf tests bench
 
 clean:

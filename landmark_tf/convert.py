@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import re
 import time
@@ -121,26 +122,33 @@ def convert_dataset(
         source = {**cfg.source(), "plan_sha256": plan.digest()}
         manifest = _prepare_output(cfg, source, plan, workers)
         tasks = _tasks(cfg, plan, manifest["num_shards"])
-        todo = [t for t in tasks if not _done(t)]
+        finished = _finished_shards(cfg.output_dir)
+        todo = [t for t in tasks if os.path.basename(t.path) not in finished]
         info_path = fileio.join(cfg.output_dir, records.DATASET_INFO)
         if not todo and fileio.exists(info_path):
             return _summary(cfg, fileio.read_json(info_path), start, 0, 0, resumed=len(tasks))
         planned = sum(len(t.examples) for t in todo)
         if write_shards is not None:
             write_shards(todo)
+            written = []  # the hook leaves the reports in the state folder
         else:
-            _write_local(workers, todo, planned, progress)
-    reports = [fileio.read_json(t.report_path) for t in tasks]
+            written = _write_local(workers, todo, planned, progress)
+    new_reports = {r["shard"]: r for r in written}
+    reports = [new_reports.get(os.path.basename(t.path)) or fileio.read_json(t.report_path)
+               for t in tasks]
     info = dataset_info(plan, source, reports)
     write_label_map(cfg.output_dir, plan, info["class_counts"])
     fileio.write_json_atomic(info_path, info)
     return _summary(cfg, info, start, len(todo), planned, resumed=len(tasks) - len(todo))
 
 
-def _write_local(workers: Workers, todo: list[ShardTask], planned: int, progress: bool) -> None:
+def _write_local(
+    workers: Workers, todo: list[ShardTask], planned: int, progress: bool
+) -> list[dict]:
+    """Writes `todo` with the local workers under a progress bar; returns their reports."""
     with tqdm(total=planned, unit="img", desc="landmark-tfrecords", disable=not progress,
               dynamic_ncols=True) as bar:
-        workers.map(write_shard, [(t,) for t in todo], on_progress=bar.update)
+        return workers.map(write_shard, [(t,) for t in todo], on_progress=bar.update)
 
 
 def shard_counts(
@@ -231,9 +239,13 @@ def _clear(out: str, state: str) -> None:
     fileio.remove_temporaries(out)
 
 
-def _done(task: ShardTask) -> bool:
-    """A shard is done when its final name exists; its report is written before the rename."""
-    return fileio.exists(task.path) and fileio.exists(task.report_path)
+def _finished_shards(out: str) -> set[str]:
+    """Names of complete shards: the final name exists (its report is written before the rename;
+    one listing each instead of an existence check per shard, which is slow on GCS)."""
+    state = fileio.join(out, STATE_DIR)
+    shards = {n.rstrip("/") for n in tf.io.gfile.listdir(out)}
+    reports = {n[: -len(".json")] for n in tf.io.gfile.listdir(state) if n.endswith(".json")}
+    return {n for n in shards & reports if records.parse_shard_name(n)}
 
 
 def _tasks(cfg: ConvertConfig, plan: Plan, num_shards: dict[str, int]) -> list[ShardTask]:

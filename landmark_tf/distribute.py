@@ -127,26 +127,33 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def multi_step_function(
-    strategy: tf.distribute.Strategy, replica_fn: Callable, keys: tuple[str, ...]
+    strategy: tf.distribute.Strategy,
+    replica_fn: Callable,
+    keys: tuple[str, ...],
+    max_steps: int | None = None,
 ) -> Callable:
     """tf.function(iterator, n) running `replica_fn` on n batches; returns summed scalars.
 
     `replica_fn(batch)` returns a dict of float32 scalars (per replica) with exactly `keys`;
-    the result sums each over replicas and steps.
+    the result sums each over replicas and steps. With max_steps=1 there is no loop in the
+    graph (n must be 1), which traces faster.
     """
+    reduce = lambda out: {
+        k: strategy.reduce(tf.distribute.ReduceOp.SUM, out[k], axis=None) for k in keys}
+
+    @tf.function
+    def run_one(iterator, n):
+        return reduce(strategy.run(replica_fn, args=(next(iterator),)))
 
     @tf.function
     def run(iterator, n):
         totals = {k: tf.zeros([], tf.float32) for k in keys}
         for _ in tf.range(n):
-            out = strategy.run(replica_fn, args=(next(iterator),))
-            totals = {
-                k: totals[k] + strategy.reduce(tf.distribute.ReduceOp.SUM, out[k], axis=None)
-                for k in keys
-            }
+            out = reduce(strategy.run(replica_fn, args=(next(iterator),)))
+            totals = {k: totals[k] + out[k] for k in keys}
         return totals
 
-    return run
+    return run_one if max_steps == 1 else run
 
 
 @functools.lru_cache(maxsize=8)

@@ -86,7 +86,7 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
 
 
 def load_dataset_info(data_dir: str) -> dict[str, Any]:
-    """Reads `data_dir/dataset_info.json` with a clear error when it is not a landmark-tfrecords output."""
+    """Reads `data_dir/dataset_info.json`; UserError when not a landmark-tfrecords output."""
     path = fileio.join(data_dir, DATASET_INFO)
     if not fileio.exists(path):
         raise UserError(
@@ -110,5 +110,7 @@ def split_files(data_dir: str, info: dict[str, Any], split: str) -> list[str]:
     files = [fileio.join(data_dir, name) for name in splits[split]["shards"]]
     missing = [f for f in files if not fileio.exists(f)]
     if missing:
-        raise UserError(f"{len(missing)} shard(s) listed in dataset_info.json are missing, e.g. {missing[0]}")
+        raise UserError(
+            f"{len(missing)} shard(s) listed in dataset_info.json are missing, e.g. {missing[0]}"
+        )
     return files

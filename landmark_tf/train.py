@@ -15,19 +15,13 @@ learning_rate, val_accuracy (when a validation split exists), ...
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
-import signal
-import sys
-import threading
-import time
 from typing import Any
 
 import keras
 import tensorflow as tf
 from absl import logging
-from tqdm import tqdm
 
 from landmark_tf import (
     checkpointing,
@@ -38,13 +32,12 @@ from landmark_tf import (
     model,
     records,
     sampling,
+    train_loop,
     train_step,
 )
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
 from landmark_tf.schedules import WarmupSchedule
-
-_LOSS_WINDOW = 20  # steps averaged for the reported loss and accuracy
 
 
 @dataclasses.dataclass
@@ -133,7 +126,7 @@ class Trainer:
             cfg.batch_size, self.replicas, cfg.grad_accum_steps)
         self.chief = distribute.is_chief(strategy)
         config = checkpointing.workdir_config(model_cfg, cfg, plan.num_classes)
-        self.rerun = checkpointing.check_and_write_config(cfg.workdir, config, self.chief)
+        checkpointing.check_and_write_config(cfg.workdir, config, self.chief)
         self.policy = distribute.precision_policy(cfg.mixed_precision, self.kind)
         self.jit = distribute.use_jit(cfg.jit_compile, self.kind)
         keras.mixed_precision.set_global_policy(self.policy)
@@ -170,7 +163,7 @@ class Trainer:
             return 1
         return n
 
-    def _train_function(self):
+    def train_function(self):
         cfg, plan = self.cfg, self.plan
         weights = None
         if cfg.class_weighting != "none":
@@ -188,8 +181,10 @@ class Trainer:
         iterator = iter(input_pipeline.distribute(self.strategy, spec))
         replica_fn = train_step.make_train_step(
             self.models, self.optimizer, global_batch=cfg.batch_size, replicas=self.replicas,
-            accum_steps=cfg.grad_accum_steps, jit=self.jit)
-        multi = distribute.multi_step_function(self.strategy, replica_fn, train_step.TRAIN_KEYS)
+            accum_steps=cfg.grad_accum_steps,
+            jit=self.jit and self.kind != "tpu")  # TPUStrategy compiles the whole step anyway
+        multi = distribute.multi_step_function(
+            self.strategy, replica_fn, train_step.TRAIN_KEYS, self.steps_per_execution)
 
         @tf.function
         def run(iterator, n):
@@ -199,7 +194,7 @@ class Trainer:
 
         return lambda n: run(iterator, n)
 
-    def _eval_function(self):
+    def eval_function(self):
         if not self.plan.val_files:
             return None
         eval_batch = self.micro * self.replicas
@@ -214,145 +209,12 @@ class Trainer:
         return lambda: multi(iter(dataset), tf.constant(steps))
 
     def run(self) -> dict[str, Any]:
-        loop = _Loop(self)
-        with _sigterm_as_interrupt():
+        """Trains to plan.train_steps; SIGTERM / Ctrl-C save a checkpoint, then re-raise."""
+        loop = train_loop.Loop(self)
+        with train_loop.sigterm_as_interrupt():
             try:
                 loop.run()
             except KeyboardInterrupt:
                 loop.save(int(self.step.numpy()))
                 raise
         return loop.result()
-
-
-class _Loop:
-    """The Python side of training: chunks of steps, logging, checkpoints, evaluation."""
-
-    def __init__(self, trainer: Trainer):
-        self.t, cfg = trainer, trainer.cfg
-        self.train_fn = trainer._train_function()
-        self.eval_fn = trainer._eval_function()
-        self.eval_every = cfg.eval_every or trainer.plan.steps_per_epoch
-        logs = fileio.join(cfg.workdir, checkpointing.LOGS_DIR)
-        writer = tf.summary.create_file_writer if trainer.chief else (
-            lambda _: tf.summary.create_noop_writer())
-        self.writers = {"train": writer(fileio.join(logs, "train")),
-                        "val": writer(fileio.join(logs, "val"))}
-        self.window = collections.deque()
-        self.timed_images, self.timed_seconds, self.executions = 0, 0.0, 0
-        self.val: dict[str, float] = {}
-        self.saved_step = -1
-        self.last_ips = 0.0
-
-    def chunk(self, step: int) -> int:
-        cfg, total = self.t.cfg, self.t.plan.train_steps
-        n = min(self.t.steps_per_execution, total - step,
-                cfg.checkpoint_every - step % cfg.checkpoint_every)
-        if self.eval_fn is not None:
-            n = min(n, self.eval_every - step % self.eval_every)
-        return n
-
-    def run(self) -> None:
-        step, total = int(self.t.step.numpy()), self.t.plan.train_steps
-        bar = tqdm(total=total, initial=min(step, total), unit="step", file=sys.stderr,
-                   disable=not self.t.chief, dynamic_ncols=True, desc="train")
-        with bar:
-            while step < total:
-                n = self.chunk(step)
-                start = time.perf_counter()
-                totals = {k: float(v) for k, v in self.train_fn(tf.constant(n)).items()}
-                self.record(n, totals, time.perf_counter() - start)
-                step = int(self.t.step.numpy())
-                self.log(step, n, totals)
-                bar.update(n)
-                bar.set_postfix(loss=f"{self.loss():.4f}", acc=f"{self.accuracy():.3f}")
-                evaluate = self.eval_fn is not None and (
-                    step % self.eval_every == 0 or step == total)
-                if evaluate:
-                    self.evaluate(step)
-                if evaluate or step % self.t.cfg.checkpoint_every == 0 or step == total:
-                    self.save(step)
-
-    def record(self, n: int, totals: dict[str, float], seconds: float) -> None:
-        self.window.append((n, totals))
-        while sum(k for k, _ in self.window) - self.window[0][0] >= _LOSS_WINDOW:
-            self.window.popleft()
-        self.executions += 1
-        if self.executions == 2:  # the first execution includes tracing and compilation
-            self.timed_images, self.timed_seconds = 0, 0.0
-        self.timed_images += n * self.t.cfg.batch_size
-        self.timed_seconds += seconds
-        self.last_ips = n * self.t.cfg.batch_size / max(seconds, 1e-9)
-
-    def loss(self) -> float:
-        return sum(t["loss"] for _, t in self.window) / max(sum(n for n, _ in self.window), 1)
-
-    def accuracy(self) -> float:
-        return sum(t["correct"] for _, t in self.window) / max(
-            sum(t["count"] for _, t in self.window), 1.0)
-
-    def log(self, step: int, n: int, totals: dict[str, float]) -> None:
-        with self.writers["train"].as_default(step=step):
-            tf.summary.scalar("loss", totals["loss"] / n)
-            tf.summary.scalar("accuracy", totals["correct"] / max(totals["count"], 1.0))
-            tf.summary.scalar("learning_rate", self.learning_rate())
-            tf.summary.scalar("images_per_second", self.last_ips)
-
-    def learning_rate(self) -> float:
-        return float(self.t.optimizer.learning_rate.numpy())
-
-    def evaluate(self, step: int) -> None:
-        totals = {k: float(v) for k, v in self.eval_fn().items()}
-        self.val = {"val_accuracy": totals["correct"] / max(totals["count"], 1.0),
-                    "val_examples": int(totals["count"])}
-        if self.val["val_examples"] < self.t.plan.val_examples:
-            logging.warning("validation saw %d of %d examples (uneven shards over hosts)",
-                            self.val["val_examples"], self.t.plan.val_examples)
-        with self.writers["val"].as_default(step=step):
-            tf.summary.scalar("accuracy", self.val["val_accuracy"])
-
-    def save(self, step: int) -> None:
-        if step == self.saved_step:
-            return
-        self.t.manager.save(checkpoint_number=step)
-        self.saved_step = step
-        for w in self.writers.values():
-            w.flush()
-        if self.t.chief:
-            checkpointing.write_summary(self.t.cfg.workdir, self.result())
-
-    def result(self) -> dict[str, Any]:
-        t = self.t
-        step = int(t.step.numpy())
-        if not self.window:  # nothing trained in this process: report the finished run
-            previous = checkpointing.read_summary(t.cfg.workdir)
-            return {"loss": None, "images_per_second": 0.0, **previous, "step": step,
-                    "start_step": t.start_step}
-        return {
-            "step": step, "loss": self.loss(), "accuracy": self.accuracy(),
-            "images_per_second": self.timed_images / max(self.timed_seconds, 1e-9),
-            "learning_rate": self.learning_rate(), "epoch": step / t.plan.steps_per_epoch,
-            "start_step": t.start_step, "train_steps": t.plan.train_steps,
-            "workdir": t.cfg.workdir, "checkpoint": t.manager.latest_checkpoint,
-            "device": t.kind, "replicas": t.replicas, "mixed_precision": t.policy,
-            "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
-            **self.val, **t.start_info,
-        }
-
-
-class _sigterm_as_interrupt:
-    """Turns SIGTERM (TPU preemption, `kill`) into KeyboardInterrupt, so a checkpoint is saved."""
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        return False

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 OUT=${1:-demo_output}
-STEPS=${DEMO_STEPS:-250}
+STEPS=${DEMO_STEPS:-200}
 SIZE=${DEMO_IMAGE_SIZE:-64}
 BATCH=${DEMO_BATCH:-32}
 mkdir -p "$OUT/results"
@@ -33,22 +33,37 @@ for split in index test; do
     --image_dir="$OUT/gldv2/$split" --output_dir="$OUT/tfrecords/$split" --num_shards=1
 done
 
-say "3/7 train: an untrained baseline (0 learning rate), then EfficientNet-B0 and -B1"
+say "3/7 train: an untrained baseline (random init), then EfficientNet-B0 and -B1"
 common=(--data_dir="$OUT/tfrecords/train" --image_size="$SIZE" --batch_size="$BATCH"
-        --head=cosface --embedding_dim=128 --checkpoint_every=100)
+        --head=cosface --embedding_dim=128 --checkpoint_every=50)
+# One step at a negligible learning rate: a checkpoint of the random initialisation.
 stage train_untrained landmark-train "${common[@]}" --workdir="$OUT/runs/untrained" \
   --backbone=efficientnet-b0 --train_steps=1 --learning_rate=1e-9
+# A CPU train step of these small models keeps about one core busy: train both side by side.
+printf 'training b0 and b1 side by side; progress bars in %s/results/train_*.progress\n' "$OUT" >&2
+pids=()
 for b in b0 b1; do
   stage "train_$b" landmark-train "${common[@]}" --workdir="$OUT/runs/$b" \
     --backbone="efficientnet-$b" --train_steps="$STEPS" --learning_rate=0.1 \
-    --schedule=cosine --warmup_steps=30
+    --schedule=cosine --warmup_steps=20 --seed=1 2> "$OUT/results/train_$b.progress" &
+  pids+=($!)
+done
+for i in 0 1; do
+  b=$([ "$i" = 0 ] && echo b0 || echo b1)
+  if ! wait "${pids[$i]}"; then
+    tail -n 3 "$OUT/results/train_$b.progress" >&2
+    exit 1
+  fi
 done
 
 say "4/7 export SavedModels (Kaggle GLR2020 format)"
+pids=()
 for m in untrained b0 b1; do
   stage "export_$m" landmark-export --workdir="$OUT/runs/$m" --export_dir="$OUT/exports/$m" \
-    --overwrite
+    --overwrite &
+  pids+=($!)
 done
+for pid in "${pids[@]}"; do wait "$pid"; done
 
 say "5/7 ensemble b0 + b1 (weighted concatenation 1.0 / 0.8)"
 stage ensemble landmark-ensemble --models="$OUT/exports/b0,$OUT/exports/b1" --weights=1.0,0.8 \

@@ -4,6 +4,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,17 +86,66 @@ def _latest_step(workdir: str) -> int:
     return int(path.rsplit("-", 1)[1]) if path else 0
 
 
-def test_killed_run_resumes_to_the_same_weights(data, reference, tmp_path):
+def _assert_same_weights(workdir: str, reference_workdir: str) -> None:
+    resumed, uninterrupted = _weights(workdir), _weights(reference_workdir)
+    assert resumed.keys() == uninterrupted.keys()
+    for key, value in uninterrupted.items():
+        np.testing.assert_allclose(resumed[key], value, rtol=1e-3, atol=1e-4, err_msg=key)
+
+
+def test_resuming_from_a_checkpoint_reaches_the_same_weights(data, reference, tmp_path):
+    """The workdir as a kill -9 right after the step-24 checkpoint leaves it, then a rerun."""
     workdir = str(tmp_path / "run")
+    shutil.copytree(reference[0], workdir)
+    ckpts = os.path.join(workdir, "checkpoints")
+    for path in glob.glob(os.path.join(ckpts, "ckpt-3[06].*")):
+        os.remove(path)
+    with open(os.path.join(ckpts, "checkpoint"), "w") as f:  # CheckpointManager's index file
+        f.write('model_checkpoint_path: "ckpt-24"\nall_model_checkpoint_paths: "ckpt-24"\n')
+    shutil.rmtree(os.path.join(workdir, "logs"))
+    result = train.train(MODEL, _config(data, workdir, val_split="val", steps_per_execution=1))
+    assert result["step"] == STEPS and result["start_step"] == 24
+    assert result["resumed_from"].endswith("ckpt-24")
+    _assert_same_weights(workdir, reference[0])
+    # Steps 25..36 saw the same data as in the uninterrupted run: compare mean losses over
+    # steps 25-30 and 31-36 (logged per step here, per 3 steps there).
+    here, there = _scalars(workdir, "train", "loss"), _scalars(reference[0], "train", "loss")
+    assert len(here) == 12 and len(there) == 12
+    np.testing.assert_allclose([np.mean(here[:6]), np.mean(here[6:])],
+                               [np.mean(there[8:10]), np.mean(there[10:])], rtol=1e-3)
+
+
+def test_cli_rerun_of_a_finished_run_prints_its_json_last(data, reference, tmp_path):
     flagfile = tmp_path / "train.flags"
-    flagfile.write_text("\n".join([
+    flagfile.write_text(_flags(data, reference[0], val_split="val"))
+    proc = subprocess.run([LANDMARK_TRAIN, f"--flagfile={flagfile}"], capture_output=True,
+                          text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["step"] == STEPS and result["loss"] == pytest.approx(reference[1]["loss"])
+    assert result["images_per_second"] == pytest.approx(reference[1]["images_per_second"])
+
+
+LANDMARK_TRAIN = os.path.join(os.path.dirname(sys.executable), "landmark-train")
+
+
+def _flags(data: str, workdir: str, val_split: str = "") -> str:
+    """The flags that make the CLI run the same config as `_config`."""
+    return "\n".join([
         f"--data_dir={data}", f"--workdir={workdir}", f"--train_steps={STEPS}",
         "--batch_size=8", "--learning_rate=0.05", "--schedule=constant",
-        f"--checkpoint_every={EVERY}", "--val_split=", "--augment=flip",
+        f"--checkpoint_every={EVERY}", f"--val_split={val_split}", "--augment=flip",
         "--steps_per_execution=3", "--image_size=32", "--embedding_dim=32", "--margin=0.1",
-    ]) + "\n")
-    command = [os.path.join(os.path.dirname(sys.executable), "landmark-train"),
-               f"--flagfile={flagfile}"]
+    ]) + "\n"
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(data, reference, tmp_path):
+    """landmark-train killed with SIGKILL mid-run, rerun with the same flagfile."""
+    workdir = str(tmp_path / "run")
+    flagfile = tmp_path / "train.flags"
+    flagfile.write_text(_flags(data, workdir))
+    command = [LANDMARK_TRAIN, f"--flagfile={flagfile}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -113,10 +163,7 @@ def test_killed_run_resumes_to_the_same_weights(data, reference, tmp_path):
     assert {"step", "loss", "images_per_second"} <= set(result)
     assert result["step"] == STEPS and result["start_step"] == killed_at
     assert result["resumed_from"].endswith(f"ckpt-{killed_at}")
-    resumed, uninterrupted = _weights(workdir), _weights(reference[0])
-    assert resumed.keys() == uninterrupted.keys()
-    for key, value in uninterrupted.items():
-        np.testing.assert_allclose(resumed[key], value, rtol=1e-3, atol=1e-4, err_msg=key)
+    _assert_same_weights(workdir, reference[0])
     # The steps after the checkpoint were recomputed on the same data: same logged losses.
     np.testing.assert_allclose(_scalars(workdir, "train", "loss")[-(STEPS - killed_at) // 3:],
                                _scalars(reference[0], "train", "loss")[killed_at // 3:],
