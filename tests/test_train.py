@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from tiny_dataset import make_dataset
 
-from landmark_tf import train
+from landmark_tf import model, train
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
 
@@ -55,10 +55,11 @@ def _scalars(workdir: str, split: str, tag: str) -> list[float]:
     return values
 
 
-def _weights(workdir: str) -> dict[str, np.ndarray]:
+def _state(workdir: str) -> dict[str, np.ndarray]:
+    """Every tensor of the latest checkpoint: weights, optimizer slots, step, dropout RNG."""
     reader = tf.train.load_checkpoint(os.path.join(workdir, "checkpoints"))
     return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
-            if k.startswith(("backbone/", "neck/", "head/")) and "OPTIMIZER" not in k}
+            if k not in ("save_counter/.ATTRIBUTES/VARIABLE_VALUE", "_CHECKPOINTABLE_OBJECT_GRAPH")}
 
 
 def test_tiny_model_learns_and_logs(reference):
@@ -86,9 +87,9 @@ def _latest_step(workdir: str) -> int:
     return int(path.rsplit("-", 1)[1]) if path else 0
 
 
-def _assert_same_weights(workdir: str, reference_workdir: str) -> None:
-    resumed, uninterrupted = _weights(workdir), _weights(reference_workdir)
-    assert resumed.keys() == uninterrupted.keys()
+def _assert_same_state(workdir: str, reference_workdir: str) -> None:
+    resumed, uninterrupted = _state(workdir), _state(reference_workdir)
+    assert resumed.keys() == uninterrupted.keys() and len(resumed) > 500
     for key, value in uninterrupted.items():
         np.testing.assert_allclose(resumed[key], value, rtol=1e-3, atol=1e-4, err_msg=key)
 
@@ -106,7 +107,7 @@ def test_resuming_from_a_checkpoint_reaches_the_same_weights(data, reference, tm
     result = train.train(MODEL, _config(data, workdir, val_split="val", steps_per_execution=1))
     assert result["step"] == STEPS and result["start_step"] == 24
     assert result["resumed_from"].endswith("ckpt-24")
-    _assert_same_weights(workdir, reference[0])
+    _assert_same_state(workdir, reference[0])
     # Steps 25..36 saw the same data as in the uninterrupted run: compare mean losses over
     # steps 25-30 and 31-36 (logged per step here, per 3 steps there).
     here, there = _scalars(workdir, "train", "loss"), _scalars(reference[0], "train", "loss")
@@ -163,7 +164,7 @@ def test_killed_run_resumes_to_the_same_weights(data, reference, tmp_path):
     assert {"step", "loss", "images_per_second"} <= set(result)
     assert result["step"] == STEPS and result["start_step"] == killed_at
     assert result["resumed_from"].endswith(f"ckpt-{killed_at}")
-    _assert_same_weights(workdir, reference[0])
+    _assert_same_state(workdir, reference[0])
     # The steps after the checkpoint were recomputed on the same data: same logged losses.
     np.testing.assert_allclose(_scalars(workdir, "train", "loss")[-(STEPS - killed_at) // 3:],
                                _scalars(reference[0], "train", "loss")[killed_at // 3:],
@@ -191,9 +192,13 @@ def test_next_stage_restores_backbone_and_matching_head(data, reference, tmp_pat
                             train.make_plan(cfg), tf.distribute.get_strategy())
     info = trainer.start_info["init_from"]
     assert info["restored"] == ["backbone", "head", "neck"] and not info["skipped"]
-    source = _weights(workdir)
+    source = _state(workdir)
     kernel = trainer.models.head.kernel.numpy()
     np.testing.assert_array_equal(kernel, source["head/kernel/.ATTRIBUTES/VARIABLE_VALUE"])
+    restored, _ = model.restore_embedding_model(workdir)  # the exporter's view of the weights
+    for mine, theirs in zip(trainer.models.embedding_model.weights, restored.weights,
+                            strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy(), err_msg=mine.path)
 
     other = str(tmp_path / "five")
     make_dataset(other, train_counts=(4, 4, 4, 4, 4), val_counts=None, size=32)
@@ -218,13 +223,13 @@ def test_bad_input_is_a_user_error(data, tmp_path, change, message):
         train.train(MODEL, dataclasses.replace(_config(data, str(tmp_path / "w")), **change))
 
 
-@pytest.mark.parametrize("model, message", [
+@pytest.mark.parametrize("model_cfg, message", [
     (ModelConfig(backbone="resnet50"), "backbone must be one of"),
     (ModelConfig(head="triplet"), "head must be one of"),
 ])
-def test_unknown_backbone_or_head_is_a_user_error(data, tmp_path, model, message):
+def test_unknown_backbone_or_head_is_a_user_error(data, tmp_path, model_cfg, message):
     with pytest.raises(UserError, match=message):
-        train.train(model, _config(data, str(tmp_path / "w")))
+        train.train(model_cfg, _config(data, str(tmp_path / "w")))
 
 
 def test_epochs_set_the_number_of_steps(data, tmp_path):
