@@ -32,7 +32,7 @@ from pathlib import Path
 
 import tfrecords_bench  # bench/ is sys.path[0] when this file runs as a script
 
-from landmark_tf import beam_convert, convert, gldv2, records, shards
+from landmark_tf.data import beam_convert, convert, gldv2, records, shards
 
 GLDV2_TRAIN_IMAGES = 4_132_914  # train.csv rows of GLDv2
 GLDV2_LANDMARKS = 203_094

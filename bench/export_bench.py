@@ -3,7 +3,7 @@
     .venv/bin/python bench/export_bench.py [--backbone efficientnet-b0 --image_size 256]
 
 Builds a random-init model (weights do not change the speed), writes a training workdir, exports
-it with landmark_tf.export (timed, size printed) and loads the SavedModel back. Then, on the
+it with landmark_tf.serving.export (timed, size printed) and loads the SavedModel back. Then, on the
 same GLDv2-sized uint8 images (480x640 .. 800x600) and interleaved call by call:
   (a) serving_default(input_image), what Kaggle calls;
   (b) the Keras embedding model called eagerly on resize_for_model(image);
@@ -26,10 +26,10 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from landmark_tf import embed, export, serving
-from landmark_tf import model as model_lib
 from landmark_tf.config import ModelConfig
+from landmark_tf.modeling import model as model_lib
 from landmark_tf.preprocess import resize_for_model
+from landmark_tf.serving import embed, export, signatures
 
 SHAPES = [(480, 640), (640, 480), (600, 800), (533, 800), (768, 512), (800, 600)]
 
@@ -122,7 +122,7 @@ def main() -> None:
                                                   os.path.join(root, "export")))  # fmt: skip
     export_s = time.perf_counter() - t
     t = time.perf_counter()
-    loaded = serving.load_quietly(res["export_dir"])
+    loaded = signatures.load_quietly(res["export_dir"])
     load_s = time.perf_counter() - t
     sigs = loaded.signatures
     spec = [tf.TensorSpec([None, None, 3], tf.uint8)]

@@ -4,8 +4,8 @@
     .venv/bin/python bench/knn_bench.py --data gaussian    # structureless worst case for IVF
 
 Both exact paths use the same float32 data and the same query batches and return the same
-top-k (checked). IVF runs through landmark_tf.knn.Searcher, as landmark-evaluate does, and its
-recall@k is measured against the exact result. Targets: faiss exact >= numpy; IVF >= 0.95
+top-k (checked). IVF runs through landmark_tf.retrieval.knn.Searcher, as landmark-evaluate does,
+and its recall@k is measured against the exact result. Targets: faiss exact >= numpy; IVF >= 0.95
 recall@100 at >= 5x the exact speed.
 
 Data: "landmarks" (default) mimics metric-learnt landmark descriptors: images of a landmark
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from landmark_tf import knn
+from landmark_tf.retrieval import knn
 
 
 def _directions(rng, n: int, d: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def timed(fns: dict, repeat: int) -> dict:
 
 
 def _with_block(rows: int, fn):
-    """Runs fn with landmark_tf.knn's exact-search GEMM block set to `rows`, then restores it."""
+    """Runs fn with knn's exact-search GEMM block set to `rows`, then restores it."""
     saved, knn._BLAS_DATABASE_BLOCK = knn._BLAS_DATABASE_BLOCK, rows
     try:
         return fn()

@@ -22,14 +22,15 @@ import time
 import numpy as np
 from PIL import Image
 
-from landmark_tf import fileio, synth
+from landmark_tf import fileio
+from landmark_tf.synth import generator
 
 
 def load(root: str, split: str, ids: list[str], size: int) -> np.ndarray:
     """float32 [N, size, size, 3] 0..255."""
     out = []
     for image_id in ids:
-        data = fileio.read_bytes(synth.image_path(root, split, image_id))
+        data = fileio.read_bytes(generator.image_path(root, split, image_id))
         img = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.BILINEAR)
         out.append(np.asarray(img, dtype=np.float32))
     return np.stack(out)
@@ -117,8 +118,8 @@ def main() -> None:
     root = args.data_dir or tempfile.mkdtemp(prefix="synth-bench-")
     t0 = time.time()
     if not args.data_dir:
-        cfg = synth.SynthConfig(difficulty=args.difficulty, seed=args.seed)
-        print(json.dumps(synth.generate(cfg, root, progress=False)), file=sys.stderr)
+        cfg = generator.SynthConfig(difficulty=args.difficulty, seed=args.seed)
+        print(json.dumps(generator.generate(cfg, root, progress=False)), file=sys.stderr)
     made = time.time() - t0
     train = read_csv(fileio.join(root, "train.csv"))
     clean = {i for row in read_csv(fileio.join(root, "train_clean.csv")) for i in row[1].split()}

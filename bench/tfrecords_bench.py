@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from landmark_tf import convert, fileio, gldv2, images
+from landmark_tf import fileio
+from landmark_tf.data import convert, gldv2, images
 
 
 def _make_image(args: tuple[str, int, int, int]) -> None:

@@ -28,8 +28,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from landmark_tf import distribute, input_pipeline, model, preprocess, records, train_step
+from landmark_tf import preprocess
 from landmark_tf.config import ModelConfig
+from landmark_tf.data import records
+from landmark_tf.modeling import model
+from landmark_tf.training import distribute, input_pipeline, train_step
 
 
 def write_records(folder: str, count: int, shards: int, classes: int) -> list[str]:

@@ -91,7 +91,7 @@ RESUME_SAFE = frozenset(
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything `landmark_tf.train.train` needs besides the ModelConfig.
+    """Everything `landmark_tf.training.train.train` needs besides the ModelConfig.
 
     `batch_size` is global: examples per optimizer step over all replicas and accumulation
     micro-steps. `train_steps` counts optimizer steps; 0 means "derive from `epochs`".

@@ -21,10 +21,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from landmark_tf import export, records, serving
-from landmark_tf import model as model_lib
 from landmark_tf.config import ModelConfig
+from landmark_tf.data import records
+from landmark_tf.modeling import model as model_lib
 from landmark_tf.preprocess import resize_for_model
+from landmark_tf.serving import export, signatures
 
 BIN = os.path.dirname(sys.executable)
 LOAD_SCRIPT = os.path.join(os.path.dirname(__file__), "load_savedmodel.py")
@@ -107,7 +108,7 @@ def write_tiny_export(path: str, *, image_size=32, embedding_dim=8, scales=(1.0,
     """An export in our format around `tiny_model` (fast to save); returns the Keras model."""
     model = tiny_model(embedding_dim, seed)
     sizes = export.scaled_sizes(image_size, scales)
-    module = serving.DescriptorModule([serving.KerasBranch(model, sizes)], [1.0])
+    module = signatures.DescriptorModule([signatures.KerasBranch(model, sizes)], [1.0])
     metadata = {"format": export.FORMAT, "kind": "single", "backbone": "tiny-test-convnet",
                 "image_size": image_size, "scales": list(scales), "input_sizes": sizes,
                 "embedding_dim": embedding_dim}

@@ -13,8 +13,8 @@ import tensorflow as tf
 from keras.src.legacy.saving import legacy_h5_format
 from keras.src.utils import file_utils
 
-from landmark_tf import backbones
 from landmark_tf.errors import UserError
+from landmark_tf.modeling import backbones
 
 IMAGES = np.random.default_rng(0).uniform(0, 255, size=(2, 64, 40, 3)).astype("float32")
 

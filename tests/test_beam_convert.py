@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from landmark_tf import beam_convert, convert, gldv2, records
+from landmark_tf.data import beam_convert, convert, gldv2, records
 from landmark_tf.errors import UserError
 
 needs_beam = pytest.mark.skipif(

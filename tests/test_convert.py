@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from landmark_tf import convert, gldv2, images, records
+from landmark_tf.data import convert, gldv2, images, records
+from landmark_tf.data.workers import WorkerDied, Workers
 from landmark_tf.errors import UserError
-from landmark_tf.workers import WorkerDied, Workers
 
 # landmark id -> number of CSV rows; 5 has too few images for min_images_per_class=3.
 COUNTS = {301: 12, 17: 9, 4242: 8, 5: 2}

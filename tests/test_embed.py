@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from landmark_tf import embed
-from landmark_tf.embeddings import load_embeddings
 from landmark_tf.errors import UserError
+from landmark_tf.retrieval.embeddings import load_embeddings
+from landmark_tf.serving import embed
 
 # id -> (height, width): mixed sizes and aspect ratios, so batches need padding.
 SIZES = {f"{i:x}{i:x}ab{i:04x}": (24 + 13 * i % 70, 30 + 29 * i % 90) for i in range(1, 15)}

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from landmark_tf import ensemble, export
 from landmark_tf.errors import UserError
 from landmark_tf.preprocess import resize_for_model
+from landmark_tf.serving import ensemble, export
 
 SIZES = "37x501,300x200,40x40"
 

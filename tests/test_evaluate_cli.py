@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from landmark_tf.embeddings import load_embeddings, save_embeddings
 from landmark_tf.errors import UserError
-from landmark_tf.evaluation import EvalConfig, evaluate
+from landmark_tf.retrieval.embeddings import load_embeddings, save_embeddings
+from landmark_tf.retrieval.evaluation import EvalConfig, evaluate
 
 BIN = os.path.join(os.path.dirname(sys.executable), "landmark-evaluate")
 

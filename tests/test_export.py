@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from landmark_tf import export
 from landmark_tf.errors import UserError
+from landmark_tf.serving import export
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from landmark_tf import gldv2
+from landmark_tf.data import gldv2
 from landmark_tf.errors import UserError
 
 

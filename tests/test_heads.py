@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 from layer_harness import run_layer_test
 
-from landmark_tf import heads
 from landmark_tf.errors import UserError
+from landmark_tf.modeling import heads
 
 C, D, B = 5, 4, 6
 RNG = np.random.default_rng(0)
@@ -196,7 +196,7 @@ _TWO_REPLICAS = """
 import keras, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from landmark_tf import heads
+from landmark_tf.modeling import heads
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 x, y = tf.random.normal((8, 4)), tf.range(8) % 5
 with strategy.scope():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from landmark_tf import images
+from landmark_tf.data import images
 
 
 def _encode(image: Image.Image, fmt: str = "JPEG", **kw) -> bytes:

@@ -7,9 +7,11 @@ import pytest
 import tensorflow as tf
 from tiny_dataset import make_dataset
 
-from landmark_tf import augment, losses, records, sampling
-from landmark_tf import input_pipeline as ip
+from landmark_tf.data import records
 from landmark_tf.errors import UserError
+from landmark_tf.modeling import losses
+from landmark_tf.training import augment, sampling
+from landmark_tf.training import input_pipeline as ip
 
 ONE_HOST = tf.distribute.InputContext(1, 0, 1)
 

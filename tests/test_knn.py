@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from landmark_tf import knn
 from landmark_tf.errors import UserError
+from landmark_tf.retrieval import knn
 
 
 def _unit(rng, n, d):

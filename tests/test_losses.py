@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from landmark_tf import losses, schedules
+from landmark_tf.modeling import losses
+from landmark_tf.training import schedules
 
 COUNTS = [1, 4, 16, 0, 79]  # one class without examples
 

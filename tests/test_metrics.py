@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from landmark_tf import metrics, revisitop, solutions
 from landmark_tf.errors import UserError
+from landmark_tf.retrieval import metrics, revisitop, solutions
 
 # ---------------------------------------------------------------- retrieval mAP@100
 

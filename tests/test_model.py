@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from landmark_tf import model as model_lib
 from landmark_tf.config import ModelConfig
 from landmark_tf.errors import UserError
+from landmark_tf.modeling import model as model_lib
 
 CFG = dict(backbone="efficientnet-b0", image_size=32, pooling="gem", embedding_dim=8,
            head="cosface", scale=4.0, margin=0.3, num_classes=5)

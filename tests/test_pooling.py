@@ -7,7 +7,7 @@ import tensorflow as tf
 from layer_harness import run_layer_test
 
 from landmark_tf.errors import UserError
-from landmark_tf.pooling import EmbeddingNeck, GeM
+from landmark_tf.modeling.pooling import EmbeddingNeck, GeM
 
 RNG = np.random.default_rng(0)
 FEATURES = RNG.uniform(0.0, 2.0, size=(2, 3, 5, 4)).astype("float32")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from landmark_tf import knn, metrics, rerank
+from landmark_tf.retrieval import knn, metrics, rerank
 
 E = np.eye(3, dtype=np.float32)
 

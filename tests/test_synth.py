@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from landmark_tf import scenes, synth, synth_plan, views
 from landmark_tf.errors import UserError
+from landmark_tf.synth import generator, scenes, views
+from landmark_tf.synth import plan as synth_plan
 
-TINY = synth.SynthConfig(
+TINY = generator.SynthConfig(
     num_landmarks=8, min_images=2, max_images=9, image_size=32, novel_landmarks=2,
     index_images=(1, 3), test_images=(1, 2), noisy_fraction=0.3, unclean_landmarks=0.25,
     index_distractors=0.5, test_distractors=0.5,
@@ -41,7 +42,7 @@ def tree(root):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synth"))
-    summary = synth.generate(TINY, root, progress=False)
+    summary = generator.generate(TINY, root, progress=False)
     return root, summary
 
 
@@ -56,7 +57,7 @@ def test_csv_formats_and_image_tree(tiny):
         rows = read(root, name)
         assert rows[0] == header, name
         assert all(len(r) == len(header) for r in rows[1:]), name
-    ids = {s: [r[0] for r in read(root, f"{s}.csv")[1:]] for s in synth.SPLITS}
+    ids = {s: [r[0] for r in read(root, f"{s}.csv")[1:]] for s in generator.SPLITS}
     every = [i for v in ids.values() for i in v]
     assert len(every) == len(set(every)) == summary["images"]
     assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in every)
@@ -122,43 +123,44 @@ def test_images_per_landmark_are_long_tailed():
 def test_same_seed_same_bytes_other_seed_other_ids(tmp_path, tiny):
     cfg = dict(num_landmarks=3, min_images=2, max_images=3, image_size=24, novel_landmarks=1)
     a, b, c = (str(tmp_path / n) for n in "abc")
-    synth.generate(synth.SynthConfig(**cfg), a, progress=False)
-    synth.generate(synth.SynthConfig(**cfg), b, progress=False)
-    synth.generate(synth.SynthConfig(seed=1, **cfg), c, progress=False)
+    generator.generate(generator.SynthConfig(**cfg), a, progress=False)
+    generator.generate(generator.SynthConfig(**cfg), b, progress=False)
+    generator.generate(generator.SynthConfig(seed=1, **cfg), c, progress=False)
     assert tree(a) == tree(b)
     ids = lambda root: {r[0] for r in read(root, "train.csv")[1:]}  # noqa: E731
     assert not ids(a) & ids(c)
 
 
 def test_rerun_resumes_and_guards_the_folder(tmp_path):
-    cfg = synth.SynthConfig(num_landmarks=3, min_images=2, max_images=4, image_size=24,
+    cfg = generator.SynthConfig(num_landmarks=3, min_images=2, max_images=4, image_size=24,
                             novel_landmarks=1)
     root = str(tmp_path / "out")
-    synth.generate(cfg, root, progress=False)
+    generator.generate(cfg, root, progress=False)
     before = tree(root)
     jpgs = sorted(p for p in before if p.endswith(".jpg"))[:2]
     for p in jpgs:
         os.remove(os.path.join(root, p))
     stale = os.path.join(root, os.path.dirname(jpgs[0]), ".tmp-0123456789ab-x.jpg")
     open(stale, "wb").close()
-    summary = synth.generate(cfg, root, progress=False)
+    summary = generator.generate(cfg, root, progress=False)
     assert (summary["written"], summary["reused"]) == (2, summary["images"] - 2)
     assert tree(root) == before
     with pytest.raises(UserError, match="seed"):
-        synth.generate(synth.SynthConfig(seed=7, num_landmarks=3, min_images=2, max_images=4,
-                                         image_size=24, novel_landmarks=1), root, progress=False)
+        small = generator.SynthConfig(seed=7, num_landmarks=3, min_images=2, max_images=4,
+                                      image_size=24, novel_landmarks=1)
+        generator.generate(small, root, progress=False)
     foreign = tmp_path / "gldv2"
     foreign.mkdir()
     (foreign / "train.csv").write_text("id,url,landmark_id\n")
     with pytest.raises(UserError, match="not a landmark-synth folder"):
-        synth.generate(cfg, str(foreign), progress=False)
+        generator.generate(cfg, str(foreign), progress=False)
 
 
 @pytest.mark.parametrize("bad", [dict(min_images=5, max_images=4), dict(num_landmarks=0),
                                  dict(index_images=(0, 2)), dict(noisy_fraction=1.5)])
 def test_rejects_settings_that_cannot_work(bad, tmp_path):
     with pytest.raises(UserError):
-        synth.generate(synth.SynthConfig(**bad), str(tmp_path), progress=False)
+        generator.generate(generator.SynthConfig(**bad), str(tmp_path), progress=False)
     assert not os.listdir(tmp_path)
 
 

@@ -15,9 +15,10 @@ import pytest
 import tensorflow as tf
 from tiny_dataset import make_dataset
 
-from landmark_tf import model, train
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
+from landmark_tf.modeling import model
+from landmark_tf.training import train
 
 MODEL = ModelConfig(image_size=32, embedding_dim=32, margin=0.1)
 STEPS, EVERY = 36, 6  # 6 epochs of 6 steps of 8 examples

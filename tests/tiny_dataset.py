@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from landmark_tf import records
+from landmark_tf.data import records
 
 PALETTE = np.array(
     [[220, 40, 40], [40, 200, 60], [40, 60, 220], [230, 210, 40],

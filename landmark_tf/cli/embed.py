@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from landmark_tf import embed
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
+from landmark_tf.serving import embed
 
 _D = embed.EmbedConfig(model="", output="")
 FLAGS = flags.FLAGS

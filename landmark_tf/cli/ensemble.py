@@ -13,9 +13,9 @@ import sys
 
 from absl import flags
 
-from landmark_tf import ensemble, export
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
+from landmark_tf.serving import ensemble, export
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", None, "Comma-separated landmark-export (or -ensemble) folders.")

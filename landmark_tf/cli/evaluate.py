@@ -19,9 +19,9 @@ import dataclasses
 
 from absl import flags
 
-from landmark_tf import evaluation, knn, rerank
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
+from landmark_tf.retrieval import evaluation, knn, rerank
 
 _D = evaluation.EvalConfig
 flags.DEFINE_string("queries", None, "Query embedding set (.npz: ids, embeddings[, landmark_ids]).")

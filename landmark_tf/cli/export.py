@@ -4,7 +4,7 @@
                   [--overwrite]
 
 serving_default: input_image uint8[H, W, 3] -> global_descriptor float32[D] (L2-normalised);
-serving_batch / serving_padded for fast extraction (see landmark_tf/serving.py).
+serving_batch / serving_padded for fast extraction (see landmark_tf/serving/signatures.py).
 Last stdout line: JSON with export_dir, embedding_dim, size_bytes, exceeds_kaggle_limit.
 """
 
@@ -14,9 +14,9 @@ import sys
 
 from absl import flags
 
-from landmark_tf import export
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
+from landmark_tf.serving import export
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints/) to export.")

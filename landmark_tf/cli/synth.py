@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from absl import flags
 
-from landmark_tf import synth
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
+from landmark_tf.synth import generator
 
-_D = synth.SynthConfig()
+_D = generator.SynthConfig()
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Folder (local or gs://) to write the dataset into.")
@@ -64,10 +64,10 @@ def _pair(name: str) -> tuple[int, int]:
     return low, high
 
 
-def config_from_flags() -> synth.SynthConfig:
+def config_from_flags() -> generator.SynthConfig:
     if not FLAGS.output_dir:
         raise UserError("--output_dir is required")
-    return synth.SynthConfig(
+    return generator.SynthConfig(
         num_landmarks=FLAGS.num_landmarks, min_images=FLAGS.min_images,
         max_images=FLAGS.max_images, image_size=FLAGS.image_size, seed=FLAGS.seed,
         retrieval_fraction=FLAGS.retrieval_fraction, novel_landmarks=FLAGS.novel_landmarks,
@@ -81,7 +81,7 @@ def config_from_flags() -> synth.SynthConfig:
 def main(argv: list[str]) -> dict:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    return synth.generate(config_from_flags(), FLAGS.output_dir, progress=FLAGS.progress)
+    return generator.generate(config_from_flags(), FLAGS.output_dir, progress=FLAGS.progress)
 
 
 def run() -> None:

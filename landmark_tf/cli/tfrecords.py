@@ -16,8 +16,8 @@ import sys
 
 from absl import flags
 
-from landmark_tf import convert
 from landmark_tf.cli import app as app_lib
+from landmark_tf.data import convert
 from landmark_tf.errors import UserError
 
 _D = convert.ConvertConfig(image_dir="", output_dir="")
@@ -96,7 +96,7 @@ def main(argv: list[str]) -> dict:
 
 def _convert(cfg: convert.ConvertConfig) -> dict:
     if FLAGS.runner == "beam":
-        from landmark_tf import beam_convert  # apache-beam is needed only by this runner
+        from landmark_tf.data import beam_convert  # apache-beam is needed only by this runner
 
         return beam_convert.convert_dataset_beam(cfg, FLAGS.beam_runner, FLAGS.beam_options,
                                                  progress=FLAGS.progress)

@@ -142,7 +142,9 @@ def main(argv: list[str]) -> dict:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     _check_choices()
     model_cfg, train_cfg = model_config(), train_config().validate()
-    from landmark_tf import train  # TensorFlow loads only now: flag errors and --help are fast
+    from landmark_tf.training import (
+        train,  # TensorFlow loads only now: flag errors and --help are fast
+    )
 
     return train.train(model_cfg, train_cfg)
 

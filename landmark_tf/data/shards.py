@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 import tensorflow as tf
 
-from landmark_tf import fileio, gldv2, images, records
+from landmark_tf import fileio
+from landmark_tf.data import gldv2, images, records
 
 _RECORD_FRAMING = 16  # TFRecord: 8-byte length + 4-byte length CRC + 4-byte data CRC
 

@@ -34,9 +34,10 @@ from typing import Any
 import PIL
 import tensorflow as tf
 
-from landmark_tf import convert, fileio, gldv2, images, shards
+from landmark_tf import fileio
+from landmark_tf.data import convert, gldv2, images, shards
+from landmark_tf.data.shards import ImageOptions, ShardTask
 from landmark_tf.errors import UserError
-from landmark_tf.shards import ImageOptions, ShardTask
 
 PLAN_FILE = "beam-plan.jsonl"
 INSTALL_HINT = "pip install landmark-tf[beam]"

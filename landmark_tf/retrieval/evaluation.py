@@ -12,9 +12,9 @@ import time
 
 import numpy as np
 
-from landmark_tf import knn, metrics, rerank, revisitop, solutions
-from landmark_tf.embeddings import EmbeddingSet, load_embeddings
 from landmark_tf.errors import UserError
+from landmark_tf.retrieval import knn, metrics, rerank, revisitop, solutions
+from landmark_tf.retrieval.embeddings import EmbeddingSet, load_embeddings
 
 
 @dataclasses.dataclass

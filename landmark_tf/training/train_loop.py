@@ -19,7 +19,8 @@ import tensorflow as tf
 from absl import logging
 from tqdm import tqdm
 
-from landmark_tf import checkpointing, fileio
+from landmark_tf import fileio
+from landmark_tf.training import checkpointing
 
 _LOSS_WINDOW = 20  # steps averaged for the reported loss and accuracy
 

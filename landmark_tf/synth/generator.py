@@ -21,71 +21,20 @@ images really are noise: views of an unrelated scene, like the mislabelled image
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from landmark_tf import fileio, scenes, views
+from landmark_tf import fileio
 from landmark_tf.errors import UserError
-from landmark_tf.synth_plan import LANDMARK_ID_RANGE, Item, Plan, csv_files, make_plan
+from landmark_tf.synth import scenes, views
+from landmark_tf.synth.plan import Item, Plan, SynthConfig, csv_files, make_plan
 
 CONFIG_FILE = "synth_config.json"
 GENERATOR_VERSION = 1  # bump when the drawing changes, so a rerun never mixes two versions
 SPLITS = ("train", "index", "test")
-_FRACTIONS = ("retrieval_fraction", "noisy_fraction", "unclean_landmarks", "public_fraction")
-
-
-@dataclasses.dataclass(frozen=True)
-class SynthConfig:
-    """Sizes and difficulty of the synthetic dataset (defaults: ~1.2k images, ~10 s to make)."""
-
-    num_landmarks: int = 60  # landmarks with train images
-    min_images: int = 8  # train images of the rarest landmark
-    max_images: int = 40  # train images of the most frequent landmark
-    image_size: int = 96
-    seed: int = 0
-    retrieval_fraction: float = 0.5  # share of train landmarks that also appear in index/test
-    novel_landmarks: int = 10  # landmarks that appear only in index/test
-    index_images: tuple[int, int] = (3, 8)  # index images per retrieval landmark (min, max)
-    test_images: tuple[int, int] = (1, 3)  # test images per retrieval landmark (min, max)
-    index_distractors: float = 0.5  # distractors in index, relative to its landmark images
-    test_distractors: float = 0.3  # distractors in test, relative to its landmark images
-    noisy_fraction: float = 0.1  # train images per landmark that are noise (not in clean)
-    unclean_landmarks: float = 0.1  # share of train landmarks absent from train_clean.csv
-    public_fraction: float = 0.3  # test images scored "Public" (the rest "Private")
-    difficulty: float = 1.0  # scales every view knob; 0 = identical views
-    view: views.ViewConfig = dataclasses.field(default_factory=views.ViewConfig)
-
-    def validate(self) -> None:
-        """Raises UserError naming the first setting that cannot make a dataset."""
-        (index_lo, index_hi), (test_lo, test_hi) = self.index_images, self.test_images
-        checks = [
-            (self.num_landmarks >= 1, "num_landmarks must be >= 1"),
-            (1 <= self.min_images <= self.max_images, "need 1 <= min_images <= max_images"),
-            (16 <= self.image_size <= 2048, "image_size must be within 16..2048"),
-            (self.novel_landmarks >= 0, "novel_landmarks must be >= 0"),
-            (self.num_landmarks + self.novel_landmarks <= LANDMARK_ID_RANGE,
-             f"num_landmarks + novel_landmarks must be <= {LANDMARK_ID_RANGE}"),
-            (1 <= index_lo <= index_hi, "index_images needs 1 <= min <= max"),
-            (0 <= test_lo <= test_hi, "test_images needs 0 <= min <= max"),
-            (self.index_distractors >= 0, "index_distractors must be >= 0"),
-            (self.test_distractors >= 0, "test_distractors must be >= 0"),
-            (self.difficulty >= 0, "difficulty must be >= 0"),
-        ]
-        for name in _FRACTIONS:
-            value = getattr(self, name)
-            checks.append((0 <= value <= 1, f"{name} must be within 0..1, got {value}"))
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
 def image_path(root: str, split: str, image_id: str) -> str:
     """`root/split/a/b/c/<id>.jpg`, the GLDv2 tree."""
     return fileio.join(root, split, image_id[0], image_id[1], image_id[2], image_id + ".jpg")

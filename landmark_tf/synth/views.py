@@ -15,7 +15,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from landmark_tf import scenes
+from landmark_tf.synth import scenes
 
 _UNIT_SQUARE = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
 _BLUE_TOP, _BLUE_BOTTOM = np.array([0.35, 0.55, 0.85]), np.array([0.75, 0.85, 0.95])

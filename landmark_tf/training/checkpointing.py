@@ -18,10 +18,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from landmark_tf import backbones, fileio
+from landmark_tf import fileio
 from landmark_tf.config import RESUME_SAFE, ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
-from landmark_tf.model import CHECKPOINT_DIR, CONFIG_FILE, LandmarkModels
+from landmark_tf.modeling import backbones
+from landmark_tf.modeling.model import CHECKPOINT_DIR, CONFIG_FILE, LandmarkModels
 
 LOGS_DIR = "logs"
 SUMMARY_FILE = "summary.json"

@@ -23,21 +23,20 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from landmark_tf import (
+from landmark_tf import fileio
+from landmark_tf.config import ModelConfig, TrainConfig
+from landmark_tf.data import records
+from landmark_tf.errors import UserError
+from landmark_tf.modeling import losses, model
+from landmark_tf.training import (
     checkpointing,
     distribute,
-    fileio,
     input_pipeline,
-    losses,
-    model,
-    records,
     sampling,
     train_loop,
     train_step,
 )
-from landmark_tf.config import ModelConfig, TrainConfig
-from landmark_tf.errors import UserError
-from landmark_tf.schedules import WarmupSchedule
+from landmark_tf.training.schedules import WarmupSchedule
 
 
 @dataclasses.dataclass

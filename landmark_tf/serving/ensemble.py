@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from landmark_tf import export, serving
 from landmark_tf.errors import UserError
+from landmark_tf.serving import export, signatures
 
 
 @dataclasses.dataclass
@@ -49,10 +49,10 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
     export.check_target(cfg.export_dir, cfg.overwrite)
     metas = [export.read_metadata(m, "--models") for m in cfg.models]
     branches = [
-        serving.SavedModelBranch(_load_member(path), name=f"member_{i}")
+        signatures.SavedModelBranch(_load_member(path), name=f"member_{i}")
         for i, path in enumerate(cfg.models)
     ]
-    module = serving.DescriptorModule(branches, weights)
+    module = signatures.DescriptorModule(branches, weights)
     members = [
         {"path": path, "weight": w, **{k: v for k, v in meta.items() if k != "signatures"}}
         for path, w, meta in zip(cfg.models, weights, metas, strict=True)
@@ -63,15 +63,15 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         "embedding_dim": sum(int(m["embedding_dim"]) for m in metas),
         "weights": weights,
         "members": members,
-        "signatures": list(serving.SIGNATURES),
+        "signatures": list(signatures.SIGNATURES),
     }
     size = export.write_savedmodel(module, cfg.export_dir, metadata, cfg.overwrite)
     return {**export.summary(cfg.export_dir, metadata, size), "members": len(members)}
 
 
 def _load_member(path: str):
-    loaded = serving.load_quietly(path)
-    missing = [s for s in serving.SIGNATURES if s not in loaded.signatures]
+    loaded = signatures.load_quietly(path)
+    missing = [s for s in signatures.SIGNATURES if s not in loaded.signatures]
     if missing:
         raise UserError(f"--models {path}: SavedModel lacks signature(s) {missing}")
     return loaded

@@ -1,8 +1,9 @@
 """landmark-export's library: a training workdir -> a Kaggle-format SavedModel + metadata.json.
 
-The SavedModel (signatures in `landmark_tf.serving`) resizes inside with `resize_for_model`, the
-function the evaluation pipeline uses, so its descriptor equals the embedding model's output on
-the same image. `metadata.json` is written last: its presence means "complete export of ours".
+The SavedModel (signatures in `landmark_tf.serving.signatures`) resizes inside with
+`resize_for_model`, the function the evaluation pipeline uses, so its descriptor equals the
+embedding model's output on the same image. `metadata.json` is written last: its presence
+means "complete export of ours".
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from landmark_tf import fileio, serving
-from landmark_tf import model as model_lib
+from landmark_tf import fileio
 from landmark_tf.errors import UserError
+from landmark_tf.modeling import model as model_lib
+from landmark_tf.serving import signatures
 
 FORMAT = "landmark-tf/savedmodel/v1"
 METADATA_FILE = "metadata.json"
@@ -76,8 +78,8 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     sizes = scaled_sizes(image_size, cfg.scales)  # before the slow part: fail fast
     checkpoint = model_lib.latest_checkpoint(cfg.workdir)
     embedding_model, mcfg = model_lib.restore_embedding_model(cfg.workdir)
-    branch = serving.KerasBranch(embedding_model, sizes, name="embedding")
-    module = serving.DescriptorModule([branch], [1.0])
+    branch = signatures.KerasBranch(embedding_model, sizes, name="embedding")
+    module = signatures.DescriptorModule([branch], [1.0])
     metadata = {
         "format": FORMAT,
         "kind": "single",
@@ -91,7 +93,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         "config_sha256": hashlib.sha256(fileio.read_bytes(config_path)).hexdigest(),
         "checkpoint": checkpoint,
         "step": checkpoint_step(checkpoint),
-        "signatures": list(serving.SIGNATURES),
+        "signatures": list(signatures.SIGNATURES),
     }
     size = write_savedmodel(module, cfg.export_dir, metadata, cfg.overwrite)
     return summary(cfg.export_dir, metadata, size)
@@ -148,7 +150,7 @@ def check_target(export_dir: str, overwrite: bool) -> None:
 
 
 def write_savedmodel(
-    module: serving.DescriptorModule, export_dir: str, metadata: dict[str, Any], overwrite: bool
+    module: signatures.DescriptorModule, export_dir: str, metadata: dict[str, Any], overwrite: bool
 ) -> int:
     """Saves `module` + metadata.json atomically to `export_dir`; returns its size in bytes.
 
@@ -159,7 +161,7 @@ def write_savedmodel(
     check_target(export_dir, overwrite)
     tmp = fileio.tmp_name(export_dir.rstrip("/"))
     try:
-        serving.save(module, tmp)
+        signatures.save(module, tmp)
         fileio.write_json_atomic(fileio.join(tmp, METADATA_FILE), metadata)
         _publish(tmp, export_dir.rstrip("/"))
     finally:

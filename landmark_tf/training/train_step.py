@@ -14,8 +14,9 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from landmark_tf import augment, losses
-from landmark_tf.model import LandmarkModels
+from landmark_tf.modeling import losses
+from landmark_tf.modeling.model import LandmarkModels
+from landmark_tf.training import augment
 
 TRAIN_KEYS = ("loss", "correct", "count")
 EVAL_KEYS = ("correct", "count")

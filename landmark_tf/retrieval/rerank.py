@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from landmark_tf.knn import Searcher
+from landmark_tf.retrieval.knn import Searcher
 
 METHODS = ("none", "aqe", "dba", "dba+aqe")
 _CHUNK = 4096  # rows expanded at once: bounds the [chunk, k, D] gather in memory

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from landmark_tf import preprocess, records
+from landmark_tf import preprocess
+from landmark_tf.data import records
 
 _FIELDS = ("image/encoded", "image/class/label", "image/is_clean")
 _SPEC = {k: records.FEATURE_SPEC[k] for k in _FIELDS}

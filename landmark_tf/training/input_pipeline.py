@@ -26,8 +26,9 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from landmark_tf import augment, losses, sampling
 from landmark_tf.errors import UserError
+from landmark_tf.modeling import losses
+from landmark_tf.training import augment, sampling
 
 AUTOTUNE = tf.data.AUTOTUNE
 _MAX_CYCLE = 16  # files read at once per host

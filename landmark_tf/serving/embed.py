@@ -30,10 +30,11 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from landmark_tf import embed_sources, fileio, serving
-from landmark_tf.embed_sources import Item
-from landmark_tf.embeddings import save_embeddings
+from landmark_tf import fileio
 from landmark_tf.errors import UserError
+from landmark_tf.retrieval.embeddings import save_embeddings
+from landmark_tf.serving import embed_sources, signatures
+from landmark_tf.serving.embed_sources import Item
 
 MANIFEST = "manifest.json"
 
@@ -59,26 +60,26 @@ class Embedder:
     def __init__(self, path: str):
         if not fileio.exists(fileio.join(path, "saved_model.pb")):
             raise UserError(f"--model {path}: no saved_model.pb, not a SavedModel folder")
-        self._loaded = serving.load_quietly(path)
-        signatures = self._loaded.signatures
-        if serving.DEFAULT not in signatures:
-            raise UserError(f"--model {path}: SavedModel has no '{serving.DEFAULT}' signature")
-        self._padded = signatures.get(serving.PADDED)
-        self._single = signatures[serving.DEFAULT]
+        self._loaded = signatures.load_quietly(path)
+        found = self._loaded.signatures
+        if signatures.DEFAULT not in found:
+            raise UserError(f"--model {path}: SavedModel has no '{signatures.DEFAULT}' signature")
+        self._padded = found.get(signatures.PADDED)
+        self._single = found[signatures.DEFAULT]
         out = (self._padded or self._single).structured_outputs
         self.dim = int(next(iter(out.values())).shape[-1] or 0)
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         """float32 [len(images), D]."""
         if self._padded is None:
-            rows = [self._single(**{serving.INPUT_IMAGE: im}) for im in images]
-            return np.stack([r[serving.OUTPUT].numpy() for r in rows])
+            rows = [self._single(**{signatures.INPUT_IMAGE: im}) for im in images]
+            return np.stack([r[signatures.OUTPUT].numpy() for r in rows])
         sizes = np.array([im.shape[:2] for im in images], dtype=np.int32)
         batch = np.zeros((len(images), *sizes.max(axis=0), 3), dtype=np.uint8)
         for i, im in enumerate(images):
             batch[i, : im.shape[0], : im.shape[1]] = im
-        out = self._padded(**{serving.INPUT_IMAGES: batch, serving.IMAGE_SIZES: sizes})
-        return out[serving.OUTPUTS].numpy()
+        out = self._padded(**{signatures.INPUT_IMAGES: batch, signatures.IMAGE_SIZES: sizes})
+        return out[signatures.OUTPUTS].numpy()
 
 
 def embed_set(cfg: EmbedConfig) -> dict[str, Any]:

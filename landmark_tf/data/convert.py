@@ -26,11 +26,12 @@ import PIL
 import tensorflow as tf
 from tqdm import tqdm
 
-from landmark_tf import fileio, gldv2, records
+from landmark_tf import fileio
+from landmark_tf.data import gldv2, records
+from landmark_tf.data.gldv2 import Plan
+from landmark_tf.data.shards import ImageOptions, ShardTask, record_size, write_shard
+from landmark_tf.data.workers import Workers
 from landmark_tf.errors import UserError
-from landmark_tf.gldv2 import Plan
-from landmark_tf.shards import ImageOptions, ShardTask, record_size, write_shard
-from landmark_tf.workers import Workers
 
 STATE_DIR = ".landmark-tfrecords"
 MANIFEST = "manifest.json"

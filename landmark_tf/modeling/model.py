@@ -14,10 +14,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from landmark_tf import backbones, fileio, heads
+from landmark_tf import fileio
 from landmark_tf.config import ModelConfig
 from landmark_tf.errors import UserError
-from landmark_tf.pooling import EmbeddingNeck
+from landmark_tf.modeling import backbones, heads
+from landmark_tf.modeling.pooling import EmbeddingNeck
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from landmark_tf import fileio, records
+from landmark_tf import fileio
+from landmark_tf.data import records
 from landmark_tf.errors import UserError
 
 
