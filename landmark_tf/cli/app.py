@@ -52,7 +52,8 @@ def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
         sys.exit(0)
 
     def wrapped(argv: list[str]) -> None:
-        logging.set_verbosity(logging.WARNING)
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
         try:
             result = main(argv)
         except UserError as e:
