@@ -32,7 +32,7 @@ from pathlib import Path
 
 import tfrecords_bench  # bench/ is sys.path[0] when this file runs as a script
 
-from landmark_tf.data import beam_convert, convert, gldv2, records, shards
+from landmark_tf.data import beam_convert, gldv2, output_dir, planning, records, shards
 
 GLDV2_TRAIN_IMAGES = 4_132_914  # train.csv rows of GLDv2
 GLDV2_LANDMARKS = 203_094
@@ -84,12 +84,12 @@ def time_planning(root: Path, rows: int) -> dict:
                  for i in range(rows))
         csv.write_text("id,url,landmark_id\n" + "".join(lines))
     start, cpu = time.perf_counter(), time.process_time()
-    plan = gldv2.build_plan(train_csv=str(csv), min_images_per_class=1, val_fraction=0.05,
+    plan = planning.build_plan(train_csv=str(csv), min_images_per_class=1, val_fraction=0.05,
                             seed=0)
     planned = time.perf_counter()
-    n = convert.shard_counts({k: len(v) for k, v in plan.splits.items()}, 0, 150.0, 120_000)
+    n = output_dir.shard_counts({k: len(v) for k, v in plan.splits.items()}, 0, 150.0, 120_000)
     tasks = [shards.ShardTask(f"{split}-{i}", "", ex, "", None) for split in plan.splits
-             for i, ex in enumerate(gldv2.assign_shards(plan.splits[split], n[split], 0, split))]
+             for i, ex in enumerate(planning.assign_shards(plan.splits[split], n[split], 0, split))]
     beam_convert.write_plan(str(root / "plan.jsonl"), tasks)
     done, cpu = time.perf_counter(), time.process_time() - cpu
     return {"rows": rows, "plan_seconds": round(planned - start, 1),
@@ -187,7 +187,7 @@ def summarise(a, bare: float, runs: dict, identical: bool, root: Path) -> dict:
 
 
 def _reports(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in (out / convert.STATE_DIR).glob("*.tfrec.json")]
+    return [json.loads(p.read_text()) for p in (out / output_dir.STATE_DIR).glob("*.tfrec.json")]
 
 
 if __name__ == "__main__":

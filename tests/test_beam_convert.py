@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from landmark_tf.data import beam_convert, convert, gldv2, records
+from landmark_tf.data import beam_convert, convert, gldv2, output_dir, planning, records
 from landmark_tf.errors import UserError
 
 needs_beam = pytest.mark.skipif(
@@ -128,9 +128,9 @@ def test_rerun_resume_and_cross_runner(data, tmp_path):
 def _group(data, tmp_path):
     """The (shard, values) a GroupByKey hands the writer for the reference's first shard."""
     cfg = data["cfg"]
-    plan = gldv2.build_plan(train_csv=cfg.train_csv, min_images_per_class=3, val_fraction=0.25,
+    plan = planning.build_plan(train_csv=cfg.train_csv, min_images_per_class=3, val_fraction=0.25,
                             seed=cfg.seed)
-    examples = gldv2.assign_shards(plan.splits["train"], 3, cfg.seed, "train")[0]
+    examples = planning.assign_shards(plan.splits["train"], 3, cfg.seed, "train")[0]
     options = beam_convert.ImageOptions(cfg.max_image_side, cfg.jpeg_quality)
     lines = [json.dumps([0, i, e.image_id, e.label, e.landmark_id, int(e.is_clean)])
              for i, e in enumerate(examples)]
@@ -146,7 +146,7 @@ def _group(data, tmp_path):
 @needs_beam
 def test_shard_writer_is_idempotent_and_order_free(data, tmp_path):
     values, table, name = _group(data, tmp_path)
-    state = data["reference"] / convert.STATE_DIR
+    state = data["reference"] / output_dir.STATE_DIR
     for seed in (1, 2):  # a retried bundle sees the group in another order: same bytes
         random.Random(seed).shuffle(values)
         assert beam_convert.write_grouped_shard((0, iter(values)), table) == name

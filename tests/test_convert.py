@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from landmark_tf.data import convert, gldv2, images, records
+from landmark_tf.data import convert, gldv2, images, output_dir, records
 from landmark_tf.data.workers import WorkerDied, Workers
 from landmark_tf.errors import UserError
 
@@ -190,10 +190,11 @@ def test_unlabelled_split(small, tmp_path):
 
 
 def test_shard_counts_and_size_estimate(small, tmp_path):
-    assert convert.shard_counts({"train": 1000, "val": 100}, 0, 1.0, 5000) == {"train": 5, "val": 1}
-    assert convert.shard_counts({"train": 1000, "val": 100}, 8, 1.0, 0) == {"train": 8, "val": 1}
-    assert convert.shard_counts({"train": 3}, 10, 1.0, 0) == {"train": 3}
-    assert convert.shard_counts({"train": 3}, 0, 1.0, 0.0) == {"train": 1}
+    counts = output_dir.shard_counts
+    assert counts({"train": 1000, "val": 100}, 0, 1.0, 5000) == {"train": 5, "val": 1}
+    assert counts({"train": 1000, "val": 100}, 8, 1.0, 0) == {"train": 8, "val": 1}
+    assert output_dir.shard_counts({"train": 3}, 10, 1.0, 0) == {"train": 3}
+    assert output_dir.shard_counts({"train": 3}, 0, 1.0, 0.0) == {"train": 1}
     target = 3000  # bytes: a few examples per shard
     cfg = _config(small, tmp_path, num_shards=0, val_fraction=0.0, shard_size_mb=target / 1e6)
     convert.convert_dataset(cfg, progress=False)

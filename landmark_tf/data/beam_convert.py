@@ -2,7 +2,7 @@
 
 Design: planning stays in the launcher and is the local converter's own code. convert_dataset
 reads and validates the CSVs, drops rare landmarks, relabels, splits, fixes the shard counts in
-the manifest and assigns examples to shards (gldv2.build_plan, gldv2.assign_shards) exactly as
+the manifest and assigns examples to shards (planning.build_plan, planning.assign_shards) exactly as
 for --runner local; only the unfinished shards go to Beam, through convert_dataset's
 `write_shards` hook. Both runners therefore share one plan, one manifest (either runner resumes
 or confirms the other's output), one dataset_info.json and label_map.csv, and write

@@ -3,7 +3,7 @@
 Order of work, so that bad input fails before anything is written and a rerun resumes:
   1. fork the worker processes (before any file is opened; see workers.py);
   2. read and validate the CSVs, build the plan (filter, relabel, split) - pure, seeded;
-  3. check the output folder: a manifest from a run with other settings is an error
+  3. check the output folder (output_dir.py): a manifest from a run with other settings is an error
      (unless overwrite); the shard counts are fixed in the manifest before the first shard,
      estimated from a seeded sample of converted images when --num_shards is not given;
   4. write the shards that do not exist yet under their final name (temporary name, then
@@ -14,29 +14,22 @@ Order of work, so that bad input fails before anything is written and a rerun re
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import random
 import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import PIL
-import tensorflow as tf
 from tqdm import tqdm
 
 from landmark_tf import fileio
-from landmark_tf.data import gldv2, records
-from landmark_tf.data.gldv2 import Plan
-from landmark_tf.data.shards import ImageOptions, ShardTask, record_size, write_shard
+from landmark_tf.data import output_dir, planning, records
+from landmark_tf.data.planning import Plan
+from landmark_tf.data.shards import ImageOptions, ShardTask, write_shard
 from landmark_tf.data.workers import Workers
 from landmark_tf.errors import UserError
 
-STATE_DIR = ".landmark-tfrecords"
-MANIFEST = "manifest.json"
-ESTIMATE_SAMPLE = 64  # images converted to estimate bytes per example
-MB = 10**6
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -115,15 +108,15 @@ def convert_dataset(
     start = time.perf_counter()
     cfg.validate()
     with Workers(cfg.num_workers) as workers:
-        plan = gldv2.build_plan(
+        plan = planning.build_plan(
             train_csv=cfg.train_csv, csv=cfg.csv, split=cfg.split, clean_csv=cfg.clean_csv,
             min_images_per_class=cfg.min_images_per_class, val_fraction=cfg.val_fraction,
             seed=cfg.seed,
         )
         source = {**cfg.source(), "plan_sha256": plan.digest()}
-        manifest = _prepare_output(cfg, source, plan, workers)
+        manifest = output_dir.prepare(cfg, source, plan, workers)
         tasks = _tasks(cfg, plan, manifest["num_shards"])
-        finished = _finished_shards(cfg.output_dir)
+        finished = output_dir.finished_shards(cfg.output_dir)
         todo = [t for t in tasks if os.path.basename(t.path) not in finished]
         info_path = fileio.join(cfg.output_dir, records.DATASET_INFO)
         if not todo and fileio.exists(info_path):
@@ -137,8 +130,8 @@ def convert_dataset(
     new_reports = {r["shard"]: r for r in written}
     reports = [new_reports.get(os.path.basename(t.path)) or fileio.read_json(t.report_path)
                for t in tasks]
-    info = dataset_info(plan, source, reports)
-    write_label_map(cfg.output_dir, plan, info["class_counts"])
+    info = output_dir.dataset_info(plan, source, reports)
+    output_dir.write_label_map(cfg.output_dir, plan, info["class_counts"])
     fileio.write_json_atomic(info_path, info)
     return _summary(cfg, info, start, len(todo), planned, resumed=len(tasks) - len(todo))
 
@@ -152,148 +145,19 @@ def _write_local(
         return workers.map(write_shard, [(t,) for t in todo], on_progress=bar.update)
 
 
-def shard_counts(
-    split_sizes: dict[str, int], num_shards: int, shard_size_mb: float, example_bytes: float
-) -> dict[str, int]:
-    """Shards per split. With `num_shards` > 0 the largest split gets that many and the others
-    proportionally many; otherwise ceil(examples * example_bytes / shard size). Always at least
-    one shard and never more shards than examples."""
-    largest = max(split_sizes.values())
-    out = {}
-    for split, n in split_sizes.items():
-        if num_shards > 0:
-            want = round(num_shards * n / largest)
-        else:
-            want = math.ceil(n * example_bytes / (shard_size_mb * MB))
-        out[split] = max(1, min(n, want))
-    return out
-
-
-def estimate_example_bytes(plan: Plan, cfg: ConvertConfig, workers: Workers) -> float:
-    """Mean bytes per written record over a seeded sample of converted images (0 if none of the
-    sample converts). Deterministic, so a rerun or another worker count picks the same counts."""
-    everything = [ex for split in sorted(plan.splits) for ex in plan.splits[split]]
-    sample = random.Random(f"{cfg.seed}:estimate").sample(
-        everything, min(ESTIMATE_SAMPLE, len(everything))
-    )
-    options = ImageOptions(cfg.max_image_side, cfg.jpeg_quality)
-    sizes = workers.map(record_size, [(ex, cfg.image_dir, options) for ex in sample])
-    sizes = [s for s in sizes if s]
-    return sum(sizes) / len(sizes) if sizes else 0.0
-
-
-def _prepare_output(cfg: ConvertConfig, source: dict, plan: Plan, workers: Workers) -> dict:
-    """Checks the output folder against `source`; writes the manifest on a fresh start."""
-    out, state = cfg.output_dir, fileio.join(cfg.output_dir, STATE_DIR)
-    manifest_path = fileio.join(state, MANIFEST)
-    if cfg.overwrite:
-        _clear(out, state)
-    fileio.makedirs(state)
-    fileio.remove_temporaries(out)
-    fileio.remove_temporaries(state)
-    if fileio.exists(manifest_path):
-        manifest = fileio.read_json(manifest_path)
-        _check_same_source(out, manifest["source"], source)
-        return manifest
-    _check_no_foreign_output(out)
-    sizes = {split: len(examples) for split, examples in plan.splits.items()}
-    example_bytes = 0.0 if cfg.num_shards else estimate_example_bytes(plan, cfg, workers)
-    manifest = {
-        "source": source,
-        "example_bytes_estimate": round(example_bytes, 1),
-        "num_shards": shard_counts(sizes, cfg.num_shards, cfg.shard_size_mb, example_bytes),
-    }
-    fileio.write_json_atomic(manifest_path, manifest)
-    return manifest
-
-
-def _check_same_source(out: str, old: dict, new: dict) -> None:
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
-    if diff:
-        raise UserError(
-            f"{out} holds a conversion with other settings or input ({'; '.join(diff)}); "
-            "use another --output_dir, or --overwrite to replace it"
-        )
-
-
-def _check_no_foreign_output(out: str) -> None:
-    names = [n.rstrip("/") for n in tf.io.gfile.listdir(out)]
-    ours = [n for n in names if records.parse_shard_name(n) or n == records.DATASET_INFO]
-    if ours:
-        raise UserError(
-            f"{out} already holds {ours[0]} but no {STATE_DIR}/{MANIFEST}, so it cannot be resumed "
-            "safely; use another --output_dir, or --overwrite to replace it"
-        )
-
-
-def _clear(out: str, state: str) -> None:
-    """Deletes what a conversion writes (shards, info, label map, state) and nothing else."""
-    if not tf.io.gfile.isdir(out):
-        return
-    for name in tf.io.gfile.listdir(out):
-        name = name.rstrip("/")
-        if records.parse_shard_name(name) or name in (records.DATASET_INFO, records.LABEL_MAP):
-            tf.io.gfile.remove(fileio.join(out, name))
-    if tf.io.gfile.isdir(state):
-        tf.io.gfile.rmtree(state)
-    fileio.remove_temporaries(out)
-
-
-def _finished_shards(out: str) -> set[str]:
-    """Names of complete shards: the final name exists (its report is written before the rename;
-    one listing each instead of an existence check per shard, which is slow on GCS)."""
-    state = fileio.join(out, STATE_DIR)
-    shards = {n.rstrip("/") for n in tf.io.gfile.listdir(out)}
-    reports = {n[: -len(".json")] for n in tf.io.gfile.listdir(state) if n.endswith(".json")}
-    return {n for n in shards & reports if records.parse_shard_name(n)}
-
-
 def _tasks(cfg: ConvertConfig, plan: Plan, num_shards: dict[str, int]) -> list[ShardTask]:
     options = ImageOptions(cfg.max_image_side, cfg.jpeg_quality)
-    state = fileio.join(cfg.output_dir, STATE_DIR)
+    state = fileio.join(cfg.output_dir, output_dir.STATE_DIR)
     tasks = []
     for split in plan.split_order():
         n = num_shards[split]
-        for i, examples in enumerate(gldv2.assign_shards(plan.splits[split], n, cfg.seed, split)):
+        shard_examples = planning.assign_shards(plan.splits[split], n, cfg.seed, split)
+        for i, examples in enumerate(shard_examples):
             name = records.shard_name(split, i, n)
             tasks.append(ShardTask(fileio.join(cfg.output_dir, name),
                                    fileio.join(state, f"{name}.json"), examples, cfg.image_dir,
                                    options))
     return tasks
-
-
-def dataset_info(plan: Plan, source: dict, reports: list[dict]) -> dict:
-    num_classes = len(plan.label_map)
-    splits: dict[str, dict] = {}
-    skipped = []
-    for report in reports:
-        split = records.parse_shard_name(report["shard"])[0]
-        entry = splits.setdefault(split, {"examples": 0, "shards": [],
-                                          "class_counts": [0] * num_classes})
-        entry["examples"] += report["examples"]
-        entry["shards"].append(report["shard"])
-        if num_classes:
-            for label, count in report["label_counts"].items():
-                entry["class_counts"][int(label)] += count
-        skipped.extend(report["skipped"])
-    train = splits.get("train", {"class_counts": []})
-    return {
-        "format_version": 1,
-        "num_classes": num_classes,
-        "class_counts": train["class_counts"],
-        "splits": splits,
-        "num_skipped": len(skipped),
-        "skipped": skipped,
-        "source": {**source, **plan.stats},
-    }
-
-
-def write_label_map(out: str, plan: Plan, train_counts: list[int]) -> None:
-    lines = ["label,landmark_id,count"]
-    for landmark, label in sorted(plan.label_map.items(), key=lambda kv: kv[1]):
-        lines.append(f"{label},{landmark},{train_counts[label]}")
-    fileio.write_text_atomic(fileio.join(out, records.LABEL_MAP), "\n".join(lines) + "\n")
 
 
 def _summary(cfg, info: dict, start: float, shards_written: int, processed: int,

@@ -1,0 +1,160 @@
+"""The output folder of a conversion: what makes a rerun resume, and what is written last.
+
+`prepare` checks the folder against the settings and input (a manifest from another conversion
+is an error unless overwrite) and fixes the shard counts in the manifest before the first shard;
+`finished_shards` lists the shards a rerun keeps; `dataset_info` and `write_label_map` write the
+files that mark the conversion complete.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING
+
+import tensorflow as tf
+
+from landmark_tf import fileio
+from landmark_tf.data import records
+from landmark_tf.data.planning import Plan
+from landmark_tf.data.shards import ImageOptions, record_size
+from landmark_tf.data.workers import Workers
+from landmark_tf.errors import UserError
+
+if TYPE_CHECKING:
+    from landmark_tf.data.convert import ConvertConfig
+
+STATE_DIR = ".landmark-tfrecords"
+MANIFEST = "manifest.json"
+ESTIMATE_SAMPLE = 64  # images converted to estimate bytes per example
+MB = 10**6
+
+
+def shard_counts(
+    split_sizes: dict[str, int], num_shards: int, shard_size_mb: float, example_bytes: float
+) -> dict[str, int]:
+    """Shards per split. With `num_shards` > 0 the largest split gets that many and the others
+    proportionally many; otherwise ceil(examples * example_bytes / shard size). Always at least
+    one shard and never more shards than examples."""
+    largest = max(split_sizes.values())
+    out = {}
+    for split, n in split_sizes.items():
+        if num_shards > 0:
+            want = round(num_shards * n / largest)
+        else:
+            want = math.ceil(n * example_bytes / (shard_size_mb * MB))
+        out[split] = max(1, min(n, want))
+    return out
+
+
+def estimate_example_bytes(plan: Plan, cfg: ConvertConfig, workers: Workers) -> float:
+    """Mean bytes per written record over a seeded sample of converted images (0 if none of the
+    sample converts). Deterministic, so a rerun or another worker count picks the same counts."""
+    everything = [ex for split in sorted(plan.splits) for ex in plan.splits[split]]
+    sample = random.Random(f"{cfg.seed}:estimate").sample(
+        everything, min(ESTIMATE_SAMPLE, len(everything))
+    )
+    options = ImageOptions(cfg.max_image_side, cfg.jpeg_quality)
+    sizes = workers.map(record_size, [(ex, cfg.image_dir, options) for ex in sample])
+    sizes = [s for s in sizes if s]
+    return sum(sizes) / len(sizes) if sizes else 0.0
+
+
+def prepare(cfg: ConvertConfig, source: dict, plan: Plan, workers: Workers) -> dict:
+    """Checks the output folder against `source`; writes the manifest on a fresh start."""
+    out, state = cfg.output_dir, fileio.join(cfg.output_dir, STATE_DIR)
+    manifest_path = fileio.join(state, MANIFEST)
+    if cfg.overwrite:
+        _clear(out, state)
+    fileio.makedirs(state)
+    fileio.remove_temporaries(out)
+    fileio.remove_temporaries(state)
+    if fileio.exists(manifest_path):
+        manifest = fileio.read_json(manifest_path)
+        _check_same_source(out, manifest["source"], source)
+        return manifest
+    _check_no_foreign_output(out)
+    sizes = {split: len(examples) for split, examples in plan.splits.items()}
+    example_bytes = 0.0 if cfg.num_shards else estimate_example_bytes(plan, cfg, workers)
+    manifest = {
+        "source": source,
+        "example_bytes_estimate": round(example_bytes, 1),
+        "num_shards": shard_counts(sizes, cfg.num_shards, cfg.shard_size_mb, example_bytes),
+    }
+    fileio.write_json_atomic(manifest_path, manifest)
+    return manifest
+
+
+def _check_same_source(out: str, old: dict, new: dict) -> None:
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
+    if diff:
+        raise UserError(
+            f"{out} holds a conversion with other settings or input ({'; '.join(diff)}); "
+            "use another --output_dir, or --overwrite to replace it"
+        )
+
+
+def _check_no_foreign_output(out: str) -> None:
+    names = [n.rstrip("/") for n in tf.io.gfile.listdir(out)]
+    ours = [n for n in names if records.parse_shard_name(n) or n == records.DATASET_INFO]
+    if ours:
+        raise UserError(
+            f"{out} already holds {ours[0]} but no {STATE_DIR}/{MANIFEST}, so it cannot be resumed "
+            "safely; use another --output_dir, or --overwrite to replace it"
+        )
+
+
+def _clear(out: str, state: str) -> None:
+    """Deletes what a conversion writes (shards, info, label map, state) and nothing else."""
+    if not tf.io.gfile.isdir(out):
+        return
+    for name in tf.io.gfile.listdir(out):
+        name = name.rstrip("/")
+        if records.parse_shard_name(name) or name in (records.DATASET_INFO, records.LABEL_MAP):
+            tf.io.gfile.remove(fileio.join(out, name))
+    if tf.io.gfile.isdir(state):
+        tf.io.gfile.rmtree(state)
+    fileio.remove_temporaries(out)
+
+
+def finished_shards(out: str) -> set[str]:
+    """Names of complete shards: the final name exists (its report is written before the rename;
+    one listing each instead of an existence check per shard, which is slow on GCS)."""
+    state = fileio.join(out, STATE_DIR)
+    shards = {n.rstrip("/") for n in tf.io.gfile.listdir(out)}
+    reports = {n[: -len(".json")] for n in tf.io.gfile.listdir(state) if n.endswith(".json")}
+    return {n for n in shards & reports if records.parse_shard_name(n)}
+
+
+def dataset_info(plan: Plan, source: dict, reports: list[dict]) -> dict:
+    num_classes = len(plan.label_map)
+    splits: dict[str, dict] = {}
+    skipped = []
+    for report in reports:
+        split = records.parse_shard_name(report["shard"])[0]
+        entry = splits.setdefault(split, {"examples": 0, "shards": [],
+                                          "class_counts": [0] * num_classes})
+        entry["examples"] += report["examples"]
+        entry["shards"].append(report["shard"])
+        if num_classes:
+            for label, count in report["label_counts"].items():
+                entry["class_counts"][int(label)] += count
+        skipped.extend(report["skipped"])
+    train = splits.get("train", {"class_counts": []})
+    return {
+        "format_version": 1,
+        "num_classes": num_classes,
+        "class_counts": train["class_counts"],
+        "splits": splits,
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "source": {**source, **plan.stats},
+    }
+
+
+def write_label_map(out: str, plan: Plan, train_counts: list[int]) -> None:
+    lines = ["label,landmark_id,count"]
+    for landmark, label in sorted(plan.label_map.items(), key=lambda kv: kv[1]):
+        lines.append(f"{label},{landmark},{train_counts[label]}")
+    fileio.write_text_atomic(fileio.join(out, records.LABEL_MAP), "\n".join(lines) + "\n")
