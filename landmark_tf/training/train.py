@@ -142,6 +142,22 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         keras.mixed_precision.set_global_policy(previous)
 
 
+def _check_sync_bn(model_cfg: ModelConfig, cfg: TrainConfig, replicas: int, kind: str,
+                   jit: str) -> None:
+    """--neck=dense_syncbn all-reduces batch statistics inside the forward pass. TensorFlow
+    cannot do that inside the accumulation loop, nor inside the nested XLA function on CPU
+    replicas (merge_call in a nested graph; GPUs and TPUs reduce without merge_call)."""
+    if model_cfg.neck != "dense_syncbn" or replicas == 1:
+        return
+    if cfg.grad_accum_steps > 1:
+        raise UserError(f"--neck=dense_syncbn with --grad_accum_steps={cfg.grad_accum_steps} "
+                        f"over {replicas} replicas: the statistics cannot be synchronised "
+                        "inside the accumulation loop; use --grad_accum_steps=1 or dense_bn")
+    if kind == "cpu" and jit == "on":
+        raise UserError("--neck=dense_syncbn with --jit_compile=on on CPU replicas: TensorFlow "
+                        "cannot all-reduce there inside XLA; use --jit_compile=off")
+
+
 class Trainer:
     """One run: builds models, optimizer, checkpoint and pipelines, then loops."""
 
@@ -152,6 +168,7 @@ class Trainer:
         self.micro = distribute.per_replica_batch(
             cfg.batch_size, self.replicas, cfg.grad_accum_steps)
         self.chief = distribute.is_chief(strategy)
+        _check_sync_bn(model_cfg, cfg, self.replicas, self.kind, cfg.jit_compile)
         config = checkpointing.workdir_config(model_cfg, cfg, plan.num_classes)
         checkpointing.check_and_write_config(cfg.workdir, config, self.chief)
         self.policy = distribute.precision_policy(cfg.mixed_precision, self.kind)
