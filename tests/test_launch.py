@@ -426,7 +426,7 @@ def test_export_and_ensemble_script_dry_run_exports_then_ensembles(which, export
     assert bad.returncode == 2 and "as_released or as_written" in bad.stderr
 
 
-@pytest.mark.slow  # three real landmark-train runs (EfficientNet-B0, CPU): ~2 min
+@pytest.mark.slow  # three real landmark-train runs (EfficientNet-B0, CPU): 2-5 min
 def test_b5_flagfiles_chain_end_to_end_on_tiny_records(tmp_path):
     """The real landmark-train runs stages 1, 2 and 5 of the B5 recipe on tiny records: each
     flagfile with its bucket replaced, laptop overrides after it (absl: the last value wins).
