@@ -145,7 +145,8 @@ def mixed_bfloat16():
     keras.config.set_dtype_policy(previous)
 
 
-@pytest.mark.parametrize("name", ["cosface", "arcface", "adacos", "subcenter_arcface", "softmax"])
+@pytest.mark.parametrize("name", ["cosface", "arcface", "adacos", "subcenter_arcface", "softmax",
+                                  "adacos_per_batch"])
 def test_logits_are_float32_under_mixed_precision(name, mixed_bfloat16):
     head = heads.build_head(name, C, None, 0.2, 2)
     out = head(keras.ops.cast(EMB, "bfloat16"), LABELS, training=True)
