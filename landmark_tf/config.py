@@ -13,7 +13,11 @@ from landmark_tf.errors import UserError
 
 BACKBONES = tuple(f"efficientnet-b{i}" for i in range(8))
 POOLINGS = ("gap", "gem")
-HEADS = ("cosface", "arcface", "adacos", "subcenter_arcface", "softmax")
+# Pool -> Dense(embedding_dim, neck_activation) -> then: BatchNorm (dense_bn), BatchNorm with
+# statistics over all replicas (dense_syncbn), or nothing (dense: the GLR2020 winner's neck).
+NECKS = ("dense_bn", "dense_syncbn", "dense")
+NECK_ACTIVATIONS = ("linear", "swish", "relu", "gelu")
+HEADS = ("cosface", "arcface", "adacos", "subcenter_arcface", "softmax", "adacos_per_batch")
 
 
 def auto_scale(num_classes: int) -> float:
@@ -24,9 +28,10 @@ def auto_scale(num_classes: int) -> float:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Architecture: backbone -> pooling -> Dense(embedding_dim) -> BN -> cosine head.
+    """Architecture: backbone -> pooling -> neck (Dense(embedding_dim) [-> BN]) -> cosine head.
 
-    `scale=None` means "auto": the fixed AdaCos scale sqrt(2) * ln(C - 1).
+    `scale=None` means "auto": the fixed AdaCos scale sqrt(2) * ln(C - 1). `neck` (NECKS) and
+    `neck_activation` (NECK_ACTIVATIONS, the Dense's activation) choose the embedding layer.
     """
 
     backbone: str = "efficientnet-b0"
@@ -39,6 +44,8 @@ class ModelConfig:
     margin: float = 0.15
     subcenters: int = 3
     num_classes: int = 0
+    neck: str = "dense_bn"
+    neck_activation: str = "linear"
 
     def effective_scale(self) -> float:
         """The logit scale actually used; auto is sqrt(2) * ln(C - 1) (AdaCos fixed scale)."""
@@ -52,6 +59,9 @@ class ModelConfig:
             ("backbone", self.backbone in BACKBONES, f"one of {BACKBONES}"),
             ("pooling", self.pooling in POOLINGS, f"one of {POOLINGS}"),
             ("head", self.head in HEADS, f"one of {HEADS}"),
+            ("neck", self.neck in NECKS, f"one of {NECKS}"),
+            ("neck_activation", self.neck_activation in NECK_ACTIVATIONS,
+             f"one of {NECK_ACTIVATIONS}"),
             ("image_size", self.image_size >= 32, ">= 32 (the EfficientNet minimum)"),
             ("embedding_dim", self.embedding_dim > 0, "> 0"),
             ("gem_p", self.gem_p > 0, "> 0"),
@@ -78,9 +88,11 @@ class ModelConfig:
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker", "cpu")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 JIT_MODES = ("auto", "on", "off")
-SCHEDULES = ("constant", "cosine")
+# inverse_time: lr / (1 + lr_decay * step), the `decay` argument of Keras 2 optimizers.
+SCHEDULES = ("constant", "cosine", "inverse_time")
 SAMPLINGS = ("uniform", "class_balanced", "log")
-CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "log")
+# log: 1 / ln(1 + n); log_unshifted: 1 / ln(n) (the GLR2020 winner's clean stage; needs n >= 2).
+CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "log", "log_unshifted")
 AUGMENTATIONS = ("flip", "crop", "color")
 # TrainConfig keys that may change between runs into one workdir: they do not change the math.
 RESUME_SAFE = frozenset(
@@ -111,6 +123,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     schedule: str = "cosine"
     warmup_steps: int = 0
+    lr_decay: float = 0.0
     grad_accum_steps: int = 1
     sampling: str = "uniform"
     class_weighting: str = "none"
@@ -151,6 +164,9 @@ class TrainConfig:
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight_decay must be >= 0"),
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+            (self.lr_decay >= 0, "--lr_decay must be >= 0"),
+            (self.schedule == "inverse_time" or self.lr_decay == 0,
+             f"--lr_decay={self.lr_decay} only applies to --schedule=inverse_time"),
             (self.not_clean_weight >= 0, "--not_clean_weight must be >= 0"),
             (not bad_augment, f"--augment: unknown {bad_augment}; expected {AUGMENTATIONS}"),
             (self.shuffle_buffer > 0, "--shuffle_buffer must be > 0"),

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,11 @@ def test_round_trip_counts_split_and_skips(small, tmp_path):
             assert ex["image/is_clean"] == (image_id in small["clean"])
         counts = collections.Counter(int(ex["image/class/label"]) for ex in examples)
         assert [counts[c] for c in range(3)] == info["splits"][split]["class_counts"]
+        not_clean = collections.Counter(int(ex["image/class/label"]) for ex in examples
+                                        if not ex["image/is_clean"])
+        assert sum(not_clean.values()) > 0  # the weights of --not_clean_weight need these
+        assert [not_clean[c] for c in range(3)] == \
+            info["splits"][split]["not_clean_class_counts"]
         per_split[split] = counts
     assert info["class_counts"] == info["splits"]["train"]["class_counts"]
     for lm, n in COUNTS.items():  # stratified: floor(n * 0.25) of every landmark in val
@@ -305,3 +311,16 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(heavy, tmp_path):
     assert summary["shards_kept"] == done and summary["shards_written"] == 11 - done
     assert not [p for p in tmp_path.rglob(".tmp-*")]
     assert _snapshot(tmp_path) == reference
+
+
+def test_dataset_info_has_not_clean_counts_only_when_every_report_has_them():
+    plan = types.SimpleNamespace(label_map={10: 0, 11: 1}, stats={})
+    new = {"shard": "train-00000-of-00002.tfrec", "examples": 3, "skipped": [],
+           "label_counts": {"0": 2, "1": 1}, "not_clean_label_counts": {"0": 1}}
+    also_new = {**new, "shard": "train-00001-of-00002.tfrec", "not_clean_label_counts": {"1": 1}}
+    info = convert.dataset_info(plan, {}, [new, also_new])
+    assert info["splits"]["train"]["not_clean_class_counts"] == [1, 1]
+    old = {k: v for k, v in also_new.items() if k != "not_clean_label_counts"}
+    info = convert.dataset_info(plan, {}, [new, old])
+    assert "not_clean_class_counts" not in info["splits"]["train"]
+    assert info["splits"]["train"]["class_counts"] == [4, 2]

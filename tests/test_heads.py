@@ -145,7 +145,8 @@ def mixed_bfloat16():
     keras.config.set_dtype_policy(previous)
 
 
-@pytest.mark.parametrize("name", ["cosface", "arcface", "adacos", "subcenter_arcface", "softmax"])
+@pytest.mark.parametrize("name", ["cosface", "arcface", "adacos", "subcenter_arcface", "softmax",
+                                  "adacos_per_batch"])
 def test_logits_are_float32_under_mixed_precision(name, mixed_bfloat16):
     head = heads.build_head(name, C, None, 0.2, 2)
     out = head(keras.ops.cast(EMB, "bfloat16"), LABELS, training=True)
@@ -234,3 +235,77 @@ def test_adacos_trains_under_two_replica_strategy_with_nested_jit():
     first, second, read = map(float, result.stdout.split("scales")[1].split())
     assert first != pytest.approx(heads.auto_scale(5))  # each replica adapted its copy
     assert read == pytest.approx((first + second) / 2)  # a read outside replicas averages
+
+
+# --- the GLR2020 winner's per-batch AdaCos ------------------------------------------------------
+
+
+def np_per_batch_adacos_scale(cos, labels, num_classes):
+    """The released adacosLoss (cell 9 of v2clean/v2total_train.ipynb) written out in NumPy:
+    s0 fixed, B_avg from exp(s0 * cos) of the non-target classes, the median target angle by
+    tfp.stats.percentile(q=50)'s default "nearest" rule on the ascending sort."""
+    s0 = math.sqrt(2.0) * math.log(num_classes - 1)
+    rows = np.arange(len(labels))
+    exp = np.exp(s0 * cos.astype(np.float64))
+    exp[rows, labels] = 0.0
+    b_avg = exp.sum(axis=1).mean()
+    theta = np.sort(np.arccos(np.clip(cos[rows, labels], -1 + 1e-7, 1 - 1e-7)))
+    # (B - 1) / 2 rounded half to even, worked out per batch size: 8 -> 3.5 -> 4,
+    # 6 -> 2.5 -> 2, 5 -> 2, 4 -> 1.5 -> 2.
+    middle = {8: 4, 6: 2, 5: 2, 4: 2}[len(labels)]
+    return math.log(b_avg) / math.cos(min(math.pi / 4, theta[middle]))
+
+
+@pytest.mark.parametrize("batch", [8, 6, 5, 4])
+def test_per_batch_adacos_matches_the_released_formula(batch):
+    classes = 7
+    emb = RNG.normal(size=(batch, D)).astype("float32")
+    labels = (np.arange(batch) * 3 % classes).astype("int32")
+    head = heads.PerBatchAdaCos(classes)
+    head(emb)
+    # Target angles spread over 0.2..1.4 rad (some above pi/4) and all distinct, so that the
+    # median's rule (upper middle, not the mean of the two) decides the result.
+    kernel = RNG.normal(size=(D, classes)).astype("float32")
+    for i in range(batch):
+        kernel[:, labels[i]] = emb[i] / np.linalg.norm(emb[i]) * 5.0 + RNG.normal(size=D) * 0.5 * i
+    head.kernel.assign(kernel)
+    cos = np_cosine(emb, kernel)
+    s = np_per_batch_adacos_scale(cos, labels, classes)
+    out = logits(head, emb, labels, training=True)
+    np.testing.assert_allclose(out, s * cos, rtol=2e-5, atol=2e-5)
+    theta = np.sort(np.arccos(cos[np.arange(batch), labels]))
+    if batch % 2 == 0:  # NumPy's median (mean of the two middles) would give another scale
+        assert theta[batch // 2] < math.pi / 4 and theta[batch // 2 - 1] < theta[batch // 2]
+        mean_median = math.log(np.exp(np.where(np.arange(classes) == labels[:, None], -np.inf,
+                                                head.effective_scale * cos)).sum(1).mean())
+        assert s != pytest.approx(mean_median / math.cos(np.median(theta)), rel=1e-4)
+    s0 = math.sqrt(2.0) * math.log(classes - 1)
+    np.testing.assert_allclose(logits(head, emb, labels), s0 * cos, rtol=1e-5, atol=1e-5)
+
+
+def test_per_batch_adacos_keeps_no_state_and_stops_the_scale_gradient():
+    head = heads.PerBatchAdaCos(C)
+    first = logits(head, training=True)
+    assert not head.non_trainable_weights  # nothing carries over between batches
+    cos = np_cosine(EMB, head.kernel.numpy())
+    s = np_per_batch_adacos_scale(cos, LABELS, C)
+    np.testing.assert_allclose(first, s * cos, rtol=2e-5, atol=2e-5)
+    other = np.roll(EMB, 1, axis=0)
+    logits(head, other, LABELS, training=True)
+    np.testing.assert_allclose(logits(head, training=True), first, rtol=1e-6, atol=1e-6)
+    # d(sum of logits)/d(kernel) equals that of s * cos with s a constant: no gradient through s.
+    weights = tf.constant(RNG.normal(size=(B, C)).astype("float32"))
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(head(EMB, LABELS, training=True) * weights)
+    (grad,) = tape.gradient(out, [head.kernel])
+    with tf.GradientTape() as tape:
+        ref = tf.reduce_sum(float(s) * head.cosine(EMB) * weights)
+    (expected,) = tape.gradient(ref, [head.kernel])
+    np.testing.assert_allclose(grad.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_per_batch_adacos_harness_and_factory(tmp_path):
+    assert type(heads.build_head("adacos_per_batch", C, None, 0.3)) is heads.PerBatchAdaCos
+    run_layer_test(heads.PerBatchAdaCos, {"num_classes": C}, (EMB, LABELS), tmp_path,
+                   expected_output_shape=(B, C), expected_num_trainable_weights=1,
+                   expected_num_non_trainable_weights=0)

@@ -20,11 +20,46 @@ LAUNCH = ROOT / "launch"
 RECIPE = LAUNCH / "glr2020"
 TPU_VM = LAUNCH / "tpu_vm.sh"
 MODELS = ("b7", "b6", "b5")
-STAGES = ("stage1_clean512", "stage2_full512", "stage3_ft640", "stage4_ft736")
-STAGE_SIZES = (512, 512, 640, 736)
-TRAIN_FLAGFILES = [RECIPE / f"{m}_{s}.flags" for m in MODELS for s in STAGES]
-EXPORT_FLAGFILES = [RECIPE / f"export_{m}.flags" for m in MODELS]
-ENSEMBLE_FLAGFILE = RECIPE / "ensemble.flags"
+STAGES = ("stage1_clean512", "stage2_full512", "stage3_full640", "stage4_full736",
+          "stage5_nc05_736")
+
+# The GLR2020 1st-place code as released (seungkee/google_landmark_retrieval_2020_1st_place_solution
+# notebooks v2clean_train, v2total_train, export_model and its README). Every training
+# flagfile must carry these values; launch/README.md's table names the cell of each.
+RELEASED = {
+    "pooling": "gap", "neck": "dense", "neck_activation": "swish", "embedding_dim": 512,
+    "head": "adacos_per_batch", "scale": "auto", "margin": 0.0,
+    "sampling": "uniform", "augment": ["flip"],
+    "batch_size": 64, "learning_rate": 0.001, "momentum": 0.9, "weight_decay": 0.0,
+    "schedule": "inverse_time", "lr_decay": 1e-5, "warmup_steps": 0,
+    "mixed_precision": "float32",
+}
+# name: (backbone, image size, record set, class weighting, not-clean weight, init_from stage
+# or None for ImageNet, gradient accumulation: 4 per core x 2 at 736 px).
+RUNS = {}
+for _m in MODELS:
+    RUNS.update({
+        f"{_m}_stage1_clean512": (_m, 512, "clean", "log_unshifted", 1.0, None, 1),
+        f"{_m}_stage2_full512": (_m, 512, "full", "log", 1.0, f"{_m}/stage1_clean512", 1),
+        f"{_m}_stage3_full640": (_m, 640, "full", "log", 1.0, f"{_m}/stage2_full512", 1),
+        f"{_m}_stage4_full736": (_m, 736, "full", "log", 1.0, f"{_m}/stage3_full640", 2),
+        f"{_m}_stage5_nc05_736": (_m, 736, "full", "log", 0.5, f"{_m}/stage4_full736", 2),
+    })
+RUNS.update({  # the released ensemble's members beyond the main chain (export_model.ipynb cell 5)
+    "b7_nc05_640": ("b7", 640, "full", "log", 0.5, "b7/stage3_full640", 1),
+    "b6_nc05_640": ("b6", 640, "full", "log", 0.5, "b6/stage3_full640", 1),
+    "b7v2_stage2_full512": ("b7", 512, "full", "log", 1.0, "b7/stage1_clean512", 1),
+    "b7v2_nc05_640": ("b7", 640, "full", "log", 0.5, "b7v2/stage2_full512", 1),
+    "b7_nc05_512": ("b7", 512, "full", "log", 0.5, "b7/stage2_full512", 1),
+})
+# (export flagfile, training run it exports) and the two ensembles' members and weights.
+AS_RELEASED = [("export_b7_640", "b7_nc05_640", 1.0), ("export_b6_640", "b6_nc05_640", 0.8),
+               ("export_b7v2_640", "b7v2_nc05_640", 0.55), ("export_b7_512", "b7_nc05_512", 0.5)]
+AS_WRITTEN = [(f"export_{m}", f"{m}_stage5_nc05_736", w)
+              for m, w in zip(MODELS, (1.0, 0.8, 0.5), strict=True)]
+TRAIN_FLAGFILES = [RECIPE / f"{name}.flags" for name in RUNS]
+EXPORT_FLAGFILES = [RECIPE / f"{e}.flags" for e, _, _ in AS_RELEASED + AS_WRITTEN]
+ENSEMBLE_FLAGFILES = [RECIPE / "ensemble_as_released.flags", RECIPE / "ensemble_as_written.flags"]
 BUCKET = "gs://test-bucket-123"
 
 # Runs in a fresh interpreter (absl FLAGS is process-global). For each CLI module in turn: imports
@@ -92,13 +127,12 @@ def train_flags() -> dict[str, dict]:
     return {p.name: _values(parsed, p) for p in TRAIN_FLAGFILES}
 
 
-def test_recipe_has_every_stage_of_every_model():
-    missing = [p.name for p in [*TRAIN_FLAGFILES, *EXPORT_FLAGFILES, ENSEMBLE_FLAGFILE]
-               if not p.is_file()]
-    assert not missing
+def test_recipe_has_every_flagfile_and_no_other():
+    expected = {p.name for p in [*TRAIN_FLAGFILES, *EXPORT_FLAGFILES, *ENSEMBLE_FLAGFILES]}
+    assert {p.name for p in RECIPE.glob("*.flags")} == expected
 
 
-@pytest.mark.parametrize("path", [*TRAIN_FLAGFILES, *EXPORT_FLAGFILES, ENSEMBLE_FLAGFILE],
+@pytest.mark.parametrize("path", [*TRAIN_FLAGFILES, *EXPORT_FLAGFILES, *ENSEMBLE_FLAGFILES],
                          ids=lambda p: p.name)
 def test_flagfile_opens_with_command_tpu_time_and_target(path: Path):
     header = []
@@ -114,53 +148,50 @@ def test_flagfile_opens_with_command_tpu_time_and_target(path: Path):
     assert path.name in command
 
 
-def test_train_flagfiles_parse_and_chain(train_flags):
-    for model in MODELS:
-        workdirs = []
-        for stage, size in zip(STAGES, STAGE_SIZES, strict=True):
-            v = train_flags[f"{model}_{stage}.flags"]
-            assert v["backbone"] == f"efficientnet-{model}"
-            assert v["image_size"] == size
-            assert v["data_dir"].endswith("/clean" if stage.endswith("clean512") else "/full")
-            assert v["workdir"].endswith(f"/{model}/{stage}")
-            assert v["workdir"] not in workdirs
-            if workdirs:
-                assert v["init_from"] == workdirs[-1], "each stage starts from the previous one"
-                assert "pretrained_weights" not in v
-            else:
-                assert v["pretrained_weights"].endswith(f"efficientnet{model}_notop.h5")
-                assert "init_from" not in v
-            assert v["not_clean_weight"] == (0.5 if size > 512 else 1.0)
-            assert v["batch_size"] % (8 * v["grad_accum_steps"]) == 0, "v3-8 has 8 replicas"
-            for every in ("train_steps", "checkpoint_every"):
-                assert v[every] % v["steps_per_execution"] == 0
-            workdirs.append(v["workdir"])
+def test_train_flagfiles_reproduce_the_released_recipe(train_flags):
+    """Each setting of the released notebooks, parsed by landmark-train's own flag parser: a
+    flagfile that drifts from the released recipe fails here."""
+    for name, (model, size, data, weighting, not_clean, init, accum) in RUNS.items():
+        v = train_flags[f"{name}.flags"]
+        assert {k: v.get(k) for k in RELEASED} == RELEASED, name
+        assert v["backbone"] == f"efficientnet-{model}" and v["image_size"] == size, name
+        assert v["data_dir"] == f"gs://YOUR_BUCKET/gldv2/tfrecords/{data}", name
+        assert (v["class_weighting"], v["not_clean_weight"]) == (weighting, not_clean), name
+        assert v["grad_accum_steps"] == accum, name
+        assert v["batch_size"] // (8 * accum) == (8 if accum == 1 else 4), "images per v3 core"
+        run = name.replace("_", "/", 1)
+        assert v["workdir"] == f"gs://YOUR_BUCKET/glr2020/{run}", name
+        if init is None:
+            assert v["pretrained_weights"].endswith(f"efficientnet{model}_notop.h5")
+            assert "init_from" not in v
+        else:
+            assert v["init_from"] == f"gs://YOUR_BUCKET/glr2020/{init}", name
+            assert f"{init.replace('/', '_', 1)}" in RUNS, f"{name} starts from an unknown run"
+            assert "pretrained_weights" not in v
+        for every in ("train_steps", "checkpoint_every"):
+            assert v[every] % v["steps_per_execution"] == 0
+    workdirs = [v["workdir"] for v in train_flags.values()]
+    assert len(set(workdirs)) == len(workdirs)
 
 
-def test_recipe_settings_match_the_published_recipe(train_flags):
-    for name, v in train_flags.items():
-        assert (v["pooling"], v["embedding_dim"], v["head"], v["margin"]) == (
-            "gap", 512, "cosface", 0.0), name
-        assert v["class_weighting"] == "log" and v["momentum"] == 0.9, name
-        assert all(str(x).startswith("gs://YOUR_BUCKET/") for k, x in v.items()
-                   if k in ("data_dir", "workdir", "init_from", "pretrained_weights")), name
-
-
-def test_export_and_ensemble_flagfiles_parse_and_match_the_training_workdirs(train_flags):
+def test_export_and_ensemble_flagfiles_match_the_released_and_written_ensembles(train_flags):
     parsed = _parse_flagfiles({
         "landmark_tf.cli.export": EXPORT_FLAGFILES,
-        "landmark_tf.cli.ensemble": [ENSEMBLE_FLAGFILE],
+        "landmark_tf.cli.ensemble": ENSEMBLE_FLAGFILES,
     })
-    exports = {}
-    for model, path in zip(MODELS, EXPORT_FLAGFILES, strict=True):
-        v = _values(parsed, path)
-        assert v["workdir"] == train_flags[f"{model}_{STAGES[-1]}.flags"]["workdir"]
-        exports[model] = v["export_dir"]
-    ens = _values(parsed, ENSEMBLE_FLAGFILE)
-    models = ens["models"] if isinstance(ens["models"], list) else ens["models"].split(",")
-    weights = ens["weights"] if isinstance(ens["weights"], list) else ens["weights"].split(",")
-    assert models == [exports[m] for m in MODELS]
-    assert [float(w) for w in weights] == [1.0, 0.8, 0.5]
+    for ensemble, members in zip(ENSEMBLE_FLAGFILES, (AS_RELEASED, AS_WRITTEN), strict=True):
+        exports = []
+        for export, run, _ in members:
+            v = _values(parsed, RECIPE / f"{export}.flags")
+            assert v["workdir"] == train_flags[f"{run}.flags"]["workdir"], export
+            exports.append(v["export_dir"])
+        ens = _values(parsed, ensemble)
+        models = ens["models"] if isinstance(ens["models"], list) else ens["models"].split(",")
+        weights = ens["weights"] if isinstance(ens["weights"], list) else ens["weights"].split(",")
+        assert models == exports, ensemble.name
+        assert [float(w) for w in weights] == [w for _, _, w in members], ensemble.name
+    sizes = [train_flags[f"{run}.flags"]["image_size"] for _, run, _ in AS_RELEASED]
+    assert sizes == [640, 640, 640, 512], "the released export serves at 640, 640, 640, 512"
 
 
 def test_flag_checker_rejects_unknown_flags_and_bad_values(tmp_path):
@@ -168,7 +199,8 @@ def test_flag_checker_rejects_unknown_flags_and_bad_values(tmp_path):
     unknown = tmp_path / "unknown.flags"
     unknown.write_text(TRAIN_FLAGFILES[0].read_text() + "--no_such_flag=1\n")
     bad_head = tmp_path / "bad_head.flags"
-    bad_head.write_text(TRAIN_FLAGFILES[0].read_text().replace("--head=cosface", "--head=x"))
+    bad_head.write_text(TRAIN_FLAGFILES[0].read_text().replace("--head=adacos_per_batch",
+                                                               "--head=x"))
     parsed = _parse_flagfiles({"landmark_tf.cli.train": [unknown, bad_head]})
     assert not parsed[str(unknown)]["ok"] and "no_such_flag" in parsed[str(unknown)]["error"]
     assert not parsed[str(bad_head)]["ok"]
@@ -378,22 +410,28 @@ def test_shell_scripts_pass_shellcheck():
         assert os.access(script, os.X_OK), f"{script} is not executable"
 
 
-def test_export_and_ensemble_script_dry_run_exports_then_ensembles():
-    proc = subprocess.run(["bash", str(RECIPE / "export_and_ensemble.sh"), "--dry_run"],
+@pytest.mark.parametrize("which, exports", [("as_released", 4), ("as_written", 3)])
+def test_export_and_ensemble_script_dry_run_exports_then_ensembles(which, exports):
+    script = str(RECIPE / "export_and_ensemble.sh")
+    proc = subprocess.run(["bash", script, which, "--dry_run"],
                           capture_output=True, text=True, env=_env(BUCKET=BUCKET), timeout=60)
     assert proc.returncode == 0, proc.stderr
     programs = [next(w for w in _remote(c) if w.startswith("landmark-"))
                 for c in _commands(proc.stdout)]
-    assert programs == ["landmark-export"] * 3 + ["landmark-ensemble"]
+    assert programs == ["landmark-export"] * exports + ["landmark-ensemble"]
     ensemble = _remote(_commands(proc.stdout)[-1])
-    assert f"--export_dir={BUCKET}/glr2020/export/ensemble" in ensemble
+    assert f"--export_dir={BUCKET}/glr2020/export/ensemble_{which}" in ensemble
+    bad = subprocess.run(["bash", script, "--dry_run"], capture_output=True, text=True,
+                         env=_env(BUCKET=BUCKET), timeout=60)
+    assert bad.returncode == 2 and "as_released or as_written" in bad.stderr
 
 
-@pytest.mark.slow  # two real landmark-train runs (EfficientNet-B0, CPU): ~1 min
+@pytest.mark.slow  # three real landmark-train runs (EfficientNet-B0, CPU): 2-5 min
 def test_b5_flagfiles_chain_end_to_end_on_tiny_records(tmp_path):
-    """The real landmark-train runs stage 1 and then stage 2 of the B5 recipe on tiny records:
-    each flagfile with its bucket replaced, laptop overrides after it (absl: the last value
-    wins). Stage 2 must start from stage 1's workdir with a new head for its larger class set."""
+    """The real landmark-train runs stages 1, 2 and 5 of the B5 recipe on tiny records: each
+    flagfile with its bucket replaced, laptop overrides after it (absl: the last value wins).
+    Stage 2 must start from stage 1's workdir with a new head for its larger class set; stage 5
+    (not-clean weight 0.5, started from stage 2 here) needs the records' not-clean counts."""
     exe = Path(sys.executable).parent / "landmark-train"
     if not exe.exists():
         pytest.skip(f"{exe} is not installed")
@@ -404,19 +442,24 @@ def test_b5_flagfiles_chain_end_to_end_on_tiny_records(tmp_path):
     make_dataset(str(bucket / "gldv2/tfrecords/full"), (6,) * 6, (2,) * 6, not_clean_every=3)
     laptop = ["--backbone=efficientnet-b0", "--pretrained_weights=", "--image_size=32",
               "--batch_size=8", "--train_steps=2", "--steps_per_execution=1",
-              "--checkpoint_every=2", "--warmup_steps=0", "--strategy=cpu"]
-    for stage in STAGES[:2]:
+              "--checkpoint_every=2", "--strategy=cpu"]
+    runs = [(STAGES[0], []), (STAGES[1], []),
+            (STAGES[4], [f"--init_from={bucket}/glr2020/b5/{STAGES[1]}"])]
+    for stage, extra in runs:
         flagfile = tmp_path / f"{stage}.flags"
         text = (RECIPE / f"b5_{stage}.flags").read_text()
         flagfile.write_text(text.replace("gs://YOUR_BUCKET", str(bucket)))
-        proc = subprocess.run([str(exe), f"--flagfile={flagfile}", *laptop], capture_output=True,
-                              text=True, env=_env(), cwd=tmp_path, timeout=600)
+        proc = subprocess.run([str(exe), f"--flagfile={flagfile}", *laptop, *extra],
+                              capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                              timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == 2
     config = json.loads((bucket / "glr2020/b5/stage2_full512/config.json").read_text())
     assert config["data"]["num_classes"] == 6
     assert config["train"]["init_from"] == str(bucket / "glr2020/b5/stage1_clean512")
-    assert config["train"]["not_clean_weight"] == 1.0 and config["model"]["margin"] == 0.0
+    assert config["model"]["neck"] == "dense" and config["model"]["head"] == "adacos_per_batch"
+    last = json.loads((bucket / f"glr2020/b5/{STAGES[4]}/config.json").read_text())
+    assert last["train"]["not_clean_weight"] == 0.5 and last["train"]["grad_accum_steps"] == 2
 
 
 def test_setup_packs_tracked_and_unignored_files_only(tmp_path):

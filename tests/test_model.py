@@ -126,3 +126,28 @@ def test_restore_errors_are_user_errors(models, tmp_path):
         model_lib.restore_for_stage(models, str(tmp_path))
     with pytest.raises(UserError, match="num_classes must be >= 2"):
         model_lib.build_models(ModelConfig(**{**CFG, "num_classes": 0}))
+
+
+def test_restore_for_stage_checks_the_neck(models, workdir):
+    """dense_bn and dense_syncbn hold the same variables and transfer; a neck without BN (or
+    with another activation) would silently drop or misuse them, so it is refused."""
+    sync = model_lib.build_models(ModelConfig(**{**CFG, "neck": "dense_syncbn"}))
+    assert model_lib.restore_for_stage(sync, workdir[0])["restored"] == [
+        "backbone", "head", "neck"]
+    np.testing.assert_array_equal(embed(sync), workdir[1])
+    for change, message in [({"neck": "dense"}, "neck is 'dense_bn'"),
+                            ({"neck_activation": "swish"}, "neck_activation is 'linear'")]:
+        other = model_lib.build_models(ModelConfig(**{**CFG, **change}))
+        with pytest.raises(UserError, match=message):
+            model_lib.restore_for_stage(other, workdir[0])
+
+
+def test_winner_neck_and_head_build_and_embed():
+    cfg = ModelConfig(**{**CFG, "pooling": "gap", "neck": "dense", "neck_activation": "swish",
+                         "head": "adacos_per_batch", "scale": None})
+    built = model_lib.build_models(cfg)
+    assert built.neck.bn is None and type(built.head).__name__ == "PerBatchAdaCos"
+    out = keras.ops.convert_to_numpy(
+        built.train_model({"image": IMAGES, "label": LABELS}, training=True))
+    assert out.shape == (3, 5) and np.isfinite(out).all()
+    np.testing.assert_allclose(np.linalg.norm(embed(built), axis=1), 1.0, rtol=1e-5)

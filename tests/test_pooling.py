@@ -1,5 +1,9 @@
 """GeM pooling and the embedding neck."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -66,3 +70,68 @@ def test_neck_outputs_float32_for_bfloat16_features():
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
     with pytest.raises(UserError, match="unknown pooling"):
         EmbeddingNeck("max")
+
+
+@pytest.mark.parametrize("neck, activation, trainable, non_trainable", [
+    ("dense", "swish", 2, 0),          # the GLR2020 winner's: Dense kernel + bias, no BN
+    ("dense_syncbn", "linear", 4, 2),  # same variables as dense_bn
+    ("dense_bn", "relu", 4, 2),
+])
+def test_neck_variants_harness(neck, activation, trainable, non_trainable, tmp_path):
+    layer = run_layer_test(
+        EmbeddingNeck, {"pooling": "gap", "embedding_dim": 6, "neck": neck,
+                        "activation": activation},
+        (FEATURES,), tmp_path, expected_output_shape=(2, 6),
+        expected_num_trainable_weights=trainable,
+        expected_num_non_trainable_weights=non_trainable,
+    )
+    assert (layer.get_config()["neck"], layer.get_config()["activation"]) == (neck, activation)
+    assert (layer.bn is None) == (neck == "dense")
+    if neck == "dense_syncbn":
+        assert layer.bn.synchronized
+
+
+def test_dense_swish_neck_is_gap_dense_swish():
+    layer = EmbeddingNeck("gap", embedding_dim=6, neck="dense", activation="swish")
+    out = layer(FEATURES, training=True).numpy()
+    z = FEATURES.mean(axis=(1, 2)) @ layer.dense.kernel.numpy() + layer.dense.bias.numpy()
+    np.testing.assert_allclose(out, z / (1.0 + np.exp(-z)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer(FEATURES, training=False).numpy(), out, rtol=1e-6)
+
+
+def test_neck_rejects_unknown_options():
+    with pytest.raises(UserError, match="unknown neck"):
+        EmbeddingNeck(neck="bn")
+    with pytest.raises(UserError, match="unknown neck activation"):
+        EmbeddingNeck(activation="tanh")
+
+
+_SYNC_BN = """
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from landmark_tf.modeling.pooling import EmbeddingNeck
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+x = np.random.default_rng(0).normal(size=(8, 2, 2, 3)).astype("float32")
+x[4:] += 3.0  # replica 1's half of the batch has another mean
+for neck in ("dense_bn", "dense_syncbn"):
+    with strategy.scope():
+        layer = EmbeddingNeck("gap", embedding_dim=4, neck=neck)
+        layer.build((None, 2, 2, 3))
+    data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(x))
+    run = tf.function(lambda b: strategy.run(lambda a: layer(a, training=True), (b,)))
+    out = np.concatenate([r.numpy() for r in strategy.experimental_local_results(
+        run(next(iter(data))))])
+    dense = layer.dense(layer.pool(x)).numpy()
+    stats = (dense - dense.mean(0)) / np.sqrt(dense.var(0) + 1e-3)  # over all 8 examples
+    print(neck, bool(np.allclose(out, stats, atol=1e-4)))
+"""
+
+
+def test_syncbn_neck_normalises_with_global_batch_statistics():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", _SYNC_BN], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split() for line in result.stdout.splitlines() if line.startswith("dense"))
+    assert lines == {"dense_bn": "False", "dense_syncbn": "True"}

@@ -236,3 +236,48 @@ def test_unknown_backbone_or_head_is_a_user_error(data, tmp_path, model_cfg, mes
 def test_epochs_set_the_number_of_steps(data, tmp_path):
     plan = train.make_plan(_config(data, str(tmp_path), train_steps=0, epochs=1.5))
     assert plan.steps_per_epoch == 6 and plan.train_steps == 9 and plan.num_classes == 4
+
+
+def test_loss_weights_are_normalised_after_the_not_clean_factor(tmp_path):
+    out = str(tmp_path / "nc")
+    make_dataset(out, train_counts=(6, 3, 9), val_counts=None, size=32, not_clean_every=2)
+    cfg = _config(out, str(tmp_path / "w"), class_weighting="log", not_clean_weight=0.5)
+    plan = train.make_plan(cfg)
+    assert sum(plan.not_clean_counts) == 9  # every second of the 18 examples
+    w = train.loss_weights(cfg, plan)
+    n, u = np.array(plan.class_counts), np.array(plan.not_clean_counts)
+    assert np.dot(w, n - u + 0.5 * u) / n.sum() == pytest.approx(1.0, rel=1e-6)
+    assert train.loss_weights(dataclasses.replace(cfg, class_weighting="none",
+                                                  not_clean_weight=1.0), plan) is None
+    old = dataclasses.replace(plan, not_clean_counts=None)  # records from before the field
+    with pytest.raises(UserError, match="no not_clean_class_counts"):
+        train.loss_weights(cfg, old)
+    assert train.loss_weights(dataclasses.replace(cfg, not_clean_weight=1.0), old) is not None
+    ones = dataclasses.replace(plan, class_counts=[6, 1, 9])
+    with pytest.raises(UserError, match="log_unshifted.*one example"):
+        train.loss_weights(dataclasses.replace(cfg, class_weighting="log_unshifted"), ones)
+
+
+def test_sync_bn_neck_refuses_what_tensorflow_cannot_synchronise():
+    sync = ModelConfig(neck="dense_syncbn")
+    cfg = TrainConfig(grad_accum_steps=2)
+    with pytest.raises(UserError, match="grad_accum_steps=2 over 2 replicas"):
+        train._check_sync_bn(sync, cfg, 2, "tpu", "auto")
+    with pytest.raises(UserError, match="jit_compile=on on CPU replicas"):
+        train._check_sync_bn(sync, TrainConfig(), 2, "cpu", "on")
+    train._check_sync_bn(sync, cfg, 1, "cpu", "on")  # one replica: plain batch norm
+    train._check_sync_bn(ModelConfig(), cfg, 2, "cpu", "on")
+    train._check_sync_bn(sync, TrainConfig(), 2, "gpu", "on")
+
+
+def test_winner_options_train_end_to_end(data, tmp_path):
+    """dense+swish neck, per-batch AdaCos, inverse-time decay, log_unshifted weights: the real
+    trainer runs them and logs the decayed learning rate."""
+    winner = dataclasses.replace(MODEL, neck="dense", neck_activation="swish",
+                                 head="adacos_per_batch", margin=0.0, scale=None)
+    cfg = _config(data, str(tmp_path / "w"), train_steps=6, schedule="inverse_time",
+                  lr_decay=0.1, weight_decay=0.0, class_weighting="log_unshifted")
+    result = train.train(winner, cfg)
+    assert result["step"] == 6 and np.isfinite(result["loss"])
+    assert _scalars(str(tmp_path / "w"), "train", "learning_rate")[-1] == pytest.approx(
+        0.05 / (1 + 0.1 * 6), rel=1e-5)  # logged after 6 updates: the next step's rate

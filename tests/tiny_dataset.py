@@ -47,7 +47,11 @@ def _write_split(out_dir, split, counts, shards, size, rng, not_clean_every):
         writers[i % shards].write(example)
     for w in writers:
         w.close()
-    return {"examples": int(len(labels)), "shards": names, "class_counts": [int(c) for c in counts]}
+    not_clean = np.zeros(len(counts), np.int64)
+    if not_clean_every:
+        np.add.at(not_clean, labels[::not_clean_every], 1)
+    return {"examples": int(len(labels)), "shards": names, "class_counts": [int(c) for c in counts],
+            "not_clean_class_counts": [int(c) for c in not_clean]}
 
 
 def make_dataset(

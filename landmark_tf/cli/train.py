@@ -48,8 +48,11 @@ flags.DEFINE_float("momentum", _T.momentum, "SGD momentum.")
 flags.DEFINE_float("weight_decay", _T.weight_decay, "Decoupled weight decay (lr-scaled) on "
                    "kernels; not on biases, normalisation parameters or GeM p.")
 _define_choice("schedule", _T.schedule, config.SCHEDULES, "Learning-rate schedule after "
-                  "warmup: constant, or cosine decay to 0 at the last step.")
+                  "warmup: constant, cosine decay to 0 at the last step, or inverse_time: "
+                  "lr / (1 + lr_decay * step), Keras 2's optimizer decay.")
 flags.DEFINE_integer("warmup_steps", _T.warmup_steps, "Linear warmup steps.")
+flags.DEFINE_float("lr_decay", _T.lr_decay, "Per-step decay of --schedule=inverse_time (the "
+                   "GLR2020 winner: SGD(decay=1e-5)).")
 flags.DEFINE_integer("grad_accum_steps", _T.grad_accum_steps, "Micro-batches accumulated per "
                      "optimizer step (memory of batch_size / grad_accum_steps).")
 # Long tail.
@@ -57,10 +60,10 @@ _define_choice("sampling", _T.sampling, config.SAMPLINGS, "Class frequency in th
                   "uniform (as stored), class_balanced (each class equally often), log "
                   "(proportional to ln(1 + count)).")
 _define_choice("class_weighting", _T.class_weighting, config.CLASS_WEIGHTINGS, "Loss weight "
-                  "per class from its train count (1/n, 1/sqrt(n), 1/ln(1+n)), mean 1 over "
-                  "training examples.")
-flags.DEFINE_float("not_clean_weight", _T.not_clean_weight, "Loss weight of examples whose "
-                   "image/is_clean is 0 (the GLR2020 winner's last stage used 0.5).")
+                  "per class from its train count (1/n, 1/sqrt(n), 1/ln(1+n), 1/ln(n)), "
+                  "normalised to a mean example weight of 1 after --not_clean_weight.")
+flags.DEFINE_float("not_clean_weight", _T.not_clean_weight, "Loss weight factor of examples "
+                   "whose image/is_clean is 0 (the GLR2020 winner's last stage used 0.5).")
 flags.DEFINE_list("augment", _T.augment, "Augmentations: flip (default), crop (random resized "
                   "crop), color (brightness/contrast); empty for none.")
 flags.DEFINE_integer("shuffle_buffer", _T.shuffle_buffer, "Serialized records in each host's "
@@ -87,7 +90,14 @@ flags.DEFINE_integer("image_size", _M.image_size, "Square training image side in
 _define_choice("pooling", _M.pooling, config.POOLINGS, "Global pooling: gap or gem.")
 flags.DEFINE_float("gem_p", _M.gem_p, "Initial GeM exponent (trainable).")
 flags.DEFINE_integer("embedding_dim", _M.embedding_dim, "Descriptor dimension.")
-_define_choice("head", _M.head, config.HEADS, "Classification head.")
+_define_choice("neck", _M.neck, config.NECKS, "Embedding layer after pooling: "
+                  "Dense -> BatchNorm (dense_bn), Dense -> BatchNorm over all replicas "
+                  "(dense_syncbn), or Dense alone (dense: the GLR2020 winner's).")
+_define_choice("neck_activation", _M.neck_activation, config.NECK_ACTIVATIONS, "Activation "
+                  "of the neck's Dense (the GLR2020 winner: swish).")
+_define_choice("head", _M.head, config.HEADS, "Classification head; adacos_per_batch is the "
+                  "GLR2020 winner's (AdaCos scale recomputed per batch from sqrt(2) ln(C-1), "
+                  "margin 0).")
 flags.DEFINE_string("scale", "auto", "Logit scale: a float, or auto = sqrt(2) * ln(C - 1).")
 flags.DEFINE_float("margin", _M.margin, "Margin of CosFace/ArcFace heads.")
 flags.DEFINE_integer("subcenters", _M.subcenters, "Sub-centres per class (subcenter_arcface).")
@@ -116,6 +126,7 @@ def model_config() -> ModelConfig:
         backbone=FLAGS.backbone, image_size=FLAGS.image_size, pooling=FLAGS.pooling,
         gem_p=FLAGS.gem_p, embedding_dim=FLAGS.embedding_dim, head=FLAGS.head,
         scale=_scale(FLAGS.scale), margin=FLAGS.margin, subcenters=FLAGS.subcenters,
+        neck=FLAGS.neck, neck_activation=FLAGS.neck_activation,
     )
 
 
@@ -125,7 +136,8 @@ def train_config() -> TrainConfig:
     if FLAGS.epochs is not None and FLAGS.epochs <= 0:
         raise UserError(f"--epochs={FLAGS.epochs}: must be > 0")
     names = ("train_split", "val_split", "batch_size", "learning_rate", "momentum",
-             "weight_decay", "schedule", "warmup_steps", "grad_accum_steps", "sampling",
+             "weight_decay", "schedule", "warmup_steps", "lr_decay", "grad_accum_steps",
+             "sampling",
              "class_weighting", "not_clean_weight", "shuffle_buffer", "seed", "strategy", "tpu",
              "mixed_precision", "jit_compile", "steps_per_execution", "checkpoint_every",
              "keep_checkpoints", "eval_every", "init_from", "pretrained_weights")

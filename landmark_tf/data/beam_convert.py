@@ -208,8 +208,8 @@ def write_plan(path: str, todo: list[ShardTask]) -> None:
 
 
 def convert_line(line: str, image_dir: str, options: ImageOptions, pillow_version: str):
-    """One plan line -> (shard, (position, label, serialized tf.train.Example or b"", skip or
-    None)); skip is {"id", "path", "reason"} as in the local converter's reports."""
+    """One plan line -> (shard, (position, label, is_clean, serialized tf.train.Example or b"",
+    skip or None)); skip is {"id", "path", "reason"} as in the local converter's reports."""
     if PIL.__version__ != pillow_version:  # Pillow defines the JPEG bytes
         raise RuntimeError(f"worker has Pillow {PIL.__version__}, the launcher {pillow_version}: "
                            "install the same version on the workers (beam/README.md)")
@@ -225,7 +225,7 @@ def convert_line(line: str, image_dir: str, options: ImageOptions, pillow_versio
         Metrics.counter(_METRICS, f"skipped_{e.category}").inc()
     else:
         Metrics.counter(_METRICS, "images_converted").inc()
-    return shard, (position, label, record, skip)
+    return shard, (position, label, bool(is_clean), record, skip)
 
 
 def write_grouped_shard(item, table: dict[int, tuple[str, str, int]]) -> str:
@@ -240,15 +240,17 @@ def write_grouped_shard(item, table: dict[int, tuple[str, str, int]]) -> str:
         raise RuntimeError(f"{path}: got positions {[v[0] for v in ordered][:10]}..., "
                            f"expected 0..{planned - 1} once each")
     counts: collections.Counter = collections.Counter()
+    not_clean: collections.Counter = collections.Counter()
     skipped, size = [], 0
     tmp = fileio.tmp_name(path)
     with tf.io.TFRecordWriter(tmp) as writer:
-        for _, label, record, skip in ordered:
+        for _, label, is_clean, record, skip in ordered:
             if skip is not None:
                 skipped.append(skip)
                 continue
             writer.write(record)
             counts[label] += 1
+            not_clean[label] += 0 if is_clean else 1
             size += len(record) + _RECORD_FRAMING
     report = {
         "shard": os.path.basename(path),
@@ -256,6 +258,7 @@ def write_grouped_shard(item, table: dict[int, tuple[str, str, int]]) -> str:
         "examples": sum(counts.values()),
         "bytes": size,
         "label_counts": {str(k): v for k, v in sorted(counts.items())},
+        "not_clean_label_counts": {str(k): v for k, v in sorted(not_clean.items()) if v},
         "skipped": skipped,
     }
     fileio.write_json_atomic(report_path, report)

@@ -140,7 +140,18 @@ def dataset_info(plan: Plan, source: dict, reports: list[dict]) -> dict:
         if num_classes:
             for label, count in report["label_counts"].items():
                 entry["class_counts"][int(label)] += count
+            # Reports of shards written before this count existed lack it: then the split
+            # has no not_clean_class_counts (training refuses a not_clean_weight that needs it).
+            if "not_clean_label_counts" not in report:
+                entry["incomplete"] = True
+            elif not entry.get("incomplete"):
+                nc = entry.setdefault("not_clean_class_counts", [0] * num_classes)
+                for label, count in report["not_clean_label_counts"].items():
+                    nc[int(label)] += count
         skipped.extend(report["skipped"])
+    for entry in splits.values():
+        if entry.pop("incomplete", False):
+            entry.pop("not_clean_class_counts", None)
     train = splits.get("train", {"class_counts": []})
     return {
         "format_version": 1,

@@ -76,9 +76,12 @@ def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> 
     """Writes one shard (temporary name, report, rename) and returns its report.
 
     Report: {"shard": file name, "planned": int, "examples": int written, "bytes": int,
-             "label_counts": {str(label): int}, "skipped": [{"id", "path", "reason"}]}
+             "label_counts": {str(label): int}, "not_clean_label_counts": {str(label): int}
+             (examples with is_clean 0; labels without any left out),
+             "skipped": [{"id", "path", "reason"}]}
     """
     counts: collections.Counter = collections.Counter()
+    not_clean: collections.Counter = collections.Counter()
     skipped, size = [], 0
     tmp = fileio.tmp_name(task.path)
     with tf.io.TFRecordWriter(tmp) as writer:
@@ -91,6 +94,7 @@ def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> 
             else:
                 writer.write(record)
                 counts[ex.label] += 1
+                not_clean[ex.label] += 0 if ex.is_clean else 1
                 size += len(record) + _RECORD_FRAMING
             if on_image is not None:
                 on_image()
@@ -100,6 +104,7 @@ def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> 
         "examples": sum(counts.values()),
         "bytes": size,
         "label_counts": {str(k): v for k, v in sorted(counts.items())},
+        "not_clean_label_counts": {str(k): v for k, v in sorted(not_clean.items()) if v},
         "skipped": skipped,
     }
     if task.report_path:

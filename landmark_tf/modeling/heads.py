@@ -1,4 +1,5 @@
-"""Classification heads for metric learning: CosFace, ArcFace, Sub-center ArcFace, AdaCos, softmax.
+"""Classification heads for metric learning: CosFace, ArcFace, Sub-center ArcFace, AdaCos (dynamic
+and the GLR2020 winner's per-batch variant), softmax.
 
 Every head is a Keras layer called as `head(embeddings, labels, training=...)`:
   embeddings float32 [B, D] (the neck output, not normalised), labels int [B] -> float32 [B, C].
@@ -181,6 +182,51 @@ class AdaCos(_CosineHead):
 
 
 @keras.saving.register_keras_serializable(package="landmark_tf")
+class PerBatchAdaCos(_CosineHead):
+    """The GLR2020 winner's AdaCos: margin 0, the scale recomputed for every batch from s0.
+
+    As released (seungkee/google_landmark_retrieval_2020_1st_place_solution, v2clean_train.ipynb
+    and v2total_train.ipynb, cell 9 `adacosLoss`, instantiated anew for every loss call):
+      s0    = sqrt(2) * ln(C - 1)                  (fixed; never updated)
+      B_avg = mean over the batch of sum over non-target classes of exp(s0 * cos)
+      theta = arccos(clip(cos_target, -1 + 1e-7, 1 - 1e-7))
+      s     = ln(B_avg) / cos(min(pi/4, theta_med)),  B_avg and theta_med under stop_gradient
+    and the logits are s * cos for every class. theta_med is `tfp.stats.percentile(theta, 50)`
+    with its default "nearest" interpolation (TFP >= 0.11, ascending sort): the sorted element at
+    index round_half_to_even((B - 1) / 2), the upper of the two middle values for B = 4 or 8,
+    not NumPy's mean of the two. Unlike `AdaCos` nothing carries over between batches.
+
+    The batch is the one the loss sees: per replica (and per micro-batch with gradient
+    accumulation) under a tf.distribute strategy, as in the released TPU loop (8 or 4 per core);
+    the whole global batch when a JAX data-parallel step sees it as one array.
+    Without labels, or outside training, the logits are s0 * cos (the argmax is scale-free).
+    `scale` overrides s0; `margin` is not used.
+    """
+
+    def call(self, embeddings, labels=None, training=None):
+        cos = self.cosine(embeddings)
+        if training and labels is not None:
+            return cos * ops.stop_gradient(self.batch_scale(cos, labels))
+        return cos * self.effective_scale
+
+    def batch_scale(self, cos, labels):
+        """The scale for one batch: float32 [B, C] cosines, int [B] labels -> float32 []."""
+        labels = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
+        is_target = ops.equal(ops.arange(self.num_classes, dtype="int32")[None, :], labels)
+        # ln(B_avg) as a logsumexp over all (row, non-target class) pairs minus ln(B): the same
+        # number as the released log(mean(sum(exp))), without float32 overflow for large s0.
+        others = ops.where(is_target, -math.inf, self.effective_scale * cos)
+        batch = ops.cast(ops.shape(cos)[0], "float32")
+        log_b_avg = ops.logsumexp(ops.reshape(others, (-1,))) - ops.log(batch)
+        target = ops.take_along_axis(cos, labels, axis=1)[:, 0]
+        theta = ops.sort(ops.arccos(ops.clip(target, -1.0 + _EPS, 1.0 - _EPS)))
+        # keras.ops.round and tf.round both round half to even, as TFP's "nearest" does.
+        middle = ops.cast(ops.round((batch - 1.0) / 2.0), "int32")
+        theta_med = ops.take(theta, middle)
+        return log_b_avg / ops.cos(ops.minimum(math.pi / 4, theta_med))
+
+
+@keras.saving.register_keras_serializable(package="landmark_tf")
 class SoftmaxHead(keras.layers.Layer):
     """Plain linear classifier (no normalisation, no margin): float32 [B, D] -> float32 [B, C]."""
 
@@ -208,6 +254,8 @@ def build_head(head: str, num_classes: int, scale: float | None = None, margin: 
         return SoftmaxHead(num_classes, name=name)
     if head == "adacos":
         return AdaCos(num_classes, scale=scale, name=name)
+    if head == "adacos_per_batch":
+        return PerBatchAdaCos(num_classes, scale=scale, name=name)
     if head == "subcenter_arcface":
         return SubCenterArcFace(num_classes, subcenters=subcenters, scale=scale, margin=margin,
                                 name=name)

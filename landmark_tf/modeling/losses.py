@@ -2,16 +2,22 @@
 
 Class weights follow the per-class train counts n_c of dataset_info.json:
 
-  none          w_c = 1
-  inverse       w_c ∝ 1 / n_c
-  inverse_sqrt  w_c ∝ 1 / sqrt(n_c)
-  log           w_c ∝ 1 / ln(1 + n_c)
+  none           w_c = 1
+  inverse        w_c ∝ 1 / n_c
+  inverse_sqrt   w_c ∝ 1 / sqrt(n_c)
+  log            w_c ∝ 1 / ln(1 + n_c)   (the GLR2020 winner's full-set stages)
+  log_unshifted  w_c ∝ 1 / ln(n_c)       (the GLR2020 winner's clean stage; n_c >= 2)
 
-normalised to mean 1 over the training examples (sum_c n_c w_c = N, as scikit-learn's "balanced"
-weights), so the loss scale, and with it the learning rate, stays that of unweighted training.
-Classes without training examples get weight 0 (they never occur as a label). An example's weight
-is its class weight times `not_clean_weight` when its `image/is_clean` is 0 (the GLR2020 winner's
-last stage used 0.5 for images outside the clean subset).
+An example's weight is w_c times `not_clean_weight` when its `image/is_clean` is 0 (the GLR2020
+winner: 1.0, then 0.5 for images outside the clean subset). The weights are normalised so that
+the mean per-example weight over the training examples is 1 *after* that factor:
+sum_c w_c (n_c - u_c + not_clean_weight * u_c) = N, u_c the class's not-clean count. The loss
+scale, and with it the learning rate, stays that of unweighted training, as in the winner's
+notebooks (v2clean_train.ipynb / v2total_train.ipynb cell 3: scaleV = 1 / mean over the
+dataset of clean_i / ln(n + 1)). Normalising before the factor instead (earlier versions of this
+module) silently multiplied the learning rate by the mean clean factor (with 38% of GLDv2's
+images clean, about 0.69 at 0.5, before class weighting).
+Classes without training examples get weight 0 (they never occur as a label).
 """
 
 from __future__ import annotations
@@ -26,24 +32,54 @@ from landmark_tf import config
 CLASS_WEIGHTINGS = config.CLASS_WEIGHTINGS
 
 
-def class_weights(counts: Sequence[int], mode: str) -> np.ndarray:
-    """Per-class loss weights, float32[C], mean 1 over the examples counted in `counts`."""
+def class_weights(
+    counts: Sequence[int], mode: str, not_clean_counts: Sequence[int] | None = None,
+    not_clean_weight: float = 1.0,
+) -> np.ndarray:
+    """Per-class loss weights, float32[C], normalised to a mean example weight of 1.
+
+    counts: examples per class (int[C]). not_clean_counts: of those, how many have is_clean 0
+    (int[C]); needed unless not_clean_weight is 1. The mean is over the examples of `counts`,
+    each weighted by w_c and by not_clean_weight when not clean. Raises ValueError.
+    """
     n = np.asarray(counts, dtype=np.float64)
     if mode not in CLASS_WEIGHTINGS:
         raise ValueError(f"unknown class weighting {mode!r}; expected one of {CLASS_WEIGHTINGS}")
     if n.size == 0 or n.sum() <= 0:
         raise ValueError("class counts are empty: cannot weight classes")
+    raw = _raw_weights(n, mode)
+    effective = n
+    if not_clean_weight != 1.0:
+        if not_clean_counts is None:
+            raise ValueError("not_clean_weight != 1 needs the per-class not-clean counts")
+        u = np.asarray(not_clean_counts, dtype=np.float64)
+        if u.shape != n.shape or np.any(u < 0) or np.any(u > n):
+            raise ValueError("not-clean counts must be 0..count for each class")
+        effective = n - u + not_clean_weight * u
+    total = np.dot(raw, effective)
+    if total <= 0:
+        raise ValueError("every example has weight 0: cannot normalise the loss weights")
+    return (raw * n.sum() / total).astype(np.float32)
+
+
+def _raw_weights(n: np.ndarray, mode: str) -> np.ndarray:
     present = n > 0
     raw = np.zeros_like(n)
+    if mode == "log_unshifted" and np.any(n == 1):
+        c = int(np.flatnonzero(n == 1)[0])
+        raise ValueError(f"class_weighting=log_unshifted is 1/ln(n), infinite for a class with "
+                         f"one example (class {c}); use log (1/ln(1 + n))")
     if mode == "none":
         raw[present] = 1.0
     elif mode == "inverse":
         raw[present] = 1.0 / n[present]
     elif mode == "inverse_sqrt":
         raw[present] = 1.0 / np.sqrt(n[present])
-    else:
+    elif mode == "log":
         raw[present] = 1.0 / np.log1p(n[present])
-    return (raw * n.sum() / np.dot(raw, n)).astype(np.float32)
+    else:
+        raw[present] = 1.0 / np.log(n[present])
+    return raw
 
 
 def example_weights(

@@ -1,6 +1,6 @@
 """The landmark models and their one checkpoint layout.
 
-backbone (EfficientNet) -> neck (pool -> Dense -> BN) -> head (cosine classifier) for training;
+backbone (EfficientNet) -> neck (pool -> Dense [-> BN]) -> head (cosine classifier) for training;
 backbone -> neck -> L2 normalisation for the product, the embedding model. Both share layers.
 A training workdir holds `config.json` ({"model": ModelConfig.to_dict(), ...}) and
 `checkpoints/` written by a tf.train.CheckpointManager over `make_checkpoint(...)`.
@@ -54,7 +54,8 @@ def build_models(
     """
     cfg.validate()
     backbone = backbones.build_backbone(cfg.backbone, pretrained_weights)
-    neck = EmbeddingNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, name="neck")
+    neck = EmbeddingNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, cfg.neck,
+                         cfg.neck_activation, name="neck")
     image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
     features = neck(backbone(image))
     normalized = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(features)
@@ -121,7 +122,9 @@ def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, An
     Returns {"checkpoint": path, "restored": [part names], "skipped": {part: reason}}.
     """
     source, mine = read_model_config(workdir_from), models.config
-    for field in ("backbone", "pooling", "embedding_dim"):
+    for field in ("backbone", "pooling", "embedding_dim", "neck_activation", "neck"):
+        if field == "neck" and (source.neck == "dense") == (mine.neck == "dense"):
+            continue  # dense_bn and dense_syncbn hold the same variables
         if getattr(source, field) != getattr(mine, field):
             raise UserError(
                 f"cannot start from {workdir_from}: its {field} is {getattr(source, field)!r}, "

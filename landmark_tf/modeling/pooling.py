@@ -1,4 +1,4 @@
-"""Global pooling (GAP or GeM) and the embedding neck: pool -> Dense(D) -> BatchNorm.
+"""Global pooling (GAP or GeM) and the embedding neck: pool -> Dense(D, activation) [-> BatchNorm].
 
 Both compute in float32 whatever the global dtype policy: the backbone may run in bfloat16, but
 x ** p of bfloat16 activations loses too much precision, and embeddings must be float32.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from landmark_tf.config import POOLINGS
+from landmark_tf.config import NECK_ACTIVATIONS, NECKS, POOLINGS
 from landmark_tf.errors import UserError
 
 
@@ -58,43 +58,71 @@ class GeM(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="landmark_tf")
 class EmbeddingNeck(keras.layers.Layer):
-    """Backbone features -> embedding before L2 normalisation.
+    """Backbone features -> embedding before L2 normalisation: pool -> Dense(D, activation) -> ...
+
+    `neck`:
+      dense_bn      -> BatchNorm (per-replica batch statistics)
+      dense_syncbn  -> BatchNorm with statistics over the global batch (all replicas): on a TPU
+                       with 4-16 images per core, per-core statistics of 512 features are noisy.
+                       TensorFlow: `BatchNormalization(synchronized=True)` (an all-reduce in the
+                       replica step). JAX: a plain BatchNorm, whose statistics over a batch
+                       sharded by keras.distribution are already global (XLA inserts the
+                       reduction); Keras refuses `synchronized=True` there.
+      dense         -> nothing: the GLR2020 winner's GAP -> Dense(512, activation="swish")
+                       (seungkee/google_landmark_retrieval_2020_1st_place_solution).
+    `activation`: the Dense's activation (a Keras activation name, "linear" for none).
 
     Input: [B, h, w, F] any float dtype. Output: float32 [B, embedding_dim], not normalised
     (cosine heads normalise it themselves; the softmax head uses it as is).
     """
 
     def __init__(
-        self, pooling: str = "gap", gem_p: float = 3.0, embedding_dim: int = 512, **kwargs
+        self, pooling: str = "gap", gem_p: float = 3.0, embedding_dim: int = 512,
+        neck: str = "dense_bn", activation: str = "linear", **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         if pooling not in POOLINGS:
             raise UserError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        if neck not in NECKS:
+            raise UserError(f"unknown neck {neck!r}; expected one of {NECKS}")
+        if activation not in NECK_ACTIVATIONS:
+            raise UserError(f"unknown neck activation {activation!r}; expected one of "
+                            f"{NECK_ACTIVATIONS}")
         self.pooling = pooling
         self.gem_p = float(gem_p)
         self.embedding_dim = int(embedding_dim)
+        self.neck = neck
+        self.activation = activation
         if pooling == "gem":
             self.pool = GeM(p=gem_p, dtype="float32", name="gem")
         else:
             self.pool = keras.layers.GlobalAveragePooling2D(dtype="float32", name="gap")
-        self.dense = keras.layers.Dense(embedding_dim, dtype="float32", name="dense")
-        self.bn = keras.layers.BatchNormalization(dtype="float32", name="bn")
+        self.dense = keras.layers.Dense(
+            embedding_dim, activation=activation, dtype="float32", name="dense")
+        # The attribute name `bn` is the checkpoint key of today's dense_bn necks: keep it.
+        self.bn = None
+        if neck != "dense":
+            sync = neck == "dense_syncbn" and keras.backend.backend() == "tensorflow"
+            self.bn = keras.layers.BatchNormalization(
+                synchronized=sync, dtype="float32", name="bn")
 
     def build(self, input_shape):
         self.pool.build(input_shape)
         pooled_shape = (input_shape[0], input_shape[-1])
         self.dense.build(pooled_shape)
-        self.bn.build((input_shape[0], self.embedding_dim))
+        if self.bn is not None:
+            self.bn.build((input_shape[0], self.embedding_dim))
 
     def call(self, inputs, training=None):
-        x = self.pool(ops.cast(inputs, "float32"))
-        return self.bn(self.dense(x), training=training)
+        x = self.dense(self.pool(ops.cast(inputs, "float32")))
+        return x if self.bn is None else self.bn(x, training=training)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.embedding_dim)
 
     def get_config(self):
         config = super().get_config()
-        config.update(pooling=self.pooling, gem_p=self.gem_p, embedding_dim=self.embedding_dim)
+        config.update(pooling=self.pooling, gem_p=self.gem_p, embedding_dim=self.embedding_dim,
+                      neck=self.neck, activation=self.activation)
         return config

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warmup, then constant or cosine decay to zero."""
+"""Learning-rate schedules: linear warmup, then constant, cosine decay to zero, or inverse-time
+decay (Keras 2's optimizer `decay`)."""
 
 from __future__ import annotations
 
@@ -16,22 +17,30 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     Warmup: peak * (step + 1) / warmup_steps for step < warmup_steps (so step 0 trains already).
     Then `constant`: peak; `cosine`: peak * (1 + cos(pi * t)) / 2 with t going 0 -> 1 from the end
-    of warmup to `total_steps`, and 0 after.
+    of warmup to `total_steps`, and 0 after; `inverse_time`: peak / (1 + decay * step), the
+    `decay` of Keras 2 optimizers (`SGD(1e-3, momentum=0.9, decay=1e-5)` in the GLR2020 winner's
+    notebooks: OptimizerV2._decayed_lr divides by 1 + decay * iterations, iterations counted from
+    0 before the update), with `step` counted from 0 like theirs; it does not depend on
+    `total_steps`, so a finished run can be extended.
     """
 
-    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine"):
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0, kind: str = "cosine",
+                 decay: float = 0.0):
         if kind not in SCHEDULES:
             raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
         self.peak = float(peak)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
         self.kind = kind
+        self.decay = float(decay)
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
         peak = tf.constant(self.peak, tf.float32)
         if self.kind == "constant":
             after = peak
+        elif self.kind == "inverse_time":
+            after = peak / (1.0 + self.decay * step)
         else:
             span = float(max(self.total_steps - self.warmup_steps, 1))
             t = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
@@ -47,4 +56,5 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
             "kind": self.kind,
+            "decay": self.decay,
         }

@@ -50,6 +50,9 @@ class Plan:
     class_counts: list[int]
     steps_per_epoch: int
     train_steps: int
+    # Per class, how many train examples have image/is_clean 0; None for datasets written
+    # before landmark-tfrecords recorded it.
+    not_clean_counts: list[int] | None = None
 
 
 def make_plan(cfg: TrainConfig) -> Plan:
@@ -74,14 +77,38 @@ def make_plan(cfg: TrainConfig) -> Plan:
     if val and int(val.get("examples", 0)) > 0:
         val_files = tuple(records.split_files(cfg.data_dir, info, cfg.val_split))
         val_examples = int(val["examples"])
+    not_clean = split.get("not_clean_class_counts")
+    if not_clean is not None and len(not_clean) != num_classes:
+        raise UserError(f"{where}: {len(not_clean)} not_clean_class_counts for {num_classes} "
+                        "classes")
     return Plan(train_files, val_files, val_examples, num_classes, [int(c) for c in counts],
-                steps_per_epoch, train_steps)
+                steps_per_epoch, train_steps,
+                None if not_clean is None else [int(c) for c in not_clean])
+
+
+def loss_weights(cfg: TrainConfig, plan: Plan):
+    """float32[C] class weights (see losses.class_weights), or None when every weight is 1."""
+    if cfg.class_weighting == "none" and cfg.not_clean_weight == 1.0:
+        return None
+    if cfg.not_clean_weight != 1.0 and plan.not_clean_counts is None:
+        where = fileio.join(cfg.data_dir, records.DATASET_INFO)
+        raise UserError(
+            f"{where} has no not_clean_class_counts for split '{cfg.train_split}' (written by an "
+            f"older landmark-tfrecords), needed to normalise the loss weights of "
+            f"--not_clean_weight={cfg.not_clean_weight} to mean 1; rewrite the records "
+            "with this version's landmark-tfrecords")
+    try:
+        return losses.class_weights(plan.class_counts, cfg.class_weighting,
+                                    plan.not_clean_counts, cfg.not_clean_weight)
+    except ValueError as e:
+        raise UserError(f"--class_weighting={cfg.class_weighting}: {e}") from None
 
 
 def make_optimizer(cfg: TrainConfig, train_steps: int, variables, policy: str):
     """SGD + momentum + decoupled weight decay (not on biases, norms, GeM p), lr schedule,
     loss scaling under float16. Call under the strategy scope."""
-    schedule = WarmupSchedule(cfg.learning_rate, train_steps, cfg.warmup_steps, cfg.schedule)
+    schedule = WarmupSchedule(cfg.learning_rate, train_steps, cfg.warmup_steps, cfg.schedule,
+                              cfg.lr_decay)
     sgd = keras.optimizers.SGD(
         schedule, momentum=cfg.momentum, weight_decay=cfg.weight_decay or None
     )
@@ -105,6 +132,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     """Trains (or resumes) into cfg.workdir; returns the closing JSON dict."""
     cfg.validate()
     plan = make_plan(cfg)
+    loss_weights(cfg, plan)  # a dataset that cannot be weighted fails before any model is built
     model_cfg = dataclasses.replace(model_cfg, num_classes=plan.num_classes).validate()
     strategy = distribute.resolve_strategy(cfg.strategy, cfg.tpu)
     previous = keras.mixed_precision.global_policy()
@@ -112,6 +140,22 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
         return Trainer(model_cfg, cfg, plan, strategy).run()
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def _check_sync_bn(model_cfg: ModelConfig, cfg: TrainConfig, replicas: int, kind: str,
+                   jit: str) -> None:
+    """--neck=dense_syncbn all-reduces batch statistics inside the forward pass. TensorFlow
+    cannot do that inside the accumulation loop, nor inside the nested XLA function on CPU
+    replicas (merge_call in a nested graph; GPUs and TPUs reduce without merge_call)."""
+    if model_cfg.neck != "dense_syncbn" or replicas == 1:
+        return
+    if cfg.grad_accum_steps > 1:
+        raise UserError(f"--neck=dense_syncbn with --grad_accum_steps={cfg.grad_accum_steps} "
+                        f"over {replicas} replicas: the statistics cannot be synchronised "
+                        "inside the accumulation loop; use --grad_accum_steps=1 or dense_bn")
+    if kind == "cpu" and jit == "on":
+        raise UserError("--neck=dense_syncbn with --jit_compile=on on CPU replicas: TensorFlow "
+                        "cannot all-reduce there inside XLA; use --jit_compile=off")
 
 
 class Trainer:
@@ -124,6 +168,7 @@ class Trainer:
         self.micro = distribute.per_replica_batch(
             cfg.batch_size, self.replicas, cfg.grad_accum_steps)
         self.chief = distribute.is_chief(strategy)
+        _check_sync_bn(model_cfg, cfg, self.replicas, self.kind, cfg.jit_compile)
         config = checkpointing.workdir_config(model_cfg, cfg, plan.num_classes)
         checkpointing.check_and_write_config(cfg.workdir, config, self.chief)
         self.policy = distribute.precision_policy(cfg.mixed_precision, self.kind)
@@ -164,9 +209,7 @@ class Trainer:
 
     def train_function(self):
         cfg, plan = self.cfg, self.plan
-        weights = None
-        if cfg.class_weighting != "none":
-            weights = losses.class_weights(plan.class_counts, cfg.class_weighting)
+        weights = loss_weights(cfg, plan)
         factors = None
         if cfg.sampling != "uniform":
             factors = sampling.repeat_factors(plan.class_counts, cfg.sampling)
