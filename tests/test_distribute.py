@@ -2,9 +2,11 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -44,8 +46,45 @@ def test_auto_on_cpu_is_the_default_strategy_and_cpu_is_one_device(monkeypatch):
 
 
 def test_tpu_without_a_tpu_is_a_user_error():
-    with pytest.raises(UserError, match="cannot connect to a TPU"):
+    with pytest.raises(UserError, match="cannot connect to a TPU") as info:
         distribute.resolve_strategy("tpu", "local")
+    assert "\n" not in str(info.value) and "--tpu=local" in str(info.value)
+
+
+def test_tpu_name_lookup_is_bounded_when_the_metadata_server_never_answers(monkeypatch):
+    """A metadata server that accepts the connection and then says nothing (what a firewalled
+    169.254.169.254 can look like): the lookup gives up after the bound, as one UserError."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # connections complete in the kernel backlog; nothing is ever sent
+    monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.delenv("GCE_METADATA_HOST", raising=False)
+    monkeypatch.setattr(distribute, "_METADATA_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(UserError, match=r"--tpu=somewhere: cannot resolve the TPU .*timed out"):
+            distribute.resolve_strategy("tpu", "somewhere")
+    finally:
+        server.close()
+    assert time.monotonic() - start < 30
+    assert socket.getdefaulttimeout() is None  # the bound does not leak into the process
+
+
+def test_cli_tpu_off_google_cloud_is_one_line_and_exit_2(tmp_path):
+    make_dataset(str(tmp_path / "data"), train_counts=(4, 4), val_counts=None, size=32)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           # A closed local port: the lookup fails at once on any machine, network or not.
+           "GCE_METADATA_IP": "127.0.0.1:9"}
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "landmark-train"),
+         f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'w'}", "--train_steps=1",
+         "--batch_size=4", "--strategy=tpu", "--tpu=nonexistent"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("landmark-train: error: --tpu=nonexistent: cannot resolve the TPU")
+    assert "metadata server" in lines[0] and proc.stdout == ""
 
 
 def _run_two_cpu_script(script: str, *args: str) -> dict:

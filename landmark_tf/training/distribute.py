@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import socket
 from collections.abc import Callable
 
 import keras
@@ -61,17 +62,50 @@ def _default_tpu_name() -> str:
     return "local" if on_vm and not os.environ.get("COLAB_TPU_ADDR") else ""
 
 
+# TPUClusterResolver asks the GCE metadata server for project and zone (urllib, no timeout):
+# off Google Cloud that is a DNS failure at best and an OS connect timeout (minutes) at worst.
+_METADATA_TIMEOUT_S = 20.0
+
+
 def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+    """TPUStrategy for `tpu`; any failure is one UserError line: which TPU, what, what to check."""
+    which = f"--tpu={tpu}" if tpu else "--tpu='' (the Colab runtime's TPU)"
     try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        resolver = _with_socket_timeout(
+            _METADATA_TIMEOUT_S, tf.distribute.cluster_resolver.TPUClusterResolver, tpu=tpu)
+    except Exception as e:  # noqa: BLE001 - urllib, googleapiclient, ValueError, ... all mean one thing
+        raise UserError(
+            f"{which}: cannot resolve the TPU ({_first_line(e)}); a TPU name is looked up through "
+            "the Google Cloud metadata server, so run on a GCE/TPU VM in the TPU's project and "
+            "zone (gcloud compute tpus list), use --tpu=local on a TPU VM, or --strategy=auto "
+            "off Google Cloud") from None
+    try:
         # As TF Model Garden: a TPU VM ("local") and the new Colab runtime ("") hold the TPU
         # in-process; a named TPU node (or the legacy Colab runtime) is a remote cluster.
         if tpu not in ("", "local") or os.environ.get("COLAB_TPU_ADDR"):
             tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
-        raise UserError(f"--tpu {tpu!r}: cannot connect to a TPU: {e}".splitlines()[0]) from e
-    return tf.distribute.TPUStrategy(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except Exception as e:  # noqa: BLE001 - gRPC, OpError, RuntimeError, ValueError
+        raise UserError(
+            f"{which}: cannot connect to a TPU ({_first_line(e)}); check that the TPU is READY "
+            "(gcloud compute tpus tpu-vm describe), that no other process holds it "
+            "(/tmp/libtpu_lockfile), and that tensorflow-tpu matches libtpu (TF 2.20)") from None
+
+
+def _with_socket_timeout(seconds: float, fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) with urllib's default socket timeout bounded to `seconds`."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "message", None) or e).strip() or type(e).__name__
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}"
 
 
 def device_kind(strategy: tf.distribute.Strategy) -> str:
