@@ -209,6 +209,46 @@ def test_next_stage_restores_backbone_and_matching_head(data, reference, tmp_pat
     assert five.start_info["init_from"]["skipped"]["head"].startswith("num_classes differs")
 
 
+def _stage(data_dir: str, workdir: str, init_from: str) -> train.Trainer:
+    cfg = _config(data_dir, workdir, init_from=init_from)
+    return train.Trainer(dataclasses.replace(MODEL, num_classes=4), cfg, train.make_plan(cfg),
+                         tf.distribute.get_strategy())
+
+
+def test_init_from_refuses_a_head_of_another_label_map(data, reference, tmp_path):
+    """Same class count, other landmarks behind the class numbers: the head must not be kept."""
+    with open(os.path.join(reference[0], "config.json")) as f:
+        assert len(json.load(f)["data"]["label_map_sha256"]) == 64
+    assert _stage(data, str(tmp_path / "same"), reference[0]).start_info["init_from"][
+        "label_map"] == "same"
+    other = str(tmp_path / "other")
+    shutil.copytree(data, other)
+    with open(os.path.join(other, "label_map.csv"), "w") as f:
+        f.write("label,landmark_id,count\n" + "".join(f"{i},{2000 + i},12\n" for i in range(4)))
+    with pytest.raises(UserError, match=r"--init_from .*another label_map.csv \(sha256 ") as e:
+        _stage(other, str(tmp_path / "w"), reference[0])
+    assert "\n" not in str(e.value)
+
+
+def test_init_from_an_older_workdir_without_the_digest_warns_and_continues(
+        data, reference, tmp_path, caplog):
+    older = str(tmp_path / "older")
+    shutil.copytree(reference[0], older)
+    path = os.path.join(older, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["data"]["label_map_sha256"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with caplog.at_level("WARNING"):
+        info = _stage(data, str(tmp_path / "w"), older).start_info["init_from"]
+    assert info["label_map"] == "unchecked" and "head" in info["restored"]
+    assert "cannot check that class numbers mean the same landmarks" in caplog.text
+    # Resuming the older workdir itself is no config conflict either.
+    again = train.train(MODEL, _config(data, older, val_split="val"))
+    assert again["step"] == STEPS
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(data_dir="/nonexistent"), "dataset_info.json not found"),
     (dict(train_split="test"), "split 'test' not in"),
