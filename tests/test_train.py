@@ -18,7 +18,7 @@ from tiny_dataset import make_dataset
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import model
-from landmark_tf.training import train
+from landmark_tf.training import checkpointing, train
 
 MODEL = ModelConfig(image_size=32, embedding_dim=32, margin=0.1)
 STEPS, EVERY = 36, 6  # 6 epochs of 6 steps of 8 examples
@@ -176,6 +176,27 @@ def test_rerun_with_conflicting_config_is_an_error(data, reference):
     workdir, _ = reference
     with pytest.raises(UserError, match=r"train.learning_rate: 0.05 -> 0.2.*new --workdir"):
         train.train(MODEL, _config(data, workdir, val_split="val", learning_rate=0.2))
+
+
+def test_a_finished_constant_schedule_run_extends_with_more_steps(data, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference[0], workdir)
+    longer = train.train(MODEL, _config(data, workdir, val_split="val", train_steps=STEPS + 6))
+    assert longer["start_step"] == STEPS and longer["step"] == STEPS + 6
+    assert _latest_step(workdir) == STEPS + 6
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["train_steps"] == STEPS + 6
+
+
+def test_a_cosine_run_cannot_be_extended(data, tmp_path):
+    workdir = str(tmp_path / "cosine")
+    os.makedirs(workdir)
+    cfg = _config(data, workdir, schedule="cosine", train_steps=6)
+    checkpointing.check_and_write_config(
+        workdir, checkpointing.workdir_config(MODEL, cfg, 4))
+    with pytest.raises(UserError, match=r"train.train_steps: 6 -> 12 \(the cosine schedule "
+                                        r"depends on the total number of steps"):
+        train.train(MODEL, dataclasses.replace(cfg, train_steps=12))
 
 
 def test_finished_run_reruns_without_training(data, reference):

@@ -97,9 +97,25 @@ def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 continue
             if section == "data" and key == LABEL_MAP_KEY and key not in a:
                 continue  # a workdir from before the digest was recorded
-            if a.get(key) != b.get(key):
-                found.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+            if a.get(key) == b.get(key):
+                continue
+            change = f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}"
+            if section == "train" and key in _LENGTH_KEYS:
+                schedule = b.get("schedule")
+                if schedule in EXTENDABLE_SCHEDULES:
+                    continue
+                change += (f" (the {schedule} schedule depends on the total number of steps: "
+                           "the steps already taken would have had other learning rates; runs "
+                           f"with {' or '.join(sorted(EXTENDABLE_SCHEDULES))} schedules can be "
+                           "extended, or start a new --workdir with --init_from)")
+            found.append(change)
     return found
+
+
+# Schedules whose learning rate at a step does not depend on the run's length: a finished run
+# can be extended (or cut) by rerunning with another --train_steps / --epochs.
+EXTENDABLE_SCHEDULES = frozenset({"constant", "inverse_time"})
+_LENGTH_KEYS = ("train_steps", "epochs")
 
 
 def check_and_write_config(workdir: str, config: dict[str, Any], chief: bool = True) -> bool:
