@@ -19,7 +19,14 @@ from landmark_tf.training import distribute
 
 def test_precision_and_jit_follow_the_hardware():
     assert distribute.precision_policy("auto", "tpu") == "mixed_bfloat16"
-    assert distribute.precision_policy("auto", "gpu") == "mixed_float16"
+    a100 = {"compute_capability": (8, 0), "device_name": "NVIDIA A100-SXM4-40GB"}
+    v100 = {"compute_capability": (7, 0), "device_name": "Tesla V100-SXM2-16GB"}
+    h100 = {"compute_capability": (9, 0), "device_name": "NVIDIA H100 80GB HBM3"}
+    assert distribute.precision_policy("auto", "gpu", [a100, h100]) == "mixed_bfloat16"
+    assert distribute.precision_policy("auto", "gpu", [v100]) == "mixed_float16"
+    assert distribute.precision_policy("auto", "gpu", [a100, v100]) == "mixed_float16"
+    assert distribute.precision_policy("auto", "gpu", [{"device_name": "?"}]) == "mixed_float16"
+    assert distribute.precision_policy("float16", "gpu", [a100]) == "mixed_float16"
     assert distribute.precision_policy("auto", "cpu") == "float32"
     assert distribute.precision_policy("bfloat16", "cpu") == "mixed_bfloat16"
     assert distribute.use_jit("auto", "tpu") and distribute.use_jit("auto", "gpu")
@@ -229,3 +236,59 @@ def test_mirrored_two_cpu_replicas_train_like_one_device(tmp_path):
     np.testing.assert_allclose(r["mirrored_losses"], r["cpu_losses"], rtol=0.02, err_msg=figures)
     assert r["update_cosine"] > 0.9999, figures
     assert abs(r["update_norm_ratio"] - 1) < 1e-3, figures
+
+
+_OVERFLOW_ON_REPLICA_1 = textwrap.dedent("""
+    import types
+    import keras
+    from landmark_tf.training import distribute, train_step
+
+    strategy = distribute.resolve_strategy("mirrored")
+    with strategy.scope():
+        image = keras.Input((4, 4, 3), name="image")
+        label = keras.Input((), dtype="int32", name="label")
+        x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(image))
+        net = keras.Model({"image": image, "label": label}, keras.layers.Dense(3)(x))
+        opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        opt.build(net.trainable_variables)
+    step = train_step.make_train_step(types.SimpleNamespace(train_model=net), opt,
+                                      global_batch=4, replicas=2, accum_steps=1, jit=False)
+
+
+    def batch(weight_of_replica_1):
+        def per_replica(ctx):
+            w = weight_of_replica_1 if ctx.replica_id_in_sync_group == 1 else 1.0
+            return {"image": tf.fill([2, 4, 4, 3], 100.0), "label": tf.constant([0, 1]),
+                    "weight": tf.fill([2], w)}
+        return strategy.experimental_distribute_values_from_function(per_replica)
+
+
+    run = tf.function(lambda b: strategy.run(step, args=(b,)))
+    before = [v.numpy().copy() for v in net.trainable_variables]
+    scale0 = float(opt.dynamic_scale.numpy())
+    run(batch(float("inf")))  # an overflow on replica 1 only
+    skipped = [v.numpy() for v in net.trainable_variables]
+    per_replica = [[strategy.experimental_local_results(v.value)[r].numpy().tolist()
+                    for v in net.trainable_variables] for r in range(2)]
+    scale1 = float(opt.dynamic_scale.numpy())
+    run(batch(1.0))  # a normal step still trains
+    after = [v.numpy() for v in net.trainable_variables]
+    print(json.dumps({
+        "replicas": strategy.num_replicas_in_sync, "scales": [scale0, scale1],
+        "unchanged": all(np.array_equal(a, b) for a, b in zip(before, skipped)),
+        "replicas_agree": per_replica[0] == per_replica[1],
+        "finite": all(np.isfinite(a).all() for a in after),
+        "trained": not all(np.array_equal(a, b) for a, b in zip(before, after)),
+        "iterations": int(opt.iterations.numpy())}))
+""")
+
+
+def test_loss_scaling_skips_a_step_when_any_replica_overflows():
+    """fp16 on 2 replicas: inf in replica 1's gradients only. Keras alone decides from replica 0
+    and applies the overflow (weights become NaN); we skip the step everywhere and halve the
+    loss scale."""
+    r = _run_two_cpu_script(_OVERFLOW_ON_REPLICA_1)
+    assert r["replicas"] == 2
+    assert r["unchanged"] and r["replicas_agree"], r
+    assert r["scales"][1] == r["scales"][0] / 2, r
+    assert r["finite"] and r["trained"] and r["iterations"] == 1, r

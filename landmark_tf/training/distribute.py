@@ -119,11 +119,31 @@ def device_kind(strategy: tf.distribute.Strategy) -> str:
     return "gpu" if any("GPU" in d.upper() for d in devices) else "cpu"
 
 
-def precision_policy(setting: str, kind: str) -> str:
-    """Keras dtype policy: auto -> mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU."""
+def precision_policy(setting: str, kind: str, gpu_details: list[dict] | None = None) -> str:
+    """Keras dtype policy: auto -> mixed_bfloat16 on TPU, float32 on CPU, and on GPU what
+    `gpu_precision` picks from the GPUs' details (read from TensorFlow when not given)."""
     if setting == "auto":
-        setting = {"tpu": "bfloat16", "gpu": "float16"}.get(kind, "float32")
+        if kind == "gpu":
+            setting = gpu_precision(_gpu_details() if gpu_details is None else gpu_details)
+        else:
+            setting = {"tpu": "bfloat16"}.get(kind, "float32")
     return {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[setting]
+
+
+def gpu_precision(details: list[dict]) -> str:
+    """"bfloat16" when every GPU has compute capability >= 8.0 (Ampere and later: bf16 tensor
+    cores, no loss scaling, no overflow); else "float16" (with dynamic loss scaling).
+
+    details: tf.config.experimental.get_device_details of each GPU, e.g.
+    {"compute_capability": (8, 0), "device_name": "NVIDIA A100-SXM4-40GB"}.
+    """
+    capabilities = [tuple(d.get("compute_capability") or (0, 0)) for d in details]
+    return "bfloat16" if capabilities and min(capabilities) >= (8, 0) else "float16"
+
+
+def _gpu_details() -> list[dict]:
+    return [tf.config.experimental.get_device_details(g)
+            for g in tf.config.list_physical_devices("GPU")]
 
 
 def use_jit(setting: str, kind: str) -> bool:

@@ -66,14 +66,34 @@ def make_train_step(
         return loss, correct, grads
 
     compute = tf.function(accumulate, jit_compile=True) if jit else accumulate
+    agree = replicas > 1 and isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_fn(batch):
         loss, correct, grads = compute(batch)
+        if agree:
+            grads = finite_everywhere_or_poisoned(grads)
         optimizer.apply(grads, variables)
         count = tf.cast(tf.shape(batch["label"])[0], tf.float32)
         return {"loss": tf.cast(loss, tf.float32), "correct": correct, "count": count}
 
     return replica_fn
+
+
+def finite_everywhere_or_poisoned(grads: list[tf.Tensor]) -> list[tf.Tensor]:
+    """This replica's gradients, made non-finite unless every replica's are finite.
+
+    Keras' LossScaleOptimizer under MirroredStrategy (apply outside XLA) decides "finite" from
+    replica 0's un-reduced gradients only, so an overflow on another replica would be summed into
+    the update. One scalar all-reduce of the non-finite flags and a NaN added to the first
+    gradient where any replica overflowed make every replica (replica 0 included) skip the step
+    and lower the loss scale together. Call in replica context.
+    """
+    bad = tf.cast(tf.logical_not(tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(g)) for g in grads])), tf.float32)
+    bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    poison = tf.where(bad > 0, tf.constant(float("nan"), grads[0].dtype),
+                      tf.zeros([], grads[0].dtype))
+    return [grads[0] + poison, *grads[1:]]
 
 
 def make_eval_step(models: LandmarkModels) -> Callable[[dict[str, tf.Tensor]], dict]:
