@@ -33,8 +33,8 @@ def make_train_step(
 ) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """Returns replica_fn(batch) -> {"loss", "correct", "count"} float32 scalars of this replica.
 
-    batch: {"image": float32[accum*micro, S, S, 3], "label": int32[...], "weight": float32[...],
-    optionally "flip": bool[...]} (input_pipeline.train_dataset's batches).
+    batch: {"image": uint8 (or float32) [accum*micro, S, S, 3], "label": int32[...],
+    "weight": float32[...], optionally "flip": bool[...]} (input_pipeline.train_dataset's batches).
     "loss" is this replica's share of the global mean weighted loss (sums to the mean over
     replicas), "correct"/"count" count top-1 hits of the margin logits.
     """
@@ -55,6 +55,7 @@ def make_train_step(
     def accumulate(batch):
         if "flip" in batch:
             batch = {**batch, "image": augment.apply_flips(batch["image"], batch["flip"])}
+        batch = {**batch, "image": tf.cast(batch["image"], tf.float32)}  # uint8 infeed
         if accum_steps == 1:
             return grads_of(batch["image"], batch["label"], batch["weight"])
         micro = {k: _split(v, accum_steps) for k, v in batch.items()}
@@ -104,7 +105,7 @@ def make_eval_step(models: LandmarkModels) -> Callable[[dict[str, tf.Tensor]], d
     model = models.eval_logits_model
 
     def replica_fn(batch):
-        logits = model(batch["image"], training=False)
+        logits = model(tf.cast(batch["image"], tf.float32), training=False)
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), batch["label"])
         valid = tf.cast(batch["weight"] > 0, tf.float32)
         return {"correct": tf.reduce_sum(tf.cast(hits, tf.float32) * valid),
