@@ -154,6 +154,37 @@ def test_resampling_is_a_function_of_the_seed():
     assert list(a) == list(b) and list(a) != list(c)
 
 
+def test_copies_of_a_rare_class_are_spread_over_the_window():
+    """A 1-image class with repeat factor 20 (what class_balanced gives a 1-image class on
+    GLDv2) among 999 images of another: its 20 copies come ~window/20 apart, never in a row."""
+    recs = _label_records([999, 1])
+    factors = np.array([1.0, 20.0], np.float32)
+    spec = {"image/class/label": tf.io.FixedLenFeature([], tf.int64)}
+    for s in range(3):
+        out = sampling.resample(recs, factors, tf.constant([s, 1], tf.int64), window=1000)
+        labels = np.concatenate(list(out.batch(4096).map(
+            lambda b: tf.io.parse_example(b, spec)["image/class/label"]).as_numpy_iterator()))
+        assert len(labels) == 1019
+        where = np.flatnonzero(labels == 1)
+        assert len(where) == 20
+        gaps = np.diff(where)
+        # Evenly spaced: ~1019/20 = 51 apart (binomial spread around it), spanning the window.
+        assert gaps.min() >= 25 and gaps.max() <= 80, gaps
+        assert where[-1] - where[0] >= 0.9 * 1019, where
+        # Class 0 is shuffled too: its records are not in input order.
+        ids = [tf.io.parse_single_example(r, records.FEATURE_SPEC)["image/id"].numpy()
+               for r in out.take(50)]
+        assert ids != sorted(ids)
+
+
+def test_spread_order_spaces_copies_evenly():
+    n = tf.constant([3, 0, 1, 4, 1], tf.int32)
+    order = sampling.spread_order(n, tf.constant([5, 6], tf.int64)).numpy()
+    assert sorted(order.tolist()) == [0, 0, 0, 2, 3, 3, 3, 3, 4]
+    where = np.flatnonzero(order == 3)
+    assert np.diff(where).min() >= 1 and len(where) == 4
+
+
 def test_hosts_read_disjoint_shards_and_too_few_shards_fail(data):
     spec = _train_spec(data)
     mine = ip.host_files(spec.files, tf.distribute.InputContext(2, 1, 2))

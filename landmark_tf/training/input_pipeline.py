@@ -10,8 +10,9 @@ step casts them to float32 on the device. infeed_dtype="float32" keeps the unrou
 
 Data order is a pure function of (seed, step), which is how training resumes step-exactly:
 training is cut into epochs of `steps_per_epoch` steps; epoch e reads the host's files in an
-order shuffled with seed (seed, e), interleaving 16 at a time, resamples classes, permutes
-blocks of `shuffle_buffer` serialized records with seeds from (seed, e), and takes exactly
+order shuffled with seed (seed, e), interleaving 16 at a time, permutes blocks of
+`shuffle_buffer` serialized records with seeds from (seed, e) (when resampling classes, the
+resampler's windows of that size are the shuffle, with a record's copies spread), and takes exactly
 steps_per_epoch * host_batch records (passing over the files again if resampling came up
 short). Resuming at step s rebuilds epoch s // steps_per_epoch and skips the records of its
 first s % steps_per_epoch steps *before* parsing and decoding, so a resume costs reading, not
@@ -134,8 +135,11 @@ def _epoch_records(files: list[str], epoch_seed: tf.Tensor, spec: TrainInput) ->
     def one_pass(p: tf.Tensor) -> tf.data.Dataset:
         s = _fold(epoch_seed, p)
         order = tf.random.experimental.stateless_shuffle(names, seed=s)
-        recs = sampling.resample(_read(order, cycle), spec.repeat_factors, _fold(s, 1))
-        return shuffle_blocks(recs, spec.shuffle_buffer, _fold(s, 2))
+        if spec.repeat_factors is None:
+            return shuffle_blocks(_read(order, cycle), spec.shuffle_buffer, _fold(s, 2))
+        # Resampling shuffles each window of shuffle_buffer records itself, spreading copies.
+        return sampling.resample(_read(order, cycle), spec.repeat_factors, _fold(s, 1),
+                                 spec.shuffle_buffer)
 
     return tf.data.Dataset.range(_FOREVER).flat_map(one_pass)
 
