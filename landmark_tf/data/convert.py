@@ -27,7 +27,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from landmark_tf import fileio
-from landmark_tf.data import gldv2, records
+from landmark_tf.data import gldv2, images, records
 from landmark_tf.data.gldv2 import Plan
 from landmark_tf.data.shards import ImageOptions, ShardTask, record_size, write_shard
 from landmark_tf.data.workers import Workers
@@ -54,8 +54,8 @@ class ConvertConfig:
     min_images_per_class: int = 1
     val_fraction: float = 0.0
     seed: int = 0
-    max_image_side: int = 800
-    jpeg_quality: int = 90
+    max_image_side: int = images.DEFAULT_MAX_SIDE
+    jpeg_quality: int = images.DEFAULT_QUALITY
     shard_size_mb: float = 150.0
     num_shards: int = 0
     num_workers: int = 1
