@@ -218,6 +218,6 @@ class Trainer:
             try:
                 loop.run()
             except KeyboardInterrupt:
-                loop.save(int(self.step.numpy()))
+                loop.save(int(self.step.numpy()), wait=True)
                 raise
         return loop.result()
