@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from tiny_dataset import make_dataset
 
+from landmark_tf import config
 from landmark_tf.errors import UserError
 from landmark_tf.training import distribute
 
@@ -292,3 +293,62 @@ def test_loss_scaling_skips_a_step_when_any_replica_overflows():
     assert r["unchanged"] and r["replicas_agree"], r
     assert r["scales"][1] == r["scales"][0] / 2, r
     assert r["finite"] and r["trained"] and r["iterations"] == 1, r
+
+
+_TPU_PROXY = textwrap.dedent("""
+    import keras
+    from landmark_tf.config import HEADS, ModelConfig, TrainConfig
+    from landmark_tf.modeling import model
+    from landmark_tf.training import distribute, train
+
+    data, out = sys.argv[1], sys.argv[2]
+
+
+    def tiny_backbone(name, weights_path=None):
+        # XLA:CPU takes many minutes to compile EfficientNet-B0's train step; this stand-in has
+        # the same kinds of layers (conv, batch norm, swish, dropout with a seed generator).
+        image = keras.Input((None, None, 3))
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1)(image)
+        x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(x)
+        x = keras.layers.Activation("swish")(keras.layers.BatchNormalization()(x))
+        x = keras.layers.Dropout(0.1)(x)
+        x = keras.layers.Conv2D(16, 3, strides=2, padding="same")(x)
+        return keras.Model(image, x, name="tiny_backbone")
+
+
+    model.backbones.build_backbone = tiny_backbone
+    # One MirroredStrategy for all heads, as one process has one in a real run: several in one
+    # process reuse collective instance keys, and one run's all-reduce meets another's.
+    strategy = distribute.resolve_strategy("mirrored")
+    results = {}
+    for head in HEADS:
+        cfg = TrainConfig(data_dir=data, workdir=f"{out}/{head}", train_steps=8, batch_size=8,
+                          learning_rate=0.05, val_split="val", augment=["flip"],
+                          strategy="mirrored", jit_compile="on", mixed_precision="bfloat16",
+                          steps_per_execution=4, checkpoint_every=8, eval_every=8)
+        model_cfg = ModelConfig(image_size=32, embedding_dim=16, head=head, margin=0.1,
+                                num_classes=4)
+        r = train.Trainer(model_cfg, cfg, train.make_plan(cfg), strategy).run()
+        keras.mixed_precision.set_global_policy("float32")
+        results[head] = {k: r[k] for k in ("step", "loss", "replicas", "jit_compile",
+                                           "mixed_precision", "steps_per_execution",
+                                           "val_examples")}
+    print(json.dumps(results))
+""")
+
+
+def test_tpu_proxy_every_head_with_xla_bfloat16_and_multi_step_on_two_replicas(tmp_path):
+    """The closest CPU stand-in for what TPUStrategy compiles: the real trainer (train.Trainer:
+    input pipeline, train step, heads, losses, multi-step loop, eval, checkpoint) with XLA,
+    mixed bfloat16 and 4 steps per execution on 2 replicas, for each head. Only the backbone is
+    a small stand-in (EfficientNet's step takes minutes to compile on XLA:CPU)."""
+    make_dataset(str(tmp_path / "data"), train_counts=(8, 8, 8, 8), val_counts=(2, 2, 2, 2),
+                 size=32)
+    r = _run_two_cpu_script(_TPU_PROXY, str(tmp_path / "data"), str(tmp_path / "out"))
+    assert sorted(r) == sorted(config.HEADS)
+    for head, got in r.items():
+        assert got["step"] == 8 and got["replicas"] == 2, (head, got)
+        assert got["jit_compile"] and got["mixed_precision"] == "mixed_bfloat16", (head, got)
+        # No fallback to one step per execution (keras#19246-like failures would force it).
+        assert got["steps_per_execution"] == 4, (head, got)
+        assert np.isfinite(got["loss"]) and got["val_examples"] == 8, (head, got)

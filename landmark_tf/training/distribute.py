@@ -226,7 +226,8 @@ def multi_step_supported(strategy: tf.distribute.Strategy) -> bool:
 
         def step(batch):
             with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(model(batch)) / float(len(x))
+                # float32 whatever the global dtype policy (mixed_bfloat16 makes it bfloat16).
+                loss = tf.cast(tf.reduce_sum(model(batch)), tf.float32) / float(len(x))
             optimizer.apply(tape.gradient(loss, model.trainable_variables),
                             model.trainable_variables)
             return {"loss": loss}
