@@ -76,7 +76,7 @@ def test_tiny_model_learns_and_logs(reference):
     assert len(_scalars(workdir, "val", "accuracy")) == STEPS // EVERY  # once per epoch
     assert r["val_examples"] == 12 and 0.0 <= r["val_accuracy"] <= 1.0
     assert r["images_per_second"] > 0 and np.isfinite(r["loss"])
-    assert r["async_checkpoint"] and r["checkpoint"].endswith(f"ckpt-{STEPS}")
+    assert r["checkpoint"].endswith(f"ckpt-{STEPS}")
     names = sorted(os.listdir(workdir))
     assert names == ["checkpoints", "config.json", "logs", "summary.json"]
     with open(os.path.join(workdir, "config.json")) as f:
@@ -298,3 +298,18 @@ def test_unknown_backbone_or_head_is_a_user_error(data, tmp_path, model_cfg, mes
 def test_epochs_set_the_number_of_steps(data, tmp_path):
     plan = train.make_plan(_config(data, str(tmp_path), train_steps=0, epochs=1.5))
     assert plan.steps_per_epoch == 6 and plan.train_steps == 9 and plan.num_classes == 4
+
+
+def test_async_checkpoints_of_keras_variables_still_fail_on_the_second_save(tmp_path):
+    """Why checkpointing.ASYNC_CHECKPOINTS is off: with Keras 3 variables TF's async checkpoint
+    fails on the second save. When this test fails, upstream is fixed: turn async on (and check
+    that resume stays step-exact with test_resuming_from_a_checkpoint_reaches_the_same_weights)."""
+    import keras
+
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(net=net), str(tmp_path), 2)
+    options = tf.train.CheckpointOptions(experimental_enable_async_checkpoint=True)
+    manager.save(checkpoint_number=1, options=options)
+    with pytest.raises(ValueError, match="singleton tf.Variables created on the first call"):
+        manager.save(checkpoint_number=2, options=options)
+    assert not checkpointing.ASYNC_CHECKPOINTS
