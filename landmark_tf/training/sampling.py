@@ -16,7 +16,8 @@ buffer); within a window the copies of a record are spread evenly, not emitted i
 of a record with k copies gets the sort key (u + j) / k, u uniform per record, and the window is
 emitted in key order. A record with one copy lands at a uniformly random place, so this is also
 the window's shuffle; a 1-image class with ~20 copies under class_balanced gets them about
-window/20 records apart (never two in one batch while batch < window/20) instead of 20 in a row.
+window/20 records apart (rarely two in one batch while batch << window/20) instead of 20
+in a row.
 Copies cannot spread further than a window without holding more records in memory (one window
 of serialized records, as a shuffle buffer). The draws are stateless random functions of
 (seed, window index): the same seed gives the same stream, which the step-exact resume of
