@@ -9,6 +9,9 @@
 2. Input pipeline: `input_pipeline.train_dataset` (file-order shuffle, block shuffle, seeds,
    flip, weights) vs a bare TFRecordDataset -> parse -> decode -> resize -> batch loop over the
    same records with the same parallelism. Target: ours >= 0.9x the bare images/s.
+3. Infeed dtype (--parts=infeed): `input_pipeline.train_dataset` producing uint8 batches (the
+   default; the device casts) vs float32 batches, same records; also the bytes per batch that
+   cross host -> device.
 Contenders alternate over --rounds (order reversed every other round); reported are median
 images/s and the median of the per-round ratios, by wall clock and by process CPU time.
 """
@@ -61,16 +64,17 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _summary(prefix: str, images: dict[str, int], seconds: dict[str, list]) -> dict:
+def _summary(prefix: str, images: dict[str, int], seconds: dict[str, list],
+             pair: tuple[str, str] = ("ours", "bare")) -> dict:
     """Median images/s per contender, and the median over rounds of the paired ratio
-    ours/bare, by wall clock and by CPU time (steadier when other jobs share the CPUs)."""
+    pair[0]/pair[1], by wall clock and by CPU time (steadier when other jobs share the CPUs)."""
     out = {}
     for clock, i in (("wall", 0), ("cpu", 1)):
         rate = {k: [images[k] / t[i] for t in v] for k, v in seconds.items()}
         for k, v in rate.items():
             out[f"{prefix}_{k}_images_per_{clock}_second"] = statistics.median(v)
         out[f"{prefix}_ratio_{clock}"] = statistics.median(
-            o / b for o, b in zip(rate["ours"], rate["bare"], strict=True))
+            o / b for o, b in zip(rate[pair[0]], rate[pair[1]], strict=True))
     return out
 
 
@@ -152,6 +156,33 @@ def bench_pipeline(args, files: list[str]) -> dict:
     return _summary("pipeline", images, seconds)
 
 
+def bench_infeed(args, files: list[str]) -> dict:
+    """Our pipeline with uint8 vs float32 batches (what crosses host -> device)."""
+    datasets = {}
+    for dtype in ("uint8", "float32"):
+        spec = input_pipeline.TrainInput(
+            files=tuple(files), image_size=args.image_size, global_batch_size=args.batch,
+            steps_per_epoch=args.records // args.batch, shuffle_buffer=1024, augment=("flip",),
+            infeed_dtype=dtype)
+        datasets[dtype] = input_pipeline.train_dataset(spec, tf.distribute.InputContext())
+    batches = args.records // args.batch
+    seconds = {k: [] for k in datasets}
+    for r in range(args.rounds):
+        order = list(datasets.items())
+        for name, dataset in order if r % 2 == 0 else order[::-1]:
+            it = iter(dataset)
+            for _ in range(batches // 2):
+                next(it)
+            seconds[name].append(_timed(lambda it=it: next(it), batches))
+            del it
+    images = {k: batches * args.batch for k in seconds}
+    out = _summary("infeed", images, seconds, pair=("uint8", "float32"))
+    for name, dataset in datasets.items():
+        image = dataset.element_spec["image"]
+        out[f"infeed_{name}_bytes_per_batch"] = image.shape.num_elements() * image.dtype.size
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image_size", type=int, default=128)
@@ -172,6 +203,8 @@ def main() -> None:
             result.update(bench_pipeline(args, files))
         if "step" in parts:
             result.update(bench_step(args))
+        if "infeed" in parts:
+            result.update(bench_infeed(args, files))
     print(json.dumps(result, sort_keys=True))
 
 

@@ -2,22 +2,32 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from tiny_dataset import make_dataset
 
+from landmark_tf import config
 from landmark_tf.errors import UserError
 from landmark_tf.training import distribute
 
 
 def test_precision_and_jit_follow_the_hardware():
     assert distribute.precision_policy("auto", "tpu") == "mixed_bfloat16"
-    assert distribute.precision_policy("auto", "gpu") == "mixed_float16"
+    a100 = {"compute_capability": (8, 0), "device_name": "NVIDIA A100-SXM4-40GB"}
+    v100 = {"compute_capability": (7, 0), "device_name": "Tesla V100-SXM2-16GB"}
+    h100 = {"compute_capability": (9, 0), "device_name": "NVIDIA H100 80GB HBM3"}
+    assert distribute.precision_policy("auto", "gpu", [a100, h100]) == "mixed_bfloat16"
+    assert distribute.precision_policy("auto", "gpu", [v100]) == "mixed_float16"
+    assert distribute.precision_policy("auto", "gpu", [a100, v100]) == "mixed_float16"
+    assert distribute.precision_policy("auto", "gpu", [{"device_name": "?"}]) == "mixed_float16"
+    assert distribute.precision_policy("float16", "gpu", [a100]) == "mixed_float16"
     assert distribute.precision_policy("auto", "cpu") == "float32"
     assert distribute.precision_policy("bfloat16", "cpu") == "mixed_bfloat16"
     assert distribute.use_jit("auto", "tpu") and distribute.use_jit("auto", "gpu")
@@ -44,8 +54,45 @@ def test_auto_on_cpu_is_the_default_strategy_and_cpu_is_one_device(monkeypatch):
 
 
 def test_tpu_without_a_tpu_is_a_user_error():
-    with pytest.raises(UserError, match="cannot connect to a TPU"):
+    with pytest.raises(UserError, match="cannot connect to a TPU") as info:
         distribute.resolve_strategy("tpu", "local")
+    assert "\n" not in str(info.value) and "--tpu=local" in str(info.value)
+
+
+def test_tpu_name_lookup_is_bounded_when_the_metadata_server_never_answers(monkeypatch):
+    """A metadata server that accepts the connection and then says nothing (what a firewalled
+    169.254.169.254 can look like): the lookup gives up after the bound, as one UserError."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)  # connections complete in the kernel backlog; nothing is ever sent
+    monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.delenv("GCE_METADATA_HOST", raising=False)
+    monkeypatch.setattr(distribute, "_METADATA_TIMEOUT_S", 1.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(UserError, match=r"--tpu=somewhere: cannot resolve the TPU .*timed out"):
+            distribute.resolve_strategy("tpu", "somewhere")
+    finally:
+        server.close()
+    assert time.monotonic() - start < 30
+    assert socket.getdefaulttimeout() is None  # the bound does not leak into the process
+
+
+def test_cli_tpu_off_google_cloud_is_one_line_and_exit_2(tmp_path):
+    make_dataset(str(tmp_path / "data"), train_counts=(4, 4), val_counts=None, size=32)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           # A closed local port: the lookup fails at once on any machine, network or not.
+           "GCE_METADATA_IP": "127.0.0.1:9"}
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "landmark-train"),
+         f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'w'}", "--train_steps=1",
+         "--batch_size=4", "--strategy=tpu", "--tpu=nonexistent"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("landmark-train: error: --tpu=nonexistent: cannot resolve the TPU")
+    assert "metadata server" in lines[0] and proc.stdout == ""
 
 
 def _run_two_cpu_script(script: str, *args: str) -> dict:
@@ -190,3 +237,118 @@ def test_mirrored_two_cpu_replicas_train_like_one_device(tmp_path):
     np.testing.assert_allclose(r["mirrored_losses"], r["cpu_losses"], rtol=0.02, err_msg=figures)
     assert r["update_cosine"] > 0.9999, figures
     assert abs(r["update_norm_ratio"] - 1) < 1e-3, figures
+
+
+_OVERFLOW_ON_REPLICA_1 = textwrap.dedent("""
+    import types
+    import keras
+    from landmark_tf.training import distribute, train_step
+
+    strategy = distribute.resolve_strategy("mirrored")
+    with strategy.scope():
+        image = keras.Input((4, 4, 3), name="image")
+        label = keras.Input((), dtype="int32", name="label")
+        x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(image))
+        net = keras.Model({"image": image, "label": label}, keras.layers.Dense(3)(x))
+        opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        opt.build(net.trainable_variables)
+    step = train_step.make_train_step(types.SimpleNamespace(train_model=net), opt,
+                                      global_batch=4, replicas=2, accum_steps=1, jit=False)
+
+
+    def batch(weight_of_replica_1):
+        def per_replica(ctx):
+            w = weight_of_replica_1 if ctx.replica_id_in_sync_group == 1 else 1.0
+            return {"image": tf.fill([2, 4, 4, 3], 100.0), "label": tf.constant([0, 1]),
+                    "weight": tf.fill([2], w)}
+        return strategy.experimental_distribute_values_from_function(per_replica)
+
+
+    run = tf.function(lambda b: strategy.run(step, args=(b,)))
+    before = [v.numpy().copy() for v in net.trainable_variables]
+    scale0 = float(opt.dynamic_scale.numpy())
+    run(batch(float("inf")))  # an overflow on replica 1 only
+    skipped = [v.numpy() for v in net.trainable_variables]
+    per_replica = [[strategy.experimental_local_results(v.value)[r].numpy().tolist()
+                    for v in net.trainable_variables] for r in range(2)]
+    scale1 = float(opt.dynamic_scale.numpy())
+    run(batch(1.0))  # a normal step still trains
+    after = [v.numpy() for v in net.trainable_variables]
+    print(json.dumps({
+        "replicas": strategy.num_replicas_in_sync, "scales": [scale0, scale1],
+        "unchanged": all(np.array_equal(a, b) for a, b in zip(before, skipped)),
+        "replicas_agree": per_replica[0] == per_replica[1],
+        "finite": all(np.isfinite(a).all() for a in after),
+        "trained": not all(np.array_equal(a, b) for a, b in zip(before, after)),
+        "iterations": int(opt.iterations.numpy())}))
+""")
+
+
+def test_loss_scaling_skips_a_step_when_any_replica_overflows():
+    """fp16 on 2 replicas: inf in replica 1's gradients only. Keras alone decides from replica 0
+    and applies the overflow (weights become NaN); we skip the step everywhere and halve the
+    loss scale."""
+    r = _run_two_cpu_script(_OVERFLOW_ON_REPLICA_1)
+    assert r["replicas"] == 2
+    assert r["unchanged"] and r["replicas_agree"], r
+    assert r["scales"][1] == r["scales"][0] / 2, r
+    assert r["finite"] and r["trained"] and r["iterations"] == 1, r
+
+
+_TPU_PROXY = textwrap.dedent("""
+    import keras
+    from landmark_tf.config import HEADS, ModelConfig, TrainConfig
+    from landmark_tf.modeling import model
+    from landmark_tf.training import distribute, train
+
+    data, out = sys.argv[1], sys.argv[2]
+
+
+    def tiny_backbone(name, weights_path=None):
+        # XLA:CPU takes many minutes to compile EfficientNet-B0's train step; this stand-in has
+        # the same kinds of layers (conv, batch norm, swish, dropout with a seed generator).
+        image = keras.Input((None, None, 3))
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1)(image)
+        x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(x)
+        x = keras.layers.Activation("swish")(keras.layers.BatchNormalization()(x))
+        x = keras.layers.Dropout(0.1)(x)
+        x = keras.layers.Conv2D(16, 3, strides=2, padding="same")(x)
+        return keras.Model(image, x, name="tiny_backbone")
+
+
+    model.backbones.build_backbone = tiny_backbone
+    # One MirroredStrategy for all heads, as one process has one in a real run: several in one
+    # process reuse collective instance keys, and one run's all-reduce meets another's.
+    strategy = distribute.resolve_strategy("mirrored")
+    results = {}
+    for head in HEADS:
+        cfg = TrainConfig(data_dir=data, workdir=f"{out}/{head}", train_steps=8, batch_size=8,
+                          learning_rate=0.05, val_split="val", augment=["flip"],
+                          strategy="mirrored", jit_compile="on", mixed_precision="bfloat16",
+                          steps_per_execution=4, checkpoint_every=8, eval_every=8)
+        model_cfg = ModelConfig(image_size=32, embedding_dim=16, head=head, margin=0.1,
+                                num_classes=4)
+        r = train.Trainer(model_cfg, cfg, train.make_plan(cfg), strategy).run()
+        keras.mixed_precision.set_global_policy("float32")
+        results[head] = {k: r[k] for k in ("step", "loss", "replicas", "jit_compile",
+                                           "mixed_precision", "steps_per_execution",
+                                           "val_examples")}
+    print(json.dumps(results))
+""")
+
+
+def test_tpu_proxy_every_head_with_xla_bfloat16_and_multi_step_on_two_replicas(tmp_path):
+    """The closest CPU stand-in for what TPUStrategy compiles: the real trainer (train.Trainer:
+    input pipeline, train step, heads, losses, multi-step loop, eval, checkpoint) with XLA,
+    mixed bfloat16 and 4 steps per execution on 2 replicas, for each head. Only the backbone is
+    a small stand-in (EfficientNet's step takes minutes to compile on XLA:CPU)."""
+    make_dataset(str(tmp_path / "data"), train_counts=(8, 8, 8, 8), val_counts=(2, 2, 2, 2),
+                 size=32)
+    r = _run_two_cpu_script(_TPU_PROXY, str(tmp_path / "data"), str(tmp_path / "out"))
+    assert sorted(r) == sorted(config.HEADS)
+    for head, got in r.items():
+        assert got["step"] == 8 and got["replicas"] == 2, (head, got)
+        assert got["jit_compile"] and got["mixed_precision"] == "mixed_bfloat16", (head, got)
+        # No fallback to one step per execution (keras#19246-like failures would force it).
+        assert got["steps_per_execution"] == 4, (head, got)
+        assert np.isfinite(got["loss"]) and got["val_examples"] == 8, (head, got)

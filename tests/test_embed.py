@@ -1,6 +1,7 @@
 """landmark-embed: exactness against serving_default, ids/labels, skipped images, determinism,
 resume after a kill, records and CSV sources, bad input."""
 
+import io
 import json
 import os
 
@@ -8,7 +9,9 @@ import fixtures_export as fx
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
+from landmark_tf.data import images
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval.embeddings import load_embeddings
 from landmark_tf.serving import embed
@@ -74,12 +77,13 @@ def test_embeds_every_readable_image_in_order_with_labels(first_run, image_set):
     assert "shorter" in skipped[SHORT]
 
 
-def test_rows_equal_serving_default_on_the_original_images(model, first_run, image_set):
+def test_rows_equal_serving_default_on_the_canonical_images(model, first_run, image_set):
     es = load_embeddings(str(first_run[0]))
     single = tf.saved_model.load(model).signatures["serving_default"]
     for image_id, row in zip(es.ids, es.embeddings, strict=True):
         path = os.path.join(image_set["image_dir"], *image_id[:3], f"{image_id}.jpg")
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        with open(path, "rb") as f:
+            image = tf.io.decode_jpeg(images.canonical_jpeg(f.read()), channels=3)
         want = single(input_image=image)["global_descriptor"].numpy()
         np.testing.assert_allclose(row, want, atol=1e-5, rtol=0)
     assert np.abs(es.embeddings[0] - es.embeddings[1]).max() > 1e-4
@@ -215,3 +219,42 @@ def test_efficientnet_export(tmp_path_factory, image_set, tmp_path):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         want = single(input_image=image)["global_descriptor"].numpy()
         np.testing.assert_allclose(row, want, atol=1e-5, rtol=0)
+
+
+def _exif_rotated_jpeg(height: int, width: int) -> bytes:
+    """A photo stored sideways, as cameras do: pixels [width, height] plus EXIF orientation 6
+    (display rotated 90 degrees clockwise), larger than the converter's 800 px."""
+    upright = fx.random_image(height, width, seed=11)
+    upright[: height // 3] = (250, 30, 30)  # a red sky: which way is up matters to the model
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, k=1)))  # as the sensor saw
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+def test_exif_rotated_photo_gets_the_same_descriptor_from_records_and_csv(model, tmp_path):
+    """Train and serve see the same pixels: the converter's record of the photo (--records) and
+    the original file (--csv) give the same descriptor; a plain decode of the file would not."""
+    raw = _exif_rotated_jpeg(900, 1200)
+    image_id = "abc0123rotated"
+    folder = tmp_path / "images" / "a" / "b" / "c"
+    folder.mkdir(parents=True)
+    (folder / f"{image_id}.jpg").write_bytes(raw)
+    (tmp_path / "set.csv").write_text(f"id\n{image_id}\n")
+    encoded, height, width = images.convert(raw, 800, 90)  # what landmark-tfrecords stores
+    assert (height, width) == (600, 800)
+    fx.write_records(str(tmp_path / "index-00000-of-00001.tfrec"), [(image_id, -1, encoded)])
+    rows = {}
+    for name, source in (("records", dict(records=str(tmp_path / "index-*.tfrec"))),
+                         ("csv", dict(csv=str(tmp_path / "set.csv"),
+                                      image_dir=str(tmp_path / "images")))):
+        out = tmp_path / f"{name}.npz"
+        embed.embed_set(embed.EmbedConfig(model=model, output=str(out), batch_size=2,
+                                          num_threads=1, **source))
+        rows[name] = load_embeddings(str(out)).embeddings[0]
+    np.testing.assert_allclose(rows["csv"], rows["records"], atol=1e-5, rtol=0)
+    single = tf.saved_model.load(model).signatures["serving_default"]
+    plain = single(input_image=tf.io.decode_jpeg(raw, channels=3))["global_descriptor"].numpy()
+    assert np.abs(plain - rows["records"]).max() > 1e-3  # sideways and unshrunk: not the same

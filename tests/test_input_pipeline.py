@@ -44,12 +44,30 @@ def test_batches_have_static_shapes_and_contract_dtypes(data):
     ds = ip.train_dataset(_train_spec(data, global_batch_size=6), tf.distribute.InputContext(
         1, 0, 2))  # two replicas on this host -> per-replica batch 3
     spec = ds.element_spec
-    assert spec["image"].shape == (3, 32, 32, 3) and spec["image"].dtype == tf.float32
+    assert spec["image"].shape == (3, 32, 32, 3) and spec["image"].dtype == tf.uint8
     assert spec["label"].dtype == tf.int32 and spec["weight"].dtype == tf.float32
     assert spec["flip"].shape == (3,) and spec["flip"].dtype == tf.bool
-    batch = next(iter(ds))
-    assert 0.0 <= float(tf.reduce_min(batch["image"])) <= float(tf.reduce_max(batch["image"]))
-    assert float(tf.reduce_max(batch["image"])) <= 255.0
+
+
+@pytest.mark.parametrize("augment", [("flip",), ("flip", "crop", "color")])
+def test_uint8_infeed_is_the_float_pipeline_rounded(data, augment):
+    """The uint8 infeed carries the same pixels as float32 up to rounding (|d| <= 0.5), with
+    every other field identical; the eval pipeline too."""
+    as_uint8 = _take(_train_spec(data, augment=augment), 5)
+    as_float = _take(_train_spec(data, augment=augment, infeed_dtype="float32"), 5)
+    for u, f in zip(as_uint8, as_float, strict=True):
+        assert u["image"].dtype == np.uint8 and f["image"].dtype == np.float32
+        assert np.abs(u["image"].astype(np.float32) - f["image"]).max() <= 0.5
+        assert np.ptp(f["image"]) > 50  # real pictures, not a constant
+        for key in ("label", "weight", "flip"):
+            np.testing.assert_array_equal(u[key], f[key])
+    out, info = data
+    files = tuple(records.split_files(out, info, "val"))
+    evals = [[b["image"].numpy() for b in ip.eval_dataset(
+        ip.EvalInput(files, 32, 4, 3, infeed_dtype=dtype), ONE_HOST)]
+        for dtype in ("uint8", "float32")]
+    for u, f in zip(*evals, strict=True):
+        assert u.dtype == np.uint8 and np.abs(u.astype(np.float32) - f).max() <= 0.5
 
 
 @pytest.mark.parametrize("sampling_mode, augment", [("uniform", ("flip",)),
@@ -134,6 +152,37 @@ def test_resampling_is_a_function_of_the_seed():
     recs, factors = _label_records([50, 3]), sampling.repeat_factors([50, 3], "class_balanced")
     a, b, c = (_resampled_labels(recs, factors, [s]) for s in (1, 1, 2))
     assert list(a) == list(b) and list(a) != list(c)
+
+
+def test_copies_of_a_rare_class_are_spread_over_the_window():
+    """A 1-image class with repeat factor 20 (what class_balanced gives a 1-image class on
+    GLDv2) among 999 images of another: its 20 copies come ~window/20 apart, never in a row."""
+    recs = _label_records([999, 1])
+    factors = np.array([1.0, 20.0], np.float32)
+    spec = {"image/class/label": tf.io.FixedLenFeature([], tf.int64)}
+    for s in range(3):
+        out = sampling.resample(recs, factors, tf.constant([s, 1], tf.int64), window=1000)
+        labels = np.concatenate(list(out.batch(4096).map(
+            lambda b: tf.io.parse_example(b, spec)["image/class/label"]).as_numpy_iterator()))
+        assert len(labels) == 1019
+        where = np.flatnonzero(labels == 1)
+        assert len(where) == 20
+        gaps = np.diff(where)
+        # Evenly spaced: ~1019/20 = 51 apart (binomial spread around it), spanning the window.
+        assert gaps.min() >= 25 and gaps.max() <= 80, gaps
+        assert where[-1] - where[0] >= 0.9 * 1019, where
+        # Class 0 is shuffled too: its records are not in input order.
+        ids = [tf.io.parse_single_example(r, records.FEATURE_SPEC)["image/id"].numpy()
+               for r in out.take(50)]
+        assert ids != sorted(ids)
+
+
+def test_spread_order_spaces_copies_evenly():
+    n = tf.constant([3, 0, 1, 4, 1], tf.int32)
+    order = sampling.spread_order(n, tf.constant([5, 6], tf.int64)).numpy()
+    assert sorted(order.tolist()) == [0, 0, 0, 2, 3, 3, 3, 3, 4]
+    where = np.flatnonzero(order == 3)
+    assert np.diff(where).min() >= 1 and len(where) == 4
 
 
 def test_hosts_read_disjoint_shards_and_too_few_shards_fail(data):

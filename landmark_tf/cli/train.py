@@ -74,7 +74,8 @@ _define_choice("strategy", _T.strategy, config.STRATEGIES, "auto: TPU if one res
                   "logical CPUs); multi_worker reads TF_CONFIG.")
 flags.DEFINE_string("tpu", _T.tpu, "TPU name or address; 'local' on a TPU VM; empty in Colab.")
 _define_choice("mixed_precision", _T.mixed_precision, config.PRECISIONS, "auto: bfloat16 on "
-                  "TPU, float16 with loss scaling on GPU, float32 on CPU.")
+                  "TPU and on GPUs of compute capability >= 8.0, float16 with loss scaling on "
+                  "older GPUs, float32 on CPU.")
 _define_choice("jit_compile", _T.jit_compile, config.JIT_MODES, "XLA for the train step; "
                   "auto: on for TPU/GPU, off on CPU (XLA is ~8x slower there).")
 flags.DEFINE_integer("steps_per_execution", _T.steps_per_execution, "Train steps per compiled "

@@ -24,7 +24,7 @@ import PIL
 from tqdm import tqdm
 
 from landmark_tf import fileio
-from landmark_tf.data import output_dir, planning, records
+from landmark_tf.data import images, output_dir, planning, records
 from landmark_tf.data.planning import Plan
 from landmark_tf.data.shards import ImageOptions, ShardTask, write_shard
 from landmark_tf.data.workers import Workers
@@ -47,8 +47,8 @@ class ConvertConfig:
     min_images_per_class: int = 1
     val_fraction: float = 0.0
     seed: int = 0
-    max_image_side: int = 800
-    jpeg_quality: int = 90
+    max_image_side: int = images.DEFAULT_MAX_SIDE
+    jpeg_quality: int = images.DEFAULT_QUALITY
     shard_size_mb: float = 150.0
     num_shards: int = 0
     num_workers: int = 1

@@ -26,6 +26,9 @@ _ORIENTATION = {
     8: Image.Transpose.ROTATE_90,
 }
 _EXIF_ORIENTATION_TAG = 0x0112
+# landmark-tfrecords' defaults (--max_image_side, --jpeg_quality): the canonical form of a photo.
+DEFAULT_MAX_SIDE = 800
+DEFAULT_QUALITY = 90
 _WHITE = (255, 255, 255)
 # A JPEG is first decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) while it stays at least
 # this many times the target size; the final antialiased resample then looks like a full-size one.
@@ -73,6 +76,17 @@ def convert(raw: bytes, max_side: int, quality: int) -> tuple[bytes, int, int]:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=int(quality))
     return buf.getvalue(), image.height, image.width
+
+
+def canonical_jpeg(raw: bytes) -> bytes:
+    """The one canonical form of a photo for training and serving: `convert` with the
+    converter's defaults (EXIF orientation applied, longer side at most 800 px, RGB, JPEG q90).
+
+    Training records hold exactly these bytes, so landmark-embed --csv, which passes original
+    files through here and decodes the result as the input pipeline does, gives the model the
+    same pixels as --records of the same photo. Raises SkipImage as `convert`.
+    """
+    return convert(raw, DEFAULT_MAX_SIDE, DEFAULT_QUALITY)[0]
 
 
 def target_size(width: int, height: int, max_side: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from landmark_tf import fileio
-from landmark_tf.data import records
+from landmark_tf.data import images, records
 from landmark_tf.errors import UserError
 
 
@@ -138,15 +138,24 @@ def _records_total(files: list[str]) -> int | None:
 
 
 def load_image(item: Item) -> np.ndarray | str:
-    """uint8 [H, W, 3], decoded as the input pipeline does; or why it cannot be used."""
+    """uint8 [H, W, 3], decoded as the input pipeline does; or why it cannot be used.
+
+    A record's bytes are already canonical (landmark-tfrecords wrote them); an original file
+    (--csv) is first made canonical as the converter does (`images.canonical_jpeg`: EXIF
+    orientation, at most 800 px, JPEG), so both sources give the model the same pixels.
+    """
     if not item.path and item.data is None:
         return "id shorter than 3 characters: no IMAGE_DIR/a/b/c/ folder for it"
     try:
-        data = item.data if item.data is not None else fileio.read_bytes(item.path)
+        data = item.data
+        if data is None:
+            data = images.canonical_jpeg(fileio.read_bytes(item.path))
         image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
         image = image.numpy()
     except tf.errors.NotFoundError:
         return "file not found"
+    except images.SkipImage as e:
+        return f"cannot decode: {e.reason}"
     except (tf.errors.OpError, ValueError) as e:
         return f"cannot decode: {_first_line(e)}"
     if image.shape[0] == 0 or image.shape[1] == 0:

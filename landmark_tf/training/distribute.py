@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import socket
 from collections.abc import Callable
 
 import keras
@@ -61,17 +62,50 @@ def _default_tpu_name() -> str:
     return "local" if on_vm and not os.environ.get("COLAB_TPU_ADDR") else ""
 
 
+# TPUClusterResolver asks the GCE metadata server for project and zone (urllib, no timeout):
+# off Google Cloud that is a DNS failure at best and an OS connect timeout (minutes) at worst.
+_METADATA_TIMEOUT_S = 20.0
+
+
 def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+    """TPUStrategy for `tpu`; any failure is one UserError line: which TPU, what, what to check."""
+    which = f"--tpu={tpu}" if tpu else "--tpu='' (the Colab runtime's TPU)"
     try:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        resolver = _with_socket_timeout(
+            _METADATA_TIMEOUT_S, tf.distribute.cluster_resolver.TPUClusterResolver, tpu=tpu)
+    except Exception as e:  # noqa: BLE001 - urllib, googleapiclient, ValueError, ... all mean one thing
+        raise UserError(
+            f"{which}: cannot resolve the TPU ({_first_line(e)}); a TPU name is looked up through "
+            "the Google Cloud metadata server, so run on a GCE/TPU VM in the TPU's project and "
+            "zone (gcloud compute tpus list), use --tpu=local on a TPU VM, or --strategy=auto "
+            "off Google Cloud") from None
+    try:
         # As TF Model Garden: a TPU VM ("local") and the new Colab runtime ("") hold the TPU
         # in-process; a named TPU node (or the legacy Colab runtime) is a remote cluster.
         if tpu not in ("", "local") or os.environ.get("COLAB_TPU_ADDR"):
             tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
-    except (ValueError, RuntimeError, tf.errors.OpError) as e:
-        raise UserError(f"--tpu {tpu!r}: cannot connect to a TPU: {e}".splitlines()[0]) from e
-    return tf.distribute.TPUStrategy(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except Exception as e:  # noqa: BLE001 - gRPC, OpError, RuntimeError, ValueError
+        raise UserError(
+            f"{which}: cannot connect to a TPU ({_first_line(e)}); check that the TPU is READY "
+            "(gcloud compute tpus tpu-vm describe), that no other process holds it "
+            "(/tmp/libtpu_lockfile), and that tensorflow-tpu matches libtpu (TF 2.20)") from None
+
+
+def _with_socket_timeout(seconds: float, fn: Callable, *args, **kwargs):
+    """fn(*args, **kwargs) with urllib's default socket timeout bounded to `seconds`."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "message", None) or e).strip() or type(e).__name__
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}"
 
 
 def device_kind(strategy: tf.distribute.Strategy) -> str:
@@ -85,11 +119,31 @@ def device_kind(strategy: tf.distribute.Strategy) -> str:
     return "gpu" if any("GPU" in d.upper() for d in devices) else "cpu"
 
 
-def precision_policy(setting: str, kind: str) -> str:
-    """Keras dtype policy: auto -> mixed_bfloat16 on TPU, mixed_float16 on GPU, float32 on CPU."""
+def precision_policy(setting: str, kind: str, gpu_details: list[dict] | None = None) -> str:
+    """Keras dtype policy: auto -> mixed_bfloat16 on TPU, float32 on CPU, and on GPU what
+    `gpu_precision` picks from the GPUs' details (read from TensorFlow when not given)."""
     if setting == "auto":
-        setting = {"tpu": "bfloat16", "gpu": "float16"}.get(kind, "float32")
+        if kind == "gpu":
+            setting = gpu_precision(_gpu_details() if gpu_details is None else gpu_details)
+        else:
+            setting = {"tpu": "bfloat16"}.get(kind, "float32")
     return {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[setting]
+
+
+def gpu_precision(details: list[dict]) -> str:
+    """"bfloat16" when every GPU has compute capability >= 8.0 (Ampere and later: bf16 tensor
+    cores, no loss scaling, no overflow); else "float16" (with dynamic loss scaling).
+
+    details: tf.config.experimental.get_device_details of each GPU, e.g.
+    {"compute_capability": (8, 0), "device_name": "NVIDIA A100-SXM4-40GB"}.
+    """
+    capabilities = [tuple(d.get("compute_capability") or (0, 0)) for d in details]
+    return "bfloat16" if capabilities and min(capabilities) >= (8, 0) else "float16"
+
+
+def _gpu_details() -> list[dict]:
+    return [tf.config.experimental.get_device_details(g)
+            for g in tf.config.list_physical_devices("GPU")]
 
 
 def use_jit(setting: str, kind: str) -> bool:
@@ -172,7 +226,8 @@ def multi_step_supported(strategy: tf.distribute.Strategy) -> bool:
 
         def step(batch):
             with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(model(batch)) / float(len(x))
+                # float32 whatever the global dtype policy (mixed_bfloat16 makes it bfloat16).
+                loss = tf.cast(tf.reduce_sum(model(batch)), tf.float32) / float(len(x))
             optimizer.apply(tape.gradient(loss, model.trainable_variables),
                             model.trainable_variables)
             return {"loss": loss}

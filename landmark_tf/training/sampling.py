@@ -11,9 +11,17 @@ class distribution of the mode, and the expected number of emitted records per p
   log             q_c ∝ ln(1 + n_c)  (between the two: big classes still more frequent, but only
                                       logarithmically)
 
-Copies land next to each other, so a shuffle buffer must follow. The draws are stateless random
-functions of (seed, position in the stream): the same seed gives the same stream, which the
-step-exact resume of training relies on.
+The stream is cut into windows of `window` records (the training pipeline uses its shuffle
+buffer); within a window the copies of a record are spread evenly, not emitted in a row: copy j
+of a record with k copies gets the sort key (u + j) / k, u uniform per record, and the window is
+emitted in key order. A record with one copy lands at a uniformly random place, so this is also
+the window's shuffle; a 1-image class with ~20 copies under class_balanced gets them about
+window/20 records apart (rarely two in one batch while batch << window/20) instead of 20
+in a row.
+Copies cannot spread further than a window without holding more records in memory (one window
+of serialized records, as a shuffle buffer). The draws are stateless random functions of
+(seed, window index): the same seed gives the same stream, which the step-exact resume of
+training relies on.
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ from landmark_tf import config
 SAMPLING_MODES = config.SAMPLINGS
 
 _LABEL_SPEC = {"image/class/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1)}
-_BLOCK = 256  # records whose labels are parsed and repeated together (vectorised)
 
 
 def class_distribution(counts: Sequence[int], mode: str) -> np.ndarray:
@@ -67,26 +74,41 @@ def copies(labels: tf.Tensor, factors: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 
 
 def resample(
-    records: tf.data.Dataset, factors: np.ndarray | None, seed: tf.Tensor
+    records: tf.data.Dataset, factors: np.ndarray | None, seed: tf.Tensor, window: int = 4096
 ) -> tf.data.Dataset:
-    """Repeat-factor resampling of a dataset of serialized tf.train.Examples.
+    """Repeat-factor resampling of a dataset of serialized tf.train.Examples, copies spread.
 
     Args:
       records: dataset of scalar tf.string (serialized examples with `image/class/label`).
       factors: float32[C] from `repeat_factors`, or None to return `records` unchanged.
-      seed: int64[2] stateless seed; position-dependent seeds are folded in from it.
+      seed: int64[2] stateless seed; per-window seeds are folded in from it.
+      window: input records per window (see the module docstring); memory: one window.
     Returns:
-      dataset of scalar tf.string, each input record 0..k times, in input order.
+      dataset of scalar tf.string, each input record 0..k times, shuffled within its window
+      with the copies of a record evenly spaced.
     """
     if factors is None:
         return records
     table = tf.constant(factors, tf.float32)
     seed = tf.cast(seed, tf.int64)
 
-    def repeat_block(index: tf.Tensor, block: tf.Tensor) -> tf.Tensor:
+    def spread_window(index: tf.Tensor, block: tf.Tensor) -> tf.Tensor:
         labels = tf.io.parse_example(block, _LABEL_SPEC)["image/class/label"]
-        n = copies(labels, table, tf.random.experimental.stateless_fold_in(seed, index))
-        return tf.repeat(block, n)
+        window_seed = tf.random.experimental.stateless_fold_in(seed, index)
+        n = copies(labels, table, window_seed)
+        return tf.gather(block, spread_order(n, tf.random.experimental.stateless_fold_in(
+            window_seed, 1)))
 
-    blocks = records.batch(_BLOCK).enumerate()
-    return blocks.map(repeat_block, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    blocks = records.batch(window).enumerate()
+    return blocks.map(spread_window, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+def spread_order(n: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """int32[sum(n)]: record indices, record i n[i] times, in an order that spaces each record's
+    copies evenly (keys (u_i + j) / n_i, j < n_i) and shuffles the rest. n: int32[R], seed[2]."""
+    record = tf.repeat(tf.range(tf.size(n)), n)
+    first = tf.gather(tf.cumsum(n, exclusive=True), record)
+    j = tf.cast(tf.range(tf.size(record)) - first, tf.float32)
+    u = tf.random.stateless_uniform(tf.shape(n), seed=seed, dtype=tf.float32)
+    key = (tf.gather(u, record) + j) / tf.cast(tf.gather(n, record), tf.float32)
+    return tf.gather(record, tf.argsort(key, stable=True))

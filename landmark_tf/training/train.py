@@ -196,7 +196,11 @@ class Trainer:
         if path:
             return {"resumed_from": path}
         if self.cfg.init_from:
-            return {"init_from": model.restore_for_stage(self.models, self.cfg.init_from)}
+            info = model.restore_for_stage(self.models, self.cfg.init_from)
+            if "head" in info["restored"]:
+                info["label_map"] = checkpointing.check_head_labels(
+                    self.cfg.init_from, checkpointing.label_map_digest(self.cfg.data_dir))
+            return {"init_from": info}
         return {}
 
     def _steps_per_execution(self) -> int:
@@ -257,6 +261,6 @@ class Trainer:
             try:
                 loop.run()
             except KeyboardInterrupt:
-                loop.save(int(self.step.numpy()))
+                loop.save(int(self.step.numpy()), wait=True)
                 raise
         return loop.result()

@@ -39,6 +39,8 @@ class Loop:
         self.val: dict[str, float] = {}
         self.saved_step = -1
         self.last_ips = 0.0
+        self.save_options = checkpointing.save_options(trainer.strategy)
+        self.saved_path: str | None = None
 
     def writer(self, name: str):
         """TensorBoard writer for logs/<name>, created on first use (chief only)."""
@@ -62,20 +64,25 @@ class Loop:
                    disable=not self.t.chief, dynamic_ncols=True, desc="train")
         with bar:
             while step < total:
-                n = self.chunk(step)
-                start = time.perf_counter()
-                totals = {k: float(v) for k, v in self.train_fn(tf.constant(n)).items()}
-                self.record(n, totals, time.perf_counter() - start)
-                step = int(self.t.step.numpy())
-                self.log(step, n, totals)
-                bar.update(n)
-                bar.set_postfix(loss=f"{self.loss():.4f}", acc=f"{self.accuracy():.3f}")
-                evaluate = self.eval_fn is not None and (
-                    step % self.eval_every == 0 or step == total)
-                if evaluate:
-                    self.evaluate(step)
-                if evaluate or step % self.t.cfg.checkpoint_every == 0 or step == total:
-                    self.save(step)
+                step = self.execute(step, total, bar)
+        self.t.checkpoint.sync()  # the last (async) checkpoint is on disk when the run returns
+
+    def execute(self, step: int, total: int, bar) -> int:
+        """One compiled execution of steps, then logs, evaluation, checkpoint; the new step."""
+        n = self.chunk(step)
+        start = time.perf_counter()
+        totals = {k: float(v) for k, v in self.train_fn(tf.constant(n)).items()}
+        self.record(n, totals, time.perf_counter() - start)
+        step = int(self.t.step.numpy())
+        self.log(step, n, totals)
+        bar.update(n)
+        bar.set_postfix(loss=f"{self.loss():.4f}", acc=f"{self.accuracy():.3f}")
+        evaluate = self.eval_fn is not None and (step % self.eval_every == 0 or step == total)
+        if evaluate:
+            self.evaluate(step)
+        if evaluate or step % self.t.cfg.checkpoint_every == 0 or step == total:
+            self.save(step)
+        return step
 
     def record(self, n: int, totals: dict[str, float], seconds: float) -> None:
         self.window.append((n, totals))
@@ -115,11 +122,17 @@ class Loop:
         with self.writer("val").as_default(step=step):
             tf.summary.scalar("accuracy", self.val["val_accuracy"])
 
-    def save(self, step: int) -> None:
-        if step == self.saved_step:
-            return
-        self.t.manager.save(checkpoint_number=step)
-        self.saved_step = step
+    def save(self, step: int, wait: bool = False) -> None:
+        """Starts an (async) checkpoint of `step`; `wait` blocks until its files are written."""
+        if step != self.saved_step:
+            self.saved_path = self.t.manager.save(checkpoint_number=step,
+                                                  options=self.save_options)
+            self.saved_step = step
+            self.write_summary()
+        if wait:
+            self.t.checkpoint.sync()
+
+    def write_summary(self) -> None:
         for w in self.writers.values():
             w.flush()
         if self.t.chief:
@@ -137,7 +150,8 @@ class Loop:
             "images_per_second": self.timed_images / max(self.timed_seconds, 1e-9),
             "learning_rate": self.learning_rate(), "epoch": step / t.plan.steps_per_epoch,
             "start_step": t.start_step, "train_steps": t.plan.train_steps,
-            "workdir": t.cfg.workdir, "checkpoint": t.manager.latest_checkpoint,
+            "workdir": t.cfg.workdir, "checkpoint": self.saved_path or t.manager.latest_checkpoint,
+            "async_checkpoint": self.save_options.experimental_enable_async_checkpoint,
             "device": t.kind, "replicas": t.replicas, "mixed_precision": t.policy,
             "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
             **self.val, **t.start_info,

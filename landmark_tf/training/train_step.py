@@ -33,8 +33,8 @@ def make_train_step(
 ) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """Returns replica_fn(batch) -> {"loss", "correct", "count"} float32 scalars of this replica.
 
-    batch: {"image": float32[accum*micro, S, S, 3], "label": int32[...], "weight": float32[...],
-    optionally "flip": bool[...]} (input_pipeline.train_dataset's batches).
+    batch: {"image": uint8 (or float32) [accum*micro, S, S, 3], "label": int32[...],
+    "weight": float32[...], optionally "flip": bool[...]} (input_pipeline.train_dataset's batches).
     "loss" is this replica's share of the global mean weighted loss (sums to the mean over
     replicas), "correct"/"count" count top-1 hits of the margin logits.
     """
@@ -55,6 +55,7 @@ def make_train_step(
     def accumulate(batch):
         if "flip" in batch:
             batch = {**batch, "image": augment.apply_flips(batch["image"], batch["flip"])}
+        batch = {**batch, "image": tf.cast(batch["image"], tf.float32)}  # uint8 infeed
         if accum_steps == 1:
             return grads_of(batch["image"], batch["label"], batch["weight"])
         micro = {k: _split(v, accum_steps) for k, v in batch.items()}
@@ -66,14 +67,34 @@ def make_train_step(
         return loss, correct, grads
 
     compute = tf.function(accumulate, jit_compile=True) if jit else accumulate
+    agree = replicas > 1 and isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_fn(batch):
         loss, correct, grads = compute(batch)
+        if agree:
+            grads = finite_everywhere_or_poisoned(grads)
         optimizer.apply(grads, variables)
         count = tf.cast(tf.shape(batch["label"])[0], tf.float32)
         return {"loss": tf.cast(loss, tf.float32), "correct": correct, "count": count}
 
     return replica_fn
+
+
+def finite_everywhere_or_poisoned(grads: list[tf.Tensor]) -> list[tf.Tensor]:
+    """This replica's gradients, made non-finite unless every replica's are finite.
+
+    Keras' LossScaleOptimizer under MirroredStrategy (apply outside XLA) decides "finite" from
+    replica 0's un-reduced gradients only, so an overflow on another replica would be summed into
+    the update. One scalar all-reduce of the non-finite flags and a NaN added to the first
+    gradient where any replica overflowed make every replica (replica 0 included) skip the step
+    and lower the loss scale together. Call in replica context.
+    """
+    bad = tf.cast(tf.logical_not(tf.reduce_all(
+        [tf.reduce_all(tf.math.is_finite(g)) for g in grads])), tf.float32)
+    bad = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    poison = tf.where(bad > 0, tf.constant(float("nan"), grads[0].dtype),
+                      tf.zeros([], grads[0].dtype))
+    return [grads[0] + poison, *grads[1:]]
 
 
 def make_eval_step(models: LandmarkModels) -> Callable[[dict[str, tf.Tensor]], dict]:
@@ -84,7 +105,7 @@ def make_eval_step(models: LandmarkModels) -> Callable[[dict[str, tf.Tensor]], d
     model = models.eval_logits_model
 
     def replica_fn(batch):
-        logits = model(batch["image"], training=False)
+        logits = model(tf.cast(batch["image"], tf.float32), training=False)
         hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), batch["label"])
         valid = tf.cast(batch["weight"] > 0, tf.float32)
         return {"correct": tf.reduce_sum(tf.cast(hits, tf.float32) * valid),
