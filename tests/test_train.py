@@ -358,3 +358,13 @@ def test_async_checkpoints_of_keras_variables_still_fail_on_the_second_save(tmp_
     with pytest.raises(ValueError, match="singleton tf.Variables created on the first call"):
         manager.save(checkpoint_number=2, options=options)
     assert not checkpointing.ASYNC_CHECKPOINTS
+
+
+def test_workdirs_from_before_a_new_setting_resume_when_it_is_left_at_its_default():
+    new = checkpointing.workdir_config(MODEL, TrainConfig(data_dir="d", workdir="w"), 4)
+    old = json.loads(json.dumps(new))
+    del old["model"]["neck"], old["train"]["lr_decay"]  # fields added after the old run
+    assert checkpointing.conflicts(old, json.loads(json.dumps(new))) == []
+    changed = json.loads(json.dumps(new))
+    changed["model"]["neck"] = "dense"
+    assert checkpointing.conflicts(old, changed) == ["model.neck: None -> 'dense'"]

@@ -98,6 +98,8 @@ def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 continue
             if section == "data" and key == LABEL_MAP_KEY and key not in a:
                 continue  # a workdir from before the digest was recorded
+            if key not in a and _is_default(section, key, b.get(key)):
+                continue  # a setting added after this workdir was made, left at its default
             if a.get(key) == b.get(key):
                 continue
             change = f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}"
@@ -111,6 +113,15 @@ def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                            "extended, or start a new --workdir with --init_from)")
             found.append(change)
     return found
+
+
+def _is_default(section: str, key: str, value: Any) -> bool:
+    """True when `value` is the default of config field `key`: what a run made before the field
+    existed did (new fields keep the old behaviour as their default)."""
+    defaults = {"model": ModelConfig, "train": TrainConfig}.get(section)
+    if defaults is None or key not in defaults.__dataclass_fields__:
+        return False
+    return _roundtrip({key: getattr(defaults(), key)})[key] == value
 
 
 # Schedules whose learning rate at a step does not depend on the run's length: a finished run
