@@ -142,7 +142,7 @@ def _raw(tmp_path, **arrays):
         (dict(ids=np.array(["a"]), embeddings=np.zeros((1, 3))), "all zero.*'a'"),
         (dict(ids=np.array(["a"]), vectors=np.eye(1)), "missing array"),
         (dict(ids=np.array([b"a"]), embeddings=np.eye(1), landmark_ids=np.ones(1)), "int"),
-        (dict(ids=np.array(["a"], dtype=object), embeddings=np.eye(1)), "not a readable"),
+        (dict(ids=np.array(["a"], dtype=object), embeddings=np.eye(1)), "Python objects"),
     ],
 )
 def test_bad_embedding_files_are_user_errors(tmp_path, arrays, match):

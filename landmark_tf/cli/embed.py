@@ -30,6 +30,9 @@ flags.DEFINE_integer("chunk_size", _D.chunk_size,
                      "Images per resumable part file in OUTPUT.parts/ (work lost on a kill).")
 flags.DEFINE_integer("max_batch_pixels", _D.max_batch_pixels,
                      "Cap on batch * padded height * width; large images get smaller batches.")
+flags.DEFINE_enum("dtype", _D.dtype, ["float32", "float16"],
+                  "Storage of the embeddings in OUTPUT; float16 halves the file (search still "
+                  "runs in float32).")
 flags.DEFINE_integer("num_threads", embed.default_threads(), "Threads reading/decoding images.")
 
 
@@ -42,7 +45,7 @@ def main(argv: list[str]) -> dict:
     cfg = embed.EmbedConfig(
         model=FLAGS.model, output=FLAGS.output, records=FLAGS.records, csv=FLAGS.csv,
         image_dir=FLAGS.image_dir, batch_size=FLAGS.batch_size, chunk_size=FLAGS.chunk_size,
-        max_batch_pixels=FLAGS.max_batch_pixels, num_threads=FLAGS.num_threads,
+        max_batch_pixels=FLAGS.max_batch_pixels, num_threads=FLAGS.num_threads, dtype=FLAGS.dtype,
     )
     return embed.embed_set(cfg)
 

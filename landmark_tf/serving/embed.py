@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from landmark_tf import fileio
 from landmark_tf.errors import UserError
-from landmark_tf.retrieval.embeddings import save_embeddings
+from landmark_tf.retrieval import npzstream
+from landmark_tf.retrieval.embeddings import DTYPES, write_embeddings
 from landmark_tf.serving import embed_sources, signatures
 from landmark_tf.serving.embed_sources import Item
 
@@ -52,6 +53,7 @@ class EmbedConfig:
     chunk_size: int = 10000
     max_batch_pixels: int = 1 << 26  # padded B*H*W cap per batch (~200 MB of uint8 pixels)
     num_threads: int = 8
+    dtype: str = "float32"  # storage of the merged set: float32 or float16 (half the bytes)
 
 
 class Embedder:
@@ -102,13 +104,15 @@ def embed_set(cfg: EmbedConfig) -> dict[str, Any]:
             part = _embed_chunk(chunk, embedder, pool, cfg, bar)
             done += len(part["ids"]) + len(part["skipped_ids"])
             _write_npz(path, part)
-    result = _merge(parts_dir, names, cfg.output, source.labelled, embedder.dim)
+    result = _merge(parts_dir, names, cfg.output, source.labelled, embedder.dim, cfg.dtype)
     tf.io.gfile.rmtree(parts_dir)
     seconds = max(time.time() - start, 1e-9)
     return {**result, "images_per_second": round(done / seconds, 2), "model": cfg.model}
 
 
 def _check_config(cfg: EmbedConfig) -> None:
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if not cfg.output.endswith(".npz"):
         raise UserError(f"--output {cfg.output}: must end with .npz")
     for name in ("batch_size", "chunk_size", "max_batch_pixels", "num_threads"):
@@ -229,9 +233,18 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _merge(parts_dir, names, output, labelled, dim) -> dict[str, Any]:
-    parts = [_read_npz(fileio.join(parts_dir, n)) for n in names]
-    cat = lambda key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)  # noqa: E731
+def _merge(parts_dir, names, output, labelled, dim, dtype="float32") -> dict[str, Any]:
+    """Streams the parts into `output`: one part's rows in memory at a time (ids and labels,
+    small, are gathered first); rows are checked (finite, non-zero) as they pass."""
+    paths = [fileio.join(parts_dir, n) for n in names]
+    small = {k: [] for k in ("ids", "landmark_ids", "skipped_ids", "skipped_paths",
+                             "skipped_reasons", "cropped")}  # fmt: skip
+    for path in paths:
+        with npzstream.NpzReader(path) as r:
+            for key, values in small.items():
+                if key in r.members:
+                    values.append(r.members[key].read())
+    cat = lambda key: np.concatenate(small[key]) if small[key] else np.zeros(0)  # noqa: E731
     skipped = [
         {"id": str(i), "path": str(p), "reason": str(r)}
         for i, p, r in zip(cat("skipped_ids"), cat("skipped_paths"), cat("skipped_reasons"),
@@ -239,17 +252,27 @@ def _merge(parts_dir, names, output, labelled, dim) -> dict[str, Any]:
     ]
     skipped_path = output[: -len(".npz")] + ".skipped.json"
     fileio.write_text_atomic(skipped_path, json.dumps({"count": len(skipped), "skipped": skipped}))
-    ids = cat("ids")
+    ids = cat("ids").astype(str)
     if ids.size == 0:
         raise UserError(f"no image could be embedded ({len(skipped)} skipped, see {skipped_path})")
-    landmark_ids = cat("landmark_ids")
+    landmark_ids = cat("landmark_ids").astype(np.int64)
     if labelled is None:  # records: labelled when any image has a landmark
         labelled = bool((landmark_ids >= 0).any())
-    es = save_embeddings(output, ids, cat("embeddings"), landmark_ids if labelled else None)
+    cropped = cat("cropped").astype(bool) if small["cropped"] else None
+    write_embeddings(output, ids, _part_rows(paths), len(ids), dim,
+                     landmark_ids if labelled else None, dtype, cropped)  # fmt: skip
     return {
-        "output": output, "count": len(es), "dim": es.dim or dim, "skipped": len(skipped),
-        "skipped_list": skipped_path, "labelled": labelled, "chunks": len(names),
+        "output": output, "count": len(ids), "dim": dim, "skipped": len(skipped),
+        "skipped_list": skipped_path, "labelled": labelled, "chunks": len(names), "dtype": dtype,
     }
+
+
+def _part_rows(paths: list[str]):
+    for path in paths:
+        with npzstream.NpzReader(path) as r:
+            rows = r.members["embeddings"]
+            if len(rows):
+                yield rows.read()
 
 
 def default_threads() -> int:
