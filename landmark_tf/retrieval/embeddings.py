@@ -265,9 +265,7 @@ def open_embeddings(path: str, chunk_rows: int = CHUNK_ROWS) -> EmbeddingFile:
     Raises:
       UserError: missing file, not an .npz, missing keys, or any validation failure.
     """
-    from landmark_tf import fileio
-
-    if not fileio.exists(path):
+    if not npzstream.exists(path):
         raise UserError(f"{path}: embedding file not found")
     return EmbeddingFile(path, chunk_rows)
 

@@ -31,6 +31,15 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
+def exists(path: str) -> bool:
+    """Local paths without importing TensorFlow (its import alone is ~0.5 GB of RSS)."""
+    if not _is_remote(path):
+        return os.path.exists(path)
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+
+
 class Member:
     """One .npy member: `shape`, `dtype`, and row access that never reads the whole array."""
 
