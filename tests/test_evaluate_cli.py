@@ -111,6 +111,12 @@ def test_revisitop_easy_medium_hard(files, tmp_path):
     assert r["revisitop_map_medium"] == pytest.approx(37 / 72, abs=1e-6)
     assert r["revisitop_map_hard"] == pytest.approx(1 / 4, abs=1e-6)
     assert r["revisitop_distractors"] == 1 and r["revisitop_queries_ignored"] == 1
+    assert r["revisitop_queries_cropped"] == 0 and r["revisitop_queries_uncropped"] == 1
+    for index_type in ("flat", "ivf"):  # the same ranking from the IVF index's stored vectors
+        again = evaluate(EvalConfig(queries=str(tmp_path / "q.npz"), index_type=index_type,
+                                    index=str(tmp_path / "db.npz"), nlist=1,
+                                    revisitop_gnd=str(tmp_path / "gnd.pkl")))  # fmt: skip
+        assert again["revisitop"] == r["revisitop"]
 
 
 # ---------------------------------------------------------------- the .npz contract

@@ -2,6 +2,8 @@
 
   landmark-embed --model=E --records='data/index-*.tfrec' --output=index.npz
   landmark-embed --model=E --csv=index.csv --image_dir=index/ --output=index.npz
+  landmark-embed --model=E --revisitop_gnd=gnd_roxford5k.pkl --image_dir=roxford5k/jpg \
+      --revisitop_set=queries --output=roxf_q.npz     # queries cropped to bbx, as published
 
 Writes OUTPUT (.npz: ids, embeddings[, landmark_ids] when the source has labels) and
 OUTPUT_STEM.skipped.json (unreadable images, with reasons). Interrupted runs resume from the
@@ -24,6 +26,13 @@ flags.DEFINE_string("records", None, "Glob of TFRecord shards (landmark-tfrecord
 flags.DEFINE_string("csv", None, "Instead of --records: CSV with id (and landmark_id) columns.")
 flags.DEFINE_string("image_dir", None,
                     "With --csv: the image of id X is IMAGE_DIR/X[0]/X[1]/X[2]/X.jpg.")
+flags.DEFINE_string(
+    "revisitop_gnd", None,
+    "Instead of --records/--csv: a revisitop ground truth (gnd_roxford5k.pkl); images are "
+    "IMAGE_DIR/<name>.jpg. With --revisitop_set=queries each qimlist image is cropped to its "
+    "bbx before it is described, as the published protocol does.")
+flags.DEFINE_enum("revisitop_set", _D.revisitop_set, ["queries", "database"],
+                  "With --revisitop_gnd: qimlist (cropped) or imlist images.")
 flags.DEFINE_string("output", None, "Embedding set to write (.npz, local or gs://).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Images per model call.")
 flags.DEFINE_integer("chunk_size", _D.chunk_size,
@@ -46,6 +55,7 @@ def main(argv: list[str]) -> dict:
         model=FLAGS.model, output=FLAGS.output, records=FLAGS.records, csv=FLAGS.csv,
         image_dir=FLAGS.image_dir, batch_size=FLAGS.batch_size, chunk_size=FLAGS.chunk_size,
         max_batch_pixels=FLAGS.max_batch_pixels, num_threads=FLAGS.num_threads, dtype=FLAGS.dtype,
+        revisitop_gnd=FLAGS.revisitop_gnd, revisitop_set=FLAGS.revisitop_set,
     )
     return embed.embed_set(cfg)
 

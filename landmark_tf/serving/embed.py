@@ -54,6 +54,8 @@ class EmbedConfig:
     max_batch_pixels: int = 1 << 26  # padded B*H*W cap per batch (~200 MB of uint8 pixels)
     num_threads: int = 8
     dtype: str = "float32"  # storage of the merged set: float32 or float16 (half the bytes)
+    revisitop_gnd: str | None = None  # instead of records/csv: revisitop images (+ image_dir)
+    revisitop_set: str = "queries"  # queries: qimlist cropped to bbx; database: imlist
 
 
 class Embedder:
@@ -87,7 +89,8 @@ class Embedder:
 def embed_set(cfg: EmbedConfig) -> dict[str, Any]:
     """Embeds the source of `cfg` into `cfg.output`; returns the closing-JSON facts."""
     _check_config(cfg)
-    source = embed_sources.open_source(cfg.records, cfg.csv, cfg.image_dir)
+    source = embed_sources.open_source(cfg.records, cfg.csv, cfg.image_dir, cfg.revisitop_gnd,
+                                       cfg.revisitop_set)
     embedder = Embedder(cfg.model)
     parts_dir = cfg.output + ".parts"
     _start_parts(parts_dir, _manifest(cfg, source))
@@ -123,7 +126,8 @@ def _check_config(cfg: EmbedConfig) -> None:
 def _manifest(cfg: EmbedConfig, source: embed_sources.Source) -> dict[str, Any]:
     """What must not change between a run and its resumption (a re-export at the same path
     changes the model fingerprint)."""
-    keys = ("model", "records", "csv", "image_dir", "batch_size", "chunk_size", "max_batch_pixels")
+    keys = ("model", "records", "csv", "image_dir", "batch_size", "chunk_size", "max_batch_pixels",
+            "revisitop_gnd", "revisitop_set")
     fingerprint = fileio.join(cfg.model, "fingerprint.pb")
     if not fileio.exists(fingerprint):
         fingerprint = fileio.join(cfg.model, "saved_model.pb")
@@ -173,12 +177,13 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[Iterator[Item]]:
 
 
 def _embed_chunk(chunk, embedder: Embedder, pool, cfg: EmbedConfig, bar) -> dict[str, np.ndarray]:
-    ids, landmark_ids, vectors, skipped = [], [], [], []
+    ids, landmark_ids, vectors, skipped, cropped = [], [], [], [], []
     decoded = _decode_ahead(chunk, pool, depth=2 * cfg.batch_size + cfg.num_threads)
     for batch in _batches(decoded, skipped, cfg.batch_size, cfg.max_batch_pixels):
         vectors.append(embedder([image for _, image in batch]))
         ids += [item.id for item, _ in batch]
         landmark_ids += [item.landmark_id for item, _ in batch]
+        cropped += [item.crop is not None for item, _ in batch]
         bar.update(len(batch))
     bar.update(len(skipped))
     emb = np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
@@ -189,6 +194,7 @@ def _embed_chunk(chunk, embedder: Embedder, pool, cfg: EmbedConfig, bar) -> dict
         "skipped_ids": np.array([s[0] for s in skipped], dtype=str),
         "skipped_paths": np.array([s[1] for s in skipped], dtype=str),
         "skipped_reasons": np.array([s[2] for s in skipped], dtype=str),
+        "cropped": np.array(cropped, dtype=bool),
     }
 
 
@@ -259,6 +265,8 @@ def _merge(parts_dir, names, output, labelled, dim, dtype="float32") -> dict[str
     if labelled is None:  # records: labelled when any image has a landmark
         labelled = bool((landmark_ids >= 0).any())
     cropped = cat("cropped").astype(bool) if small["cropped"] else None
+    if cropped is not None and not cropped.any():
+        cropped = None  # only revisitop query sets carry the member
     write_embeddings(output, ids, _part_rows(paths), len(ids), dim,
                      landmark_ids if labelled else None, dtype, cropped)  # fmt: skip
     return {
