@@ -34,7 +34,7 @@ from landmark_tf import fileio
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import npzstream
 from landmark_tf.retrieval.embeddings import DTYPES, write_embeddings
-from landmark_tf.serving import embed_sources, signatures
+from landmark_tf.serving import embed_accel, embed_sources, signatures
 from landmark_tf.serving.embed_sources import Item
 
 MANIFEST = "manifest.json"
@@ -54,6 +54,7 @@ class EmbedConfig:
     max_batch_pixels: int = 1 << 26  # padded B*H*W cap per batch (~200 MB of uint8 pixels)
     num_threads: int = 8
     dtype: str = "float32"  # storage of the merged set: float32 or float16 (half the bytes)
+    accel: embed_accel.AccelConfig | None = None  # instead of `model`: a workdir on TPU/GPU/CPU
     revisitop_gnd: str | None = None  # instead of records/csv: revisitop images (+ image_dir)
     revisitop_set: str = "queries"  # queries: qimlist cropped to bbx; database: imlist
 
@@ -91,9 +92,12 @@ def embed_set(cfg: EmbedConfig) -> dict[str, Any]:
     _check_config(cfg)
     source = embed_sources.open_source(cfg.records, cfg.csv, cfg.image_dir, cfg.revisitop_gnd,
                                        cfg.revisitop_set)
-    embedder = Embedder(cfg.model)
+    if cfg.accel is not None:
+        embedder = embed_accel.AccelEmbedder(cfg.accel, cfg.batch_size)
+    else:
+        embedder = Embedder(cfg.model)
     parts_dir = cfg.output + ".parts"
-    _start_parts(parts_dir, _manifest(cfg, source))
+    _start_parts(parts_dir, _manifest(cfg, source, embedder))
     start, done = time.time(), 0
     bar = tqdm(total=source.total, unit="img", desc="embed", file=sys.stderr, mininterval=1.0)
     with futures.ThreadPoolExecutor(cfg.num_threads) as pool, bar:
@@ -110,10 +114,16 @@ def embed_set(cfg: EmbedConfig) -> dict[str, Any]:
     result = _merge(parts_dir, names, cfg.output, source.labelled, embedder.dim, cfg.dtype)
     tf.io.gfile.rmtree(parts_dir)
     seconds = max(time.time() - start, 1e-9)
-    return {**result, "images_per_second": round(done / seconds, 2), "model": cfg.model}
+    facts = {"model": cfg.model}
+    if cfg.accel is not None:
+        facts = {"workdir": embedder.workdir, "policy": embedder.policy,
+                 "replicas": embedder.strategy.num_replicas_in_sync}  # fmt: skip
+    return {**result, "images_per_second": round(done / seconds, 2), **facts}
 
 
 def _check_config(cfg: EmbedConfig) -> None:
+    if bool(cfg.model) == (cfg.accel is not None):
+        raise UserError("give either --model (a SavedModel) or --workdir (a training workdir)")
     if cfg.dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if not cfg.output.endswith(".npz"):
@@ -123,11 +133,14 @@ def _check_config(cfg: EmbedConfig) -> None:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
 
 
-def _manifest(cfg: EmbedConfig, source: embed_sources.Source) -> dict[str, Any]:
+def _manifest(cfg: EmbedConfig, source: embed_sources.Source, embedder) -> dict[str, Any]:
     """What must not change between a run and its resumption (a re-export at the same path
     changes the model fingerprint)."""
     keys = ("model", "records", "csv", "image_dir", "batch_size", "chunk_size", "max_batch_pixels",
             "revisitop_gnd", "revisitop_set")
+    if cfg.accel is not None:
+        return {**{k: getattr(cfg, k) for k in keys}, "source_sha256": source.digest,
+                **embedder.fingerprint()}  # fmt: skip
     fingerprint = fileio.join(cfg.model, "fingerprint.pb")
     if not fileio.exists(fingerprint):
         fingerprint = fileio.join(cfg.model, "saved_model.pb")
@@ -176,15 +189,31 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[Iterator[Item]]:
         yield chunk()
 
 
-def _embed_chunk(chunk, embedder: Embedder, pool, cfg: EmbedConfig, bar) -> dict[str, np.ndarray]:
+def _embed_chunk(chunk, embedder, pool, cfg: EmbedConfig, bar) -> dict[str, np.ndarray]:
     ids, landmark_ids, vectors, skipped, cropped = [], [], [], [], []
     decoded = _decode_ahead(chunk, pool, depth=2 * cfg.batch_size + cfg.num_threads)
-    for batch in _batches(decoded, skipped, cfg.batch_size, cfg.max_batch_pixels):
-        vectors.append(embedder([image for _, image in batch]))
-        ids += [item.id for item, _ in batch]
-        landmark_ids += [item.landmark_id for item, _ in batch]
-        cropped += [item.crop is not None for item, _ in batch]
+
+    def taken(batch):
+        ids.extend(item.id for item, _ in batch)
+        landmark_ids.extend(item.landmark_id for item, _ in batch)
+        cropped.extend(item.crop is not None for item, _ in batch)
         bar.update(len(batch))
+
+    if isinstance(embedder, embed_accel.AccelEmbedder):  # one tf.data stream per chunk
+
+        def good():
+            for item, image in decoded:
+                if isinstance(image, str):
+                    skipped.append((item.id, item.path, image))
+                    continue
+                taken([(item, image)])
+                yield image
+
+        vectors.append(embedder.embed_stream(good()))
+    else:
+        for batch in _batches(decoded, skipped, cfg.batch_size, cfg.max_batch_pixels):
+            vectors.append(embedder([image for _, image in batch]))
+            taken(batch)
     bar.update(len(skipped))
     emb = np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
     return {
