@@ -110,9 +110,10 @@ def row(what: str, n: int, d: int, r: dict, extra: str = "") -> dict:
     return {"what": what, "n": n, "raw_gb": raw, **{k: r[k] for k in ("seconds", "peak_gb")}}
 
 
-def evaluate_cmd(index: str, queries: str, index_type: str, rerank: str) -> list[str]:
+def evaluate_cmd(index: str, queries: str, index_type: str, rerank: str, nlist: int) -> list[str]:
     return [os.path.join(_BIN, "landmark-evaluate"), f"--index={index}", f"--queries={queries}",
-            f"--index_type={index_type}", f"--rerank={rerank}", "--recall_sample=500"]
+            f"--index_type={index_type}", f"--rerank={rerank}", "--recall_sample=500",
+            f"--nlist={nlist}"]
 
 
 def main() -> None:
@@ -120,17 +121,20 @@ def main() -> None:
     p.add_argument("--sizes", default="100000,400000,1600000")
     p.add_argument("--index_size", type=int, default=760_000, help="0: skip")
     p.add_argument("--d", type=int, default=512)
-    p.add_argument("--queries", type=int, default=5000)
-    p.add_argument("--dba_flat_max", type=int, default=100_000,
+    p.add_argument("--queries", type=int, default=2000)
+    p.add_argument("--dba_flat_max", type=int, default=0,
                    help="largest N for flat dba+aqe (an exact N^2 self-search)")
-    p.add_argument("--dba_ivf_max", type=int, default=800_000)
+    p.add_argument("--dba_ivf_max", type=int, default=400_000)
     p.add_argument("--workdir", default="/tmp/scale_bench")
+    p.add_argument("--nlist", type=int, default=1024,
+                   help="IVF lists, fixed so that IVF cost stays linear in N (0: 4 sqrt(N))")
     a = p.parse_args()
     os.makedirs(a.workdir, exist_ok=True)
     gen = Landmarks(a.d, 100_000)
     queries = os.path.join(a.workdir, "queries.npz")
     write_set(queries, gen, a.queries, 99, "q")
-    print(f"D={a.d}, {a.queries} queries, k=100; machine shared with other jobs (2 cores)")
+    print(f"D={a.d}, {a.queries} queries, k=100, IVF nlist={a.nlist or '4 sqrt(N)'} nprobe=16; "
+          "machine shared with other jobs (2 cores)")
     print(f"{'step':<34} {'N':>9} {'s':>8} {'s/1M':>8} {'peak GB':>7} {'ratio':>7} "
           f"{'target':>7} {'':>4}")  # fmt: skip
     results = []
@@ -154,7 +158,7 @@ def main() -> None:
                 limit = a.dba_flat_max if index_type == "flat" else a.dba_ivf_max
                 if rerank != "none" and n > limit:
                     continue
-                r = measure(evaluate_cmd(path, queries, index_type, rerank))
+                r = measure(evaluate_cmd(path, queries, index_type, rerank, a.nlist))
                 j = r["json"]
                 extra = f"{label} mAP@100={j.get('map@100')}"
                 if index_type == "ivf":

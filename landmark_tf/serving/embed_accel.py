@@ -57,34 +57,23 @@ def workdir_of(path: str) -> str:
     raise UserError(f"--workdir {path}: no {model_lib.CONFIG_FILE} (not a landmark-train workdir)")
 
 
-class AccelEmbedder:
-    """Embeds streams of uint8 [H, W, 3] images under a tf.distribute strategy."""
+class StrategyEmbedder:
+    """Embeds datasets of uint8 [H, W, 3] images with a Keras embedding model placed under
+    `strategy`: what serving_default computes, batch by batch over the replicas.
 
-    def __init__(self, cfg: AccelConfig, batch_size: int):
-        self.workdir = workdir_of(cfg.workdir)
-        self.strategy = distribute.resolve_strategy(cfg.strategy, cfg.tpu)
-        kind = distribute.device_kind(self.strategy)
-        self.policy = distribute.precision_policy(cfg.precision, kind)
-        saved = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(self.policy)
-        try:
-            with self.strategy.scope():
-                self.model, mcfg = model_lib.restore_embedding_model(self.workdir)
-        finally:
-            keras.config.set_dtype_policy(saved)
-        self.sizes = export.scaled_sizes(int(cfg.image_size or mcfg.image_size), cfg.scales)
-        self.dim = mcfg.embedding_dim
-        replicas = self.strategy.num_replicas_in_sync
+    Args:
+      model: float32[B, S, S, 3] (0..255) -> [B, D] embedding model (any dtype policy).
+      strategy: the strategy whose scope holds the model's variables.
+      sizes: input side per scale (multi-scale: mean of the descriptors).
+      batch_size: global batch, rounded up to a multiple of the replicas.
+      jit: XLA-compile the step (TPU/GPU).
+    """
+
+    def __init__(self, model, strategy, sizes: Sequence[int], batch_size: int, jit: bool = False):
+        self.model, self.strategy, self.sizes = model, strategy, [int(s) for s in sizes]
+        replicas = strategy.num_replicas_in_sync
         self.global_batch = -(-max(1, batch_size) // replicas) * replicas
-        self._step = tf.function(self._distributed, jit_compile=distribute.use_jit("auto", kind))
-
-    def fingerprint(self) -> dict:
-        """What must not change between a run and its resumption."""
-        checkpoint = model_lib.latest_checkpoint(self.workdir)
-        digest = hashlib.sha256(fileio.read_bytes(checkpoint + ".index"))
-        digest.update(fileio.read_bytes(fileio.join(self.workdir, model_lib.CONFIG_FILE)))
-        return {"workdir": self.workdir, "checkpoint": checkpoint, "policy": self.policy,
-                "input_sizes": self.sizes, "model_sha256": digest.hexdigest()}  # fmt: skip
+        self._step = tf.function(self._distributed, jit_compile=jit)
 
     def _replica(self, batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
         parts = [tf.cast(self.model(batch[f"s{s}"], training=False), tf.float32)
@@ -95,10 +84,7 @@ class AccelEmbedder:
     def _distributed(self, batch: dict):
         return self.strategy.run(self._replica, args=(batch,))
 
-    def _dataset(self, images: Iterable[np.ndarray]) -> tf.data.Dataset:
-        spec = tf.TensorSpec([None, None, 3], tf.uint8)
-        ds = tf.data.Dataset.from_generator(lambda: iter(images), output_signature=spec)
-
+    def _prepare(self, ds: tf.data.Dataset) -> tf.data.Dataset:
         def prepare(image):
             out = {f"s{s}": resize_for_model(image, s) for s in self.sizes}
             return {**out, "valid": tf.ones([], tf.bool)}
@@ -114,18 +100,52 @@ class AccelEmbedder:
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
         return ds.with_options(options)
 
-    def embed_stream(self, images: Iterable[np.ndarray]) -> np.ndarray:
-        """float32 [n, D] unit rows for the n images of the stream, in order."""
-        dist = self.strategy.experimental_distribute_dataset(self._dataset(images))
+    def embed_dataset(self, images: tf.data.Dataset) -> np.ndarray:
+        """float32 [n, D] unit rows for a dataset of n uint8 [H, W, 3] images, in order."""
+        dist = self.strategy.experimental_distribute_dataset(self._prepare(images))
+        local = self.strategy.experimental_local_results
         rows = []
         for batch in dist:
             vectors, valid = self._step(batch)
-            vectors = np.concatenate([v.numpy() for v in self.strategy.experimental_local_results(
-                vectors)])  # fmt: skip
-            valid = np.concatenate([v.numpy() for v in self.strategy.experimental_local_results(
-                valid)])  # fmt: skip
+            vectors = np.concatenate([v.numpy() for v in local(vectors)])
+            valid = np.concatenate([v.numpy() for v in local(valid)])
             rows.append(vectors[valid])
-        return np.concatenate(rows) if rows else np.zeros((0, self.dim), np.float32)
+        dim = int(self.model.output_shape[-1])
+        return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+
+    def embed_stream(self, images: Iterable[np.ndarray]) -> np.ndarray:
+        """The same for a Python iterable of uint8 [H, W, 3] arrays (decoded on host threads)."""
+        spec = tf.TensorSpec([None, None, 3], tf.uint8)
+        return self.embed_dataset(
+            tf.data.Dataset.from_generator(lambda: iter(images), output_signature=spec))
+
+
+class AccelEmbedder(StrategyEmbedder):
+    """The embedding model of a training workdir, restored under its strategy and precision."""
+
+    def __init__(self, cfg: AccelConfig, batch_size: int):
+        self.workdir = workdir_of(cfg.workdir)
+        strategy = distribute.resolve_strategy(cfg.strategy, cfg.tpu)
+        kind = distribute.device_kind(strategy)
+        self.policy = distribute.precision_policy(cfg.precision, kind)
+        saved = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(self.policy)
+        try:
+            with strategy.scope():
+                model, mcfg = model_lib.restore_embedding_model(self.workdir)
+        finally:
+            keras.config.set_dtype_policy(saved)
+        sizes = export.scaled_sizes(int(cfg.image_size or mcfg.image_size), cfg.scales)
+        self.dim = mcfg.embedding_dim
+        super().__init__(model, strategy, sizes, batch_size, distribute.use_jit("auto", kind))
+
+    def fingerprint(self) -> dict:
+        """What must not change between a run and its resumption."""
+        checkpoint = model_lib.latest_checkpoint(self.workdir)
+        digest = hashlib.sha256(fileio.read_bytes(checkpoint + ".index"))
+        digest.update(fileio.read_bytes(fileio.join(self.workdir, model_lib.CONFIG_FILE)))
+        return {"workdir": self.workdir, "checkpoint": checkpoint, "policy": self.policy,
+                "input_sizes": self.sizes, "model_sha256": digest.hexdigest()}  # fmt: skip
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         return self.embed_stream(images)

@@ -39,6 +39,7 @@ class Loop:
         self.val: dict[str, float] = {}
         self.saved_step = -1
         self.last_ips = 0.0
+        self.hooked: dict[str, Any] = {}  # facts from the trainer's step_hooks
 
     def writer(self, name: str):
         """TensorBoard writer for logs/<name>, created on first use (chief only)."""
@@ -74,6 +75,8 @@ class Loop:
                     step % self.eval_every == 0 or step == total)
                 if evaluate:
                     self.evaluate(step)
+                for hook in getattr(self.t, "step_hooks", ()):
+                    self.hooked.update(hook(step, n, total, self.writer))
                 if evaluate or step % self.t.cfg.checkpoint_every == 0 or step == total:
                     self.save(step)
 
@@ -140,7 +143,7 @@ class Loop:
             "workdir": t.cfg.workdir, "checkpoint": t.manager.latest_checkpoint,
             "device": t.kind, "replicas": t.replicas, "mixed_precision": t.policy,
             "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
-            **self.val, **t.start_info,
+            **self.val, **self.hooked, **t.start_info,
         }
 
 
