@@ -91,6 +91,11 @@ def test_labels_stand_in_for_a_solution_and_rerank_and_ivf_run(tmp_path):
     assert 0 < plain["map@100"] < both["map@100"]
     assert ivf["ivf_recall@100"] == 1.0 and ivf["map@100"] == pytest.approx(plain["map@100"])
     assert plain["index_renormalised"] == 500  # the vectors above were not unit length
+    # IVF visiting every list + dba+aqe, DBA rewriting the IVF index in place: same as flat.
+    ivf_both = evaluate(EvalConfig(**common, rerank="dba+aqe", qe_k=3, index_type="ivf",
+                                   nlist=8, nprobe=8))  # fmt: skip
+    assert ivf_both["map@100"] == pytest.approx(both["map@100"], abs=1e-6)
+    assert ivf_both["index_ivf_spherical"] is True
 
 
 def test_revisitop_easy_medium_hard(files, tmp_path):
