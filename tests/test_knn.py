@@ -114,3 +114,17 @@ def test_dimension_mismatch_and_zero_vectors_are_user_errors():
 def test_default_nlist_keeps_39_points_per_list():
     assert knn.default_nlist(1_000_000) == 4000
     assert knn.default_nlist(1000) == 25 and knn.default_nlist(10) == 1
+
+
+def test_ivf_fill_lays_out_lists_exactly_as_faiss_add_does():
+    rng = np.random.default_rng(8)
+    db = _unit(rng, 3000, 16)
+    ours = knn.Searcher.from_chunks(lambda: knn.array_chunks(db, 700), 3000, 16, "ivf", nlist=20)
+    theirs = ours.empty_like().ivf
+    theirs.add(db)
+    mine, ref = ours.ivf.invlists, theirs.invlists
+    for lst in range(20):
+        n = ref.list_size(lst)
+        assert mine.list_size(lst) == n
+        got = knn.faiss.rev_swig_ptr(mine.get_ids(lst), n)
+        np.testing.assert_array_equal(got, knn.faiss.rev_swig_ptr(ref.get_ids(lst), n))

@@ -112,9 +112,47 @@ class Searcher:
             self.index = self.ivf
         else:
             self.index = faiss.IndexFlatIP(dim)
-        self.add(chunks())
+        self.fill(chunks, n)
+
+    def fill(self, chunks: Chunks, n: int) -> None:
+        """Puts the n rows of `chunks()` into the empty index, in storage allocated once at its
+        final size. (Appending chunk by chunk grows faiss' vectors by doubling: the last growth
+        holds the old and the new buffer at once, up to 3x the data.) IVF: a first pass assigns
+        every row to its list (the same assignment `add` makes), a second copies rows in."""
+        d = self.dim
+        if self.ivf is None:
+            self.index.codes.resize(n * d * 4)
+            self.index.ntotal = n
+            view = faiss.rev_swig_ptr(self.index.get_xb(), n * d).reshape(n, d)
+            for s, c in chunks():
+                view[s : s + len(c)] = c
+            return
+        self.ivf.set_direct_map_type(faiss.DirectMap.NoMap)  # rebuilt below (a reset keeps it)
+        assign = np.empty(n, np.int64)
+        for s, c in chunks():
+            c = np.ascontiguousarray(c, dtype=np.float32)
+            assign[s : s + len(c)] = self.ivf.quantizer.search(c, 1)[1][:, 0]
+        invlists = faiss.downcast_InvertedLists(self.ivf.invlists)
+        counts = np.bincount(assign, minlength=self.ivf.nlist)
+        for lst in np.flatnonzero(counts):
+            invlists.resize(int(lst), int(counts[lst]))
+        filled = np.zeros(self.ivf.nlist, np.int64)
+        for s, c in chunks():
+            c = np.ascontiguousarray(c, dtype=np.float32)
+            a = assign[s : s + len(c)]
+            order = np.argsort(a, kind="stable")  # rows keep their order inside each list
+            lists, starts = np.unique(a[order], return_index=True)
+            for lst, b, e in zip(lists, starts, [*starts[1:], len(order)], strict=True):
+                rows = order[b:e]
+                ids, codes = rows + s, np.ascontiguousarray(c[rows])
+                invlists.update_entries(int(lst), int(filled[lst]), len(rows),
+                                        faiss.swig_ptr(ids), faiss.swig_ptr(codes.view(np.uint8)))
+                filled[lst] += len(rows)
+        self.ivf.ntotal = n
+        self.ivf.make_direct_map()  # row -> list position, for `vectors` (8 bytes/row)
 
     def add(self, chunks: Iterable[tuple[int, np.ndarray]]) -> None:
+        """Appends rows (faiss grows its storage as it goes; `fill` does not)."""
         for _, c in chunks:
             self.index.add(np.ascontiguousarray(c, dtype=np.float32))
         if self.ivf is not None:
@@ -157,11 +195,14 @@ class Searcher:
         """The same settings and trained IVF centroids, with no vectors yet (fill with `add`)."""
         clone = object.__new__(Searcher)
         clone.__dict__.update(self.__dict__)
-        clone.index = faiss.clone_index(self.index)
-        clone.index.reset()
-        if self.ivf is not None:
-            clone.ivf = clone.index
-            clone.ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+        if self.ivf is None:
+            clone.index = faiss.IndexFlatIP(self.dim)
+            return clone
+        # Not clone_index: that would copy every inverted list before the reset.
+        quantizer = faiss.clone_index(self.ivf.quantizer)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, self.ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.is_trained, ivf.nprobe = True, self.ivf.nprobe
+        clone.index = clone.ivf = ivf
         return clone
 
     def with_database(self, database: np.ndarray) -> Searcher:

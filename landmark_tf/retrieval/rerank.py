@@ -84,10 +84,11 @@ def augment_database(searcher: Searcher, k: int, alpha: float, *, in_place: bool
                 scores, ids = searcher.search(rows, k + 1)
                 scores, ids = _drop_self(scores, ids, first_row=s)
                 f.write(expand(rows, scores, ids, searcher, alpha).tobytes())
+        n, dim = searcher.size, searcher.dim
         target = searcher if in_place else searcher.empty_like()
         if in_place:
             target.index.reset()
-        target.add(_file_chunks(path, searcher.dim))
+        target.fill(lambda: _file_chunks(path, dim), n)
     return target
 
 
