@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/knn_bench.py                    # 100k x 512 index, 2000 queries
     .venv/bin/python bench/knn_bench.py --data gaussian    # structureless worst case for IVF
+    .venv/bin/python bench/knn_bench.py --kmeans spherical # only the default coarse quantiser
 
 Both exact paths use the same float32 data and the same query batches and return the same
 top-k (checked). IVF runs through landmark_tf.retrieval.knn.Searcher, as landmark-evaluate does,
@@ -90,7 +91,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1000, help="queries per search call")
     p.add_argument("--data", choices=["landmarks", "gaussian"], default="landmarks")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: about 4 sqrt(n))")
-    p.add_argument("--nprobes", default="4,8,16,32,64", help="IVF nprobe values to try")
+    p.add_argument("--nprobes", default="8,16,32", help="IVF nprobe values to try")
+    p.add_argument("--kmeans", choices=["spherical", "plain", "both"], default="both",
+                   help="IVF coarse quantiser: spherical k-means (landmark-evaluate's default), "
+                        "faiss' plain k-means, or both side by side")
     p.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -115,9 +119,18 @@ def main() -> None:
     )
     print(f"faiss / numpy speed        {t_np / t_fa:9.2f}x   (top-{a.k} agreement {agree:.4f})")
 
+    for spherical in (True, False) if a.kmeans == "both" else (a.kmeans == "spherical",):
+        ivf_table(db, queries, flat, ids_fa, a, spherical)
+
+
+def ivf_table(db, queries, flat, ids_exact, a, spherical: bool) -> None:
+    """Recall@k and speed-up over exact search per nprobe, for one kind of coarse k-means."""
     t0 = time.perf_counter()
-    ivf = knn.Searcher(db, "ivf", nlist=a.nlist, batch_size=a.batch, seed=a.seed)
-    print(f"IVF build: nlist={ivf.ivf.nlist}, {time.perf_counter() - t0:.1f} s (train + add)")
+    ivf = knn.Searcher(db, "ivf", nlist=a.nlist, batch_size=a.batch, seed=a.seed,
+                       spherical=spherical)  # fmt: skip
+    kind = "spherical" if spherical else "plain (euclidean)"
+    print(f"IVF, {kind} k-means: nlist={ivf.ivf.nlist}, build {time.perf_counter() - t0:.1f} s "
+          "(train + add)")  # fmt: skip
     print(f"{'nprobe':>6} {'q/s':>9} {'speed-up':>9} {f'recall@{a.k}':>11}")
     for nprobe in (int(v) for v in a.nprobes.split(",")):
         ivf.ivf.nprobe = nprobe
@@ -130,7 +143,7 @@ def main() -> None:
             a.repeat,
         )
         (t_ex, _), (t_ivf, ids_ivf) = pair["exact"], pair["ivf"]
-        recall = knn.recall_at_k(ids_ivf, ids_fa)
+        recall = knn.recall_at_k(ids_ivf, ids_exact)
         print(f"{nprobe:>6} {a.queries / t_ivf:>9.0f} {t_ex / t_ivf:>8.1f}x {recall:>11.4f}")
 
 

@@ -258,3 +258,41 @@ def test_exif_rotated_photo_gets_the_same_descriptor_from_records_and_csv(model,
     single = tf.saved_model.load(model).signatures["serving_default"]
     plain = single(input_image=tf.io.decode_jpeg(raw, channels=3))["global_descriptor"].numpy()
     assert np.abs(plain - rows["records"]).max() > 1e-3  # sideways and unshrunk: not the same
+
+
+def test_revisitop_queries_are_cropped_to_bbx_and_evaluate_reports_it(model, tmp_path):
+    """The published protocol: each qimlist image is described from its bbx crop (PIL rounding);
+    the database images whole. landmark-evaluate counts the cropped queries."""
+    import pickle
+
+    from landmark_tf.retrieval.evaluation import EvalConfig, evaluate
+
+    jpg = tmp_path / "jpg"
+    jpg.mkdir()
+    images = {name: fx.random_image(48 + 5 * i, 64 - 3 * i, i)
+              for i, name in enumerate(["all_souls_1", "q_a", "q_b", "db_c"])}  # fmt: skip
+    for name, image in images.items():
+        (jpg / f"{name}.jpg").write_bytes(fx.jpeg(image))
+    gnd = {"imlist": ["all_souls_1", "db_c"], "qimlist": ["q_a", "q_b"],
+           "gnd": [{"easy": [0], "hard": [], "junk": [], "bbx": [3.4, 5.6, 40.5, 33.0]},
+                   {"easy": [1], "hard": [], "junk": [1], "bbx": [0.0, 2.0, 30.2, 41.7]}]}
+    (tmp_path / "gnd.pkl").write_bytes(pickle.dumps(gnd))
+    common = dict(model=model, revisitop_gnd=str(tmp_path / "gnd.pkl"), image_dir=str(jpg))
+    q = embed.embed_set(embed.EmbedConfig(output=str(tmp_path / "q.npz"), **common))
+    embed.embed_set(embed.EmbedConfig(output=str(tmp_path / "db.npz"), revisitop_set="database",
+                                      **common))  # fmt: skip
+    assert q["count"] == 2
+    single = tf.saved_model.load(model).signatures["serving_default"]
+    es = load_embeddings(str(tmp_path / "q.npz"))
+    for name, row, (x1, y1, x2, y2) in zip(es.ids, es.embeddings, ([3, 6, 40, 33], [0, 2, 30, 42]),
+                                          strict=True):  # fmt: skip
+        decoded = tf.io.decode_image((jpg / f"{name}.jpg").read_bytes(), channels=3).numpy()
+        want = single(input_image=decoded[y1:y2, x1:x2])["global_descriptor"].numpy()
+        np.testing.assert_allclose(row, want, atol=1e-5, rtol=0)
+        whole = single(input_image=decoded)["global_descriptor"].numpy()
+        assert np.abs(row - whole).max() > 1e-3  # the crop matters
+    assert np.load(tmp_path / "q.npz")["cropped"].tolist() == [True, True]
+    assert "cropped" not in np.load(tmp_path / "db.npz").files
+    r = evaluate(EvalConfig(queries=str(tmp_path / "q.npz"), index=str(tmp_path / "db.npz"),
+                            revisitop_gnd=str(tmp_path / "gnd.pkl")))  # fmt: skip
+    assert r["revisitop_queries_cropped"] == 2 and r["revisitop_queries_uncropped"] == 0

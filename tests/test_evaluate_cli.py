@@ -91,6 +91,11 @@ def test_labels_stand_in_for_a_solution_and_rerank_and_ivf_run(tmp_path):
     assert 0 < plain["map@100"] < both["map@100"]
     assert ivf["ivf_recall@100"] == 1.0 and ivf["map@100"] == pytest.approx(plain["map@100"])
     assert plain["index_renormalised"] == 500  # the vectors above were not unit length
+    # IVF visiting every list + dba+aqe, DBA rewriting the IVF index in place: same as flat.
+    ivf_both = evaluate(EvalConfig(**common, rerank="dba+aqe", qe_k=3, index_type="ivf",
+                                   nlist=8, nprobe=8))  # fmt: skip
+    assert ivf_both["map@100"] == pytest.approx(both["map@100"], abs=1e-6)
+    assert ivf_both["index_ivf_spherical"] is True
 
 
 def test_revisitop_easy_medium_hard(files, tmp_path):
@@ -111,6 +116,12 @@ def test_revisitop_easy_medium_hard(files, tmp_path):
     assert r["revisitop_map_medium"] == pytest.approx(37 / 72, abs=1e-6)
     assert r["revisitop_map_hard"] == pytest.approx(1 / 4, abs=1e-6)
     assert r["revisitop_distractors"] == 1 and r["revisitop_queries_ignored"] == 1
+    assert r["revisitop_queries_cropped"] == 0 and r["revisitop_queries_uncropped"] == 1
+    for index_type in ("flat", "ivf"):  # the same ranking from the IVF index's stored vectors
+        again = evaluate(EvalConfig(queries=str(tmp_path / "q.npz"), index_type=index_type,
+                                    index=str(tmp_path / "db.npz"), nlist=1,
+                                    revisitop_gnd=str(tmp_path / "gnd.pkl")))  # fmt: skip
+        assert again["revisitop"] == r["revisitop"]
 
 
 # ---------------------------------------------------------------- the .npz contract
@@ -142,7 +153,7 @@ def _raw(tmp_path, **arrays):
         (dict(ids=np.array(["a"]), embeddings=np.zeros((1, 3))), "all zero.*'a'"),
         (dict(ids=np.array(["a"]), vectors=np.eye(1)), "missing array"),
         (dict(ids=np.array([b"a"]), embeddings=np.eye(1), landmark_ids=np.ones(1)), "int"),
-        (dict(ids=np.array(["a"], dtype=object), embeddings=np.eye(1)), "not a readable"),
+        (dict(ids=np.array(["a"], dtype=object), embeddings=np.eye(1)), "Python objects"),
     ],
 )
 def test_bad_embedding_files_are_user_errors(tmp_path, arrays, match):

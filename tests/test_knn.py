@@ -58,7 +58,32 @@ def test_ivf_with_new_database_keeps_centroids_and_searches_new_vectors():
     ivf = knn.Searcher(db, "ivf", nlist=32, nprobe=32)
     moved = ivf.with_database(db[::-1].copy())
     np.testing.assert_array_equal(moved.search(queries, 5)[1], 1999 - ivf.search(queries, 5)[1])
-    assert ivf.database is db or np.shares_memory(ivf.database, db)  # original untouched
+    np.testing.assert_array_equal(ivf.database, db)  # original untouched
+
+
+def test_spherical_kmeans_gives_unit_centroids_and_plain_kmeans_does_not():
+    rng = np.random.default_rng(6)
+    db = _unit(rng, 3000, 16)
+    for spherical in (True, False):
+        ivf = knn.Searcher(db, "ivf", nlist=16, spherical=spherical).ivf
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        unit = np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-4)
+        assert unit == spherical
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_streamed_database_lives_only_in_faiss_and_comes_back_exactly(index_type):
+    rng = np.random.default_rng(7)
+    db, queries = _unit(rng, 2500, 16), _unit(rng, 40, 16)
+    chunks = lambda: knn.array_chunks(db, 300)  # noqa: E731
+    searcher = knn.Searcher.from_chunks(chunks, len(db), 16, index_type, nlist=16, nprobe=16)
+    assert not np.shares_memory(searcher.database, db)
+    rows = np.array([[5, 2499], [0, -1]])
+    np.testing.assert_array_equal(searcher.vectors(rows), db[np.maximum(rows, 0)])
+    np.testing.assert_array_equal(np.concatenate([c for _, c in searcher.chunks(700)]), db)
+    _, exact = knn.Searcher(db).search(queries, 30)
+    np.testing.assert_array_equal(searcher.exact_search(queries, 30)[1], exact)
+    np.testing.assert_array_equal(searcher.search(queries, 30)[1], exact)  # nprobe = nlist
 
 
 def test_recall_at_k_by_hand_and_missing_slots():
@@ -89,3 +114,17 @@ def test_dimension_mismatch_and_zero_vectors_are_user_errors():
 def test_default_nlist_keeps_39_points_per_list():
     assert knn.default_nlist(1_000_000) == 4000
     assert knn.default_nlist(1000) == 25 and knn.default_nlist(10) == 1
+
+
+def test_ivf_fill_lays_out_lists_exactly_as_faiss_add_does():
+    rng = np.random.default_rng(8)
+    db = _unit(rng, 3000, 16)
+    ours = knn.Searcher.from_chunks(lambda: knn.array_chunks(db, 700), 3000, 16, "ivf", nlist=20)
+    theirs = ours.empty_like().ivf
+    theirs.add(db)
+    mine, ref = ours.ivf.invlists, theirs.invlists
+    for lst in range(20):
+        n = ref.list_size(lst)
+        assert mine.list_size(lst) == n
+        got = knn.faiss.rev_swig_ptr(mine.get_ids(lst), n)
+        np.testing.assert_array_equal(got, knn.faiss.rev_swig_ptr(ref.get_ids(lst), n))

@@ -38,6 +38,12 @@ flags.DEFINE_enum(
     "flat: exact search; ivf: inverted-file approximate search for 1M+ images.",
 )
 flags.DEFINE_integer("nlist", _D.nlist, "IVF lists; 0 = about 4*sqrt(N).")
+flags.DEFINE_bool(
+    "spherical_kmeans",
+    _D.spherical_kmeans,
+    "IVF: train the coarse quantiser by spherical k-means (unit centroids, what inner-product "
+    "assignment needs); --nospherical_kmeans is faiss' plain k-means.",
+)
 flags.DEFINE_integer("nprobe", _D.nprobe, "IVF lists visited per query (more = slower, better).")
 flags.DEFINE_integer(
     "recall_sample",
@@ -49,7 +55,8 @@ flags.DEFINE_enum(
     _D.rerank,
     list(rerank.METHODS),
     "Re-ranking: alpha-query expansion (aqe), database-side augmentation (dba), or both. dba "
-    "searches the whole index against itself (1M images exact: hours on 2 cores; ivf is faster).",
+    "searches the whole index against itself through the same index type (flat: exact N^2, "
+    "hours at 1M images on 2 cores; ivf: approximate, far faster).",
 )
 flags.DEFINE_integer("qe_k", _D.qe_k, "Neighbours used by aqe and dba.")
 flags.DEFINE_float(

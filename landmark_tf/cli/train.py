@@ -41,6 +41,13 @@ flags.DEFINE_integer("batch_size", _T.batch_size, "Global batch per optimizer st
 flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints.")
 flags.DEFINE_integer("keep_checkpoints", _T.keep_checkpoints, "Checkpoints kept in the workdir.")
 flags.DEFINE_integer("eval_every", _T.eval_every, "Steps between validations; 0 = every epoch.")
+flags.DEFINE_string("retrieval_queries", None,
+                    "Held-out retrieval validation: labelled query TFRecords (glob), embedded "
+                    "with the model in training; mAP@100 against --retrieval_index goes to "
+                    "TensorBoard (logs/retrieval) and the closing JSON.")
+flags.DEFINE_string("retrieval_index", None, "Labelled index TFRecords (glob) for it.")
+flags.DEFINE_integer("retrieval_every", 0, "Steps between retrieval validations; 0 = "
+                     "--eval_every (or every epoch).")
 flags.DEFINE_integer("seed", _T.seed, "Seed of initial weights, data order and augmentation.")
 # Optimisation.
 flags.DEFINE_float("learning_rate", _T.learning_rate, "Peak learning rate of SGD.")
@@ -159,7 +166,20 @@ def main(argv: list[str]) -> dict:
         train,  # TensorFlow loads only now: flag errors and --help are fast
     )
 
-    return train.train(model_cfg, train_cfg)
+    return train.train(model_cfg, train_cfg, _retrieval_val())
+
+
+def _retrieval_val():
+    if bool(FLAGS.retrieval_queries) != bool(FLAGS.retrieval_index):
+        raise UserError("--retrieval_queries and --retrieval_index go together")
+    if FLAGS.retrieval_every < 0:
+        raise UserError(f"--retrieval_every={FLAGS.retrieval_every}: must be >= 0")
+    if not FLAGS.retrieval_queries:
+        return None
+    from landmark_tf.training.retrieval_validation import RetrievalValConfig
+
+    return RetrievalValConfig(FLAGS.retrieval_queries, FLAGS.retrieval_index,
+                              FLAGS.retrieval_every, FLAGS.batch_size)
 
 
 def run() -> None:

@@ -2,6 +2,13 @@
 Kaggle mAP@100 / GAP, revisited Oxford/Paris mAP, and Kaggle submission files.
 
 `evaluate(EvalConfig)` returns the closing-JSON dict; a human-readable summary goes to stderr.
+Memory: the index / train descriptors are streamed from the file into faiss in chunks and live
+only there (see knn.Searcher); only the queries are held as a NumPy array. Recognition is in
+recognition_eval, the report and scoring helpers in eval_report.
+
+Re-ranking happens in two places, each a plug point: `rerank.rerank_vectors` changes the query
+and database vectors before the search (aqe, dba), `_rerank_results` re-orders each query's
+retrieved list after it (a method that re-scores shortlists adds its branch there).
 """
 
 from __future__ import annotations
@@ -9,12 +16,17 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import knn, metrics, rerank, revisitop, solutions
-from landmark_tf.retrieval.embeddings import EmbeddingSet, load_embeddings
+from landmark_tf.retrieval.embeddings import EmbeddingFile, open_embeddings
+from landmark_tf.retrieval.eval_report import Report, check_coverage, score
+from landmark_tf.retrieval.recognition_eval import recognize
+
+_Report = Report  # the name this module used before the split
 
 
 @dataclasses.dataclass
@@ -40,6 +52,7 @@ class EvalConfig:
     recognition_submission: str | None = None
     revisitop_gnd: str | None = None
     seed: int = 0
+    spherical_kmeans: bool = True
 
     def check(self) -> None:
         if not self.queries:
@@ -61,35 +74,13 @@ class EvalConfig:
             raise UserError("--qe_k, --aqe_alpha, --recall_sample and --nlist must be >= 0")
 
 
-class _Report:
-    """Collects the JSON results and the human-readable lines and warnings (to stderr)."""
-
-    def __init__(self):
-        self.result: dict = {}
-        self.rows: list[tuple[str, str]] = []
-
-    def add(self, key: str, value, label: str | None = None) -> None:
-        self.result[key] = value
-        if label is not None:
-            self.rows.append((label, str(value)))
-
-    def warn(self, key: str, count: int, message: str) -> None:
-        self.result[key] = count
-        if count:
-            print(f"landmark-evaluate: warning: {count} {message}", file=sys.stderr)
-
-    def print_table(self) -> None:
-        width = max((len(label) for label, _ in self.rows), default=0)
-        for label, shown in self.rows:
-            print(f"  {label:<{width}}  {shown}", file=sys.stderr)
-
-
 def evaluate(cfg: EvalConfig) -> dict:
     """Runs every evaluation `cfg` asks for; returns the closing-JSON dict."""
     cfg.check()
-    report = _Report()
-    queries = load_embeddings(cfg.queries)
-    q_vecs = _unit(queries, cfg.queries, report, "queries")
+    report = Report()
+    with open_embeddings(cfg.queries) as queries:
+        q_vecs = queries.read_all()
+    _warn_renormalised(queries, "queries", report)
     report.add("queries", len(queries), "queries")
     if cfg.index:
         _retrieval(cfg, queries, q_vecs, report)
@@ -99,27 +90,40 @@ def evaluate(cfg: EvalConfig) -> dict:
     return report.result
 
 
-def _unit(es: EmbeddingSet, path: str, report: _Report, name: str) -> np.ndarray:
-    vecs, changed = knn.l2_normalize(es.embeddings)
-    report.warn(f"{name}_renormalised", changed, f"{name} vectors in {path} were not unit length")
-    return vecs
+def _warn_renormalised(es: EmbeddingFile, name: str, report: Report) -> None:
+    report.warn(f"{name}_renormalised", es.renormalised,
+                f"{name} vectors in {es.path} were not unit length")
 
 
-def _load_database(path: str, queries: EmbeddingSet, report: _Report, name: str):
-    es = load_embeddings(path)
-    knn.check_dims(es.dim, queries.dim, f"--{name} ({path}) and --queries")
-    return es, _unit(es, path, report, name)
+def _load_database(cfg: EvalConfig, path: str, queries, report: Report, name: str):
+    """(EmbeddingFile with ids/labels, closed; Searcher holding its unit vectors)."""
+    with open_embeddings(path) as es:
+        knn.check_dims(es.dim, queries.dim, f"--{name} ({path}) and --queries")
+        _warn_renormalised(es, name, report)
+        report.add(name, len(es), f"{name} images")
+        t0 = time.perf_counter()
+        searcher = knn.Searcher.from_chunks(
+            es.chunks, len(es), es.dim, cfg.index_type, nlist=cfg.nlist, nprobe=cfg.nprobe,
+            batch_size=cfg.batch_size, seed=cfg.seed, spherical=cfg.spherical_kmeans,
+        )  # fmt: skip
+    if searcher.ivf is not None:
+        report.add(f"{name}_ivf_nlist", int(searcher.ivf.nlist), f"{name} IVF lists")
+        report.add(f"{name}_ivf_nprobe", int(searcher.ivf.nprobe), f"{name} IVF nprobe")
+        report.add(f"{name}_ivf_spherical", cfg.spherical_kmeans)
+    report.add(f"{name}_build_seconds", round(time.perf_counter() - t0, 3))
+    return es, searcher
 
 
-def _retrieval(cfg: EvalConfig, queries: EmbeddingSet, q_vecs, report: _Report) -> None:
-    index, x_vecs = _load_database(cfg.index, queries, report, "index")
-    report.add("index", len(index), "index images")
-    searcher = _searcher(cfg, x_vecs, report, "index")
+def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
+    index, searcher = _load_database(cfg, cfg.index, queries, report, "index")
     t0 = time.perf_counter()
-    q_final, searcher = rerank.rerank_vectors(q_vecs, searcher, cfg.rerank, cfg.qe_k, cfg.aqe_alpha)
+    q_final, searcher = rerank.rerank_vectors(
+        q_vecs, searcher, cfg.rerank, cfg.qe_k, cfg.aqe_alpha, in_place=True
+    )
     t1 = time.perf_counter()
     scores, ids = searcher.search(q_final, cfg.k, desc="search")
     t2 = time.perf_counter()
+    scores, ids = _rerank_results(cfg, q_final, searcher, scores, ids, report)
     report.add("rerank", cfg.rerank, "re-ranking")
     report.add("rerank_seconds", round(t1 - t0, 3))
     report.add("search_queries_per_second", round(len(q_final) / max(t2 - t1, 1e-9), 1), "q/s")
@@ -136,40 +140,32 @@ def _retrieval(cfg: EvalConfig, queries: EmbeddingSet, q_vecs, report: _Report) 
         solutions.write_text(cfg.submission, text)
         report.add("submission", cfg.submission, "submission")
     if cfg.revisitop_gnd:
-        _revisitop(cfg, queries, index, q_final, searcher.database, report)
+        _revisitop(cfg, queries, index, q_final, searcher, report)
 
 
-def _searcher(cfg: EvalConfig, vecs: np.ndarray, report: _Report, name: str) -> knn.Searcher:
-    t0 = time.perf_counter()
-    searcher = knn.Searcher(
-        vecs,
-        cfg.index_type,
-        nlist=cfg.nlist,
-        nprobe=cfg.nprobe,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-    )
-    if searcher.ivf is not None:
-        report.add(f"{name}_ivf_nlist", int(searcher.ivf.nlist), f"{name} IVF lists")
-        report.add(f"{name}_ivf_nprobe", int(searcher.ivf.nprobe), f"{name} IVF nprobe")
-        report.add(f"{name}_build_seconds", round(time.perf_counter() - t0, 3))
-    return searcher
+def _rerank_results(cfg: EvalConfig, q_final: np.ndarray, searcher: knn.Searcher,
+                    scores: np.ndarray, ids: np.ndarray, report: Report) -> tuple[Any, Any]:
+    """Post-search re-ranking of each query's list (scores float32[Q, k], ids int64[Q, k]).
+
+    The plug point for methods that re-score a retrieved shortlist; none is built in yet, so
+    the lists pass through unchanged.
+    """
+    return scores, ids
 
 
-def _ivf_recall(cfg, searcher: knn.Searcher, q_final, ids, report: _Report) -> None:
+def _ivf_recall(cfg, searcher: knn.Searcher, q_final, ids, report: Report) -> None:
     """Recall@k of the IVF results against exact search on a random sample of queries."""
     n = min(cfg.recall_sample, len(q_final))
     if n == 0:
         return
     rows = np.sort(np.random.default_rng(cfg.seed).choice(len(q_final), n, replace=False))
-    exact = knn.Searcher(searcher.database, "flat", batch_size=cfg.batch_size)
-    _, exact_ids = exact.search(q_final[rows], ids.shape[1])
+    _, exact_ids = searcher.exact_search(q_final[rows], ids.shape[1])
     recall = knn.recall_at_k(ids[rows], exact_ids)
     report.add(f"ivf_recall@{ids.shape[1]}", round(recall, 4), f"IVF recall@{ids.shape[1]}")
     report.add("ivf_recall_sample", n)
 
 
-def _retrieval_scores(cfg, queries, index, predictions, report: _Report) -> None:
+def _retrieval_scores(cfg, queries, index, predictions, report: Report) -> None:
     if cfg.solution:
         sol = solutions.read_solution(cfg.solution, "retrieval")
         source = cfg.solution
@@ -182,7 +178,7 @@ def _retrieval_scores(cfg, queries, index, predictions, report: _Report) -> None
         return
     report.add("retrieval_solution", source)
     scored = sol.subset()
-    _check_coverage(scored, predictions, source, report, "retrieval")
+    check_coverage(scored, predictions, source, report, "retrieval")
     known = set(index.ids.tolist())
     unknown = {img for rel in scored.values() for img in rel if img not in known}
     report.warn(
@@ -191,80 +187,40 @@ def _retrieval_scores(cfg, queries, index, predictions, report: _Report) -> None
     report.add("solution_queries_without_relevant", sum(1 for r in scored.values() if not r))
     if cfg.k < metrics.MAX_PREDICTIONS:
         print(f"landmark-evaluate: note: --k={cfg.k} < 100 predictions per query", file=sys.stderr)
-    _score(sol, metrics.mean_average_precision, predictions, "map@100", "mAP@100", report)
+    score(sol, metrics.mean_average_precision, predictions, "map@100", "mAP@100", report)
     if "map@100" not in report.result:
         raise UserError(f"{source}: no scored query has a relevant image")
 
 
-def _score(sol: solutions.Solution, metric, predictions, key: str, label: str, report) -> None:
-    """Reports `metric` over all scored queries (`key`), then per Usage (`key`_public, ...)."""
-    for suffix, usage, subset in sol.scored_subsets():
-        if any(subset.values()):
-            report.add(f"{key}{suffix}", round(metric(predictions, subset), 6), f"{label} {usage}")
-
-
-def _check_coverage(scored: dict, predictions: dict, source: str, report, task: str) -> None:
-    missing = sum(1 for q in scored if q not in predictions)
-    if scored and missing == len(scored):
-        raise UserError(f"{source}: none of its {len(scored)} scored query ids are in --queries")
-    report.warn(
-        f"{task}_solution_queries_missing",
-        missing,
-        f"scored query ids in {source} are not in --queries (they score 0)",
-    )
-    extra = sum(1 for q in predictions if q not in scored)
-    report.add(f"{task}_queries_not_scored", extra)
-
-
-def _recognition(cfg: EvalConfig, queries: EmbeddingSet, q_vecs, report: _Report) -> None:
-    train, t_vecs = _load_database(cfg.train, queries, report, "train")
+def _recognition(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
+    train, searcher = _load_database(cfg, cfg.train, queries, report, "train")
     if train.landmark_ids is None:
         raise UserError(f"--train {cfg.train}: has no landmark_ids; recognition needs labels")
-    report.add("train", len(train), "train images")
-    searcher = _searcher(cfg, t_vecs, report, "train")
-    scores, ids = searcher.search(q_vecs, cfg.recognition_k, desc="recognition search")
-    neighbour_landmarks = np.where(ids >= 0, train.landmark_ids[np.maximum(ids, 0)], -1)
-    landmarks, confidence = knn.vote_landmarks(scores, neighbour_landmarks)
-    qids = queries.ids.tolist()
-    predictions = {
-        q: (int(lm), float(c))
-        for q, lm, c in zip(qids, landmarks, confidence, strict=True)
-        if lm >= 0
-    }
-    _recognition_scores(cfg, queries, predictions, report)
-    if cfg.recognition_submission:
-        text = solutions.format_recognition_submission(qids, landmarks, confidence)
-        solutions.write_text(cfg.recognition_submission, text)
-        report.add("recognition_submission", cfg.recognition_submission, "recognition submission")
+    recognize(cfg, queries, q_vecs, searcher, train.landmark_ids, report)
 
 
-def _recognition_scores(cfg, queries, predictions, report: _Report) -> None:
-    if cfg.recognition_solution:
-        sol = solutions.read_solution(cfg.recognition_solution, "recognition")
-        source = cfg.recognition_solution
-    elif queries.landmark_ids is not None:
-        sol = solutions.solution_from_labels(queries.ids, queries.landmark_ids)
-        source = "landmark_ids"
-    else:
-        return
-    report.add("recognition_solution", source)
-    scored = sol.subset()
-    all_queries = dict.fromkeys(queries.ids.tolist())
-    _check_coverage(scored, all_queries, source, report, "recognition")
-    _score(sol, metrics.global_average_precision, predictions, "gap", "GAP", report)
-    if "gap" not in report.result:
-        raise UserError(f"{source}: no scored query has a landmark")
-
-
-def _revisitop(cfg, queries, index, q_final, x_final, report: _Report) -> None:
+def _revisitop(cfg, queries, index, q_final, searcher: knn.Searcher, report: Report) -> None:
     gnd = revisitop.load_gnd(cfg.revisitop_gnd)
     db_rows, q_rows, distractors, extra_q = revisitop.align(gnd, index.ids, queries.ids)
     report.add("revisitop_distractors", distractors, "revisitop distractors")
     report.warn("revisitop_queries_ignored", extra_q, "--queries ids are not in qimlist")
-    ranks = revisitop.full_ranking(x_final[db_rows], q_final[q_rows])
+    _report_query_crop(queries, q_rows, report)
+    ranks = revisitop.ranking_from_chunks(searcher.chunks(), searcher.size, q_final[q_rows],
+                                          db_rows)
     results = revisitop.evaluate(ranks, gnd["gnd"])
     report.add("revisitop", results)
     for name, r in results.items():
         if r["queries"] == 0:
             continue  # no query has positives under this protocol
         report.add(f"revisitop_map_{name}", round(r["map"], 6), f"revisitop mAP {name}")
+
+
+def _report_query_crop(queries, q_rows: np.ndarray, report: Report) -> None:
+    """The published protocol describes each query from its bbx crop (landmark-embed
+    --revisitop_gnd does it and marks the rows); full-image queries are not comparable."""
+    cropped = getattr(queries, "cropped", None)
+    n = int(cropped[q_rows].sum()) if cropped is not None else 0
+    report.add("revisitop_queries_cropped", n, "revisitop queries cropped to bbx")
+    report.warn("revisitop_queries_uncropped", len(q_rows) - n,
+                "revisitop queries were described from the full image, not the bbx crop of the "
+                "published protocol: scores are not comparable to papers")

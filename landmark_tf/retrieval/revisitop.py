@@ -76,6 +76,22 @@ def full_ranking(database: np.ndarray, queries: np.ndarray) -> np.ndarray:
     return np.argsort(-(database @ queries.T), axis=0, kind="stable")
 
 
+def ranking_from_chunks(chunks, n: int, queries: np.ndarray, db_rows: np.ndarray) -> np.ndarray:
+    """`full_ranking` of database rows `db_rows` (gnd order), with the database streamed.
+
+    Args:
+      chunks: (first row, float32[m, D]) over all n database rows.
+      queries: float32[Q, D]; db_rows: int64[N'] rows of the database, in ranking order.
+
+    Returns:
+      int64[N', Q] as `full_ranking` on database[db_rows] gives; only N x Q scores in memory.
+    """
+    sims = np.empty((n, len(queries)), np.float32)
+    for s, c in chunks:
+        sims[s : s + len(c)] = c @ queries.T
+    return np.argsort(-sims[db_rows], axis=0, kind="stable")
+
+
 def average_precision(positions: np.ndarray, num_positives: int) -> float:
     """Trapezoidal AP from the sorted 0-based ranks of the retrieved positives."""
     j = np.arange(len(positions), dtype=np.float64)

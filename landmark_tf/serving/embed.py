@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from landmark_tf import fileio
 from landmark_tf.errors import UserError
-from landmark_tf.retrieval.embeddings import save_embeddings
-from landmark_tf.serving import embed_sources, signatures
+from landmark_tf.retrieval import npzstream
+from landmark_tf.retrieval.embeddings import DTYPES, write_embeddings
+from landmark_tf.serving import embed_accel, embed_sources, signatures
 from landmark_tf.serving.embed_sources import Item
 
 MANIFEST = "manifest.json"
@@ -52,6 +53,10 @@ class EmbedConfig:
     chunk_size: int = 10000
     max_batch_pixels: int = 1 << 26  # padded B*H*W cap per batch (~200 MB of uint8 pixels)
     num_threads: int = 8
+    dtype: str = "float32"  # storage of the merged set: float32 or float16 (half the bytes)
+    accel: embed_accel.AccelConfig | None = None  # instead of `model`: a workdir on TPU/GPU/CPU
+    revisitop_gnd: str | None = None  # instead of records/csv: revisitop images (+ image_dir)
+    revisitop_set: str = "queries"  # queries: qimlist cropped to bbx; database: imlist
 
 
 class Embedder:
@@ -85,10 +90,14 @@ class Embedder:
 def embed_set(cfg: EmbedConfig) -> dict[str, Any]:
     """Embeds the source of `cfg` into `cfg.output`; returns the closing-JSON facts."""
     _check_config(cfg)
-    source = embed_sources.open_source(cfg.records, cfg.csv, cfg.image_dir)
-    embedder = Embedder(cfg.model)
+    source = embed_sources.open_source(cfg.records, cfg.csv, cfg.image_dir, cfg.revisitop_gnd,
+                                       cfg.revisitop_set)
+    if cfg.accel is not None:
+        embedder = embed_accel.AccelEmbedder(cfg.accel, cfg.batch_size)
+    else:
+        embedder = Embedder(cfg.model)
     parts_dir = cfg.output + ".parts"
-    _start_parts(parts_dir, _manifest(cfg, source))
+    _start_parts(parts_dir, _manifest(cfg, source, embedder))
     start, done = time.time(), 0
     bar = tqdm(total=source.total, unit="img", desc="embed", file=sys.stderr, mininterval=1.0)
     with futures.ThreadPoolExecutor(cfg.num_threads) as pool, bar:
@@ -102,13 +111,21 @@ def embed_set(cfg: EmbedConfig) -> dict[str, Any]:
             part = _embed_chunk(chunk, embedder, pool, cfg, bar)
             done += len(part["ids"]) + len(part["skipped_ids"])
             _write_npz(path, part)
-    result = _merge(parts_dir, names, cfg.output, source.labelled, embedder.dim)
+    result = _merge(parts_dir, names, cfg.output, source.labelled, embedder.dim, cfg.dtype)
     tf.io.gfile.rmtree(parts_dir)
     seconds = max(time.time() - start, 1e-9)
-    return {**result, "images_per_second": round(done / seconds, 2), "model": cfg.model}
+    facts = {"model": cfg.model}
+    if cfg.accel is not None:
+        facts = {"workdir": embedder.workdir, "policy": embedder.policy,
+                 "replicas": embedder.strategy.num_replicas_in_sync}  # fmt: skip
+    return {**result, "images_per_second": round(done / seconds, 2), **facts}
 
 
 def _check_config(cfg: EmbedConfig) -> None:
+    if bool(cfg.model) == (cfg.accel is not None):
+        raise UserError("give either --model (a SavedModel) or --workdir (a training workdir)")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if not cfg.output.endswith(".npz"):
         raise UserError(f"--output {cfg.output}: must end with .npz")
     for name in ("batch_size", "chunk_size", "max_batch_pixels", "num_threads"):
@@ -116,10 +133,14 @@ def _check_config(cfg: EmbedConfig) -> None:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
 
 
-def _manifest(cfg: EmbedConfig, source: embed_sources.Source) -> dict[str, Any]:
+def _manifest(cfg: EmbedConfig, source: embed_sources.Source, embedder) -> dict[str, Any]:
     """What must not change between a run and its resumption (a re-export at the same path
     changes the model fingerprint)."""
-    keys = ("model", "records", "csv", "image_dir", "batch_size", "chunk_size", "max_batch_pixels")
+    keys = ("model", "records", "csv", "image_dir", "batch_size", "chunk_size", "max_batch_pixels",
+            "revisitop_gnd", "revisitop_set")
+    if cfg.accel is not None:
+        return {**{k: getattr(cfg, k) for k in keys}, "source_sha256": source.digest,
+                **embedder.fingerprint()}  # fmt: skip
     fingerprint = fileio.join(cfg.model, "fingerprint.pb")
     if not fileio.exists(fingerprint):
         fingerprint = fileio.join(cfg.model, "saved_model.pb")
@@ -168,14 +189,31 @@ def _chunks(items: Iterable[Item], size: int) -> Iterator[Iterator[Item]]:
         yield chunk()
 
 
-def _embed_chunk(chunk, embedder: Embedder, pool, cfg: EmbedConfig, bar) -> dict[str, np.ndarray]:
-    ids, landmark_ids, vectors, skipped = [], [], [], []
+def _embed_chunk(chunk, embedder, pool, cfg: EmbedConfig, bar) -> dict[str, np.ndarray]:
+    ids, landmark_ids, vectors, skipped, cropped = [], [], [], [], []
     decoded = _decode_ahead(chunk, pool, depth=2 * cfg.batch_size + cfg.num_threads)
-    for batch in _batches(decoded, skipped, cfg.batch_size, cfg.max_batch_pixels):
-        vectors.append(embedder([image for _, image in batch]))
-        ids += [item.id for item, _ in batch]
-        landmark_ids += [item.landmark_id for item, _ in batch]
+
+    def taken(batch):
+        ids.extend(item.id for item, _ in batch)
+        landmark_ids.extend(item.landmark_id for item, _ in batch)
+        cropped.extend(item.crop is not None for item, _ in batch)
         bar.update(len(batch))
+
+    if isinstance(embedder, embed_accel.AccelEmbedder):  # one tf.data stream per chunk
+
+        def good():
+            for item, image in decoded:
+                if isinstance(image, str):
+                    skipped.append((item.id, item.path, image))
+                    continue
+                taken([(item, image)])
+                yield image
+
+        vectors.append(embedder.embed_stream(good()))
+    else:
+        for batch in _batches(decoded, skipped, cfg.batch_size, cfg.max_batch_pixels):
+            vectors.append(embedder([image for _, image in batch]))
+            taken(batch)
     bar.update(len(skipped))
     emb = np.concatenate(vectors) if vectors else np.zeros((0, embedder.dim), np.float32)
     return {
@@ -185,6 +223,7 @@ def _embed_chunk(chunk, embedder: Embedder, pool, cfg: EmbedConfig, bar) -> dict
         "skipped_ids": np.array([s[0] for s in skipped], dtype=str),
         "skipped_paths": np.array([s[1] for s in skipped], dtype=str),
         "skipped_reasons": np.array([s[2] for s in skipped], dtype=str),
+        "cropped": np.array(cropped, dtype=bool),
     }
 
 
@@ -229,9 +268,18 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def _merge(parts_dir, names, output, labelled, dim) -> dict[str, Any]:
-    parts = [_read_npz(fileio.join(parts_dir, n)) for n in names]
-    cat = lambda key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)  # noqa: E731
+def _merge(parts_dir, names, output, labelled, dim, dtype="float32") -> dict[str, Any]:
+    """Streams the parts into `output`: one part's rows in memory at a time (ids and labels,
+    small, are gathered first); rows are checked (finite, non-zero) as they pass."""
+    paths = [fileio.join(parts_dir, n) for n in names]
+    small = {k: [] for k in ("ids", "landmark_ids", "skipped_ids", "skipped_paths",
+                             "skipped_reasons", "cropped")}  # fmt: skip
+    for path in paths:
+        with npzstream.NpzReader(path) as r:
+            for key, values in small.items():
+                if key in r.members:
+                    values.append(r.members[key].read())
+    cat = lambda key: np.concatenate(small[key]) if small[key] else np.zeros(0)  # noqa: E731
     skipped = [
         {"id": str(i), "path": str(p), "reason": str(r)}
         for i, p, r in zip(cat("skipped_ids"), cat("skipped_paths"), cat("skipped_reasons"),
@@ -239,17 +287,29 @@ def _merge(parts_dir, names, output, labelled, dim) -> dict[str, Any]:
     ]
     skipped_path = output[: -len(".npz")] + ".skipped.json"
     fileio.write_text_atomic(skipped_path, json.dumps({"count": len(skipped), "skipped": skipped}))
-    ids = cat("ids")
+    ids = cat("ids").astype(str)
     if ids.size == 0:
         raise UserError(f"no image could be embedded ({len(skipped)} skipped, see {skipped_path})")
-    landmark_ids = cat("landmark_ids")
+    landmark_ids = cat("landmark_ids").astype(np.int64)
     if labelled is None:  # records: labelled when any image has a landmark
         labelled = bool((landmark_ids >= 0).any())
-    es = save_embeddings(output, ids, cat("embeddings"), landmark_ids if labelled else None)
+    cropped = cat("cropped").astype(bool) if small["cropped"] else None
+    if cropped is not None and not cropped.any():
+        cropped = None  # only revisitop query sets carry the member
+    write_embeddings(output, ids, _part_rows(paths), len(ids), dim,
+                     landmark_ids if labelled else None, dtype, cropped)  # fmt: skip
     return {
-        "output": output, "count": len(es), "dim": es.dim or dim, "skipped": len(skipped),
-        "skipped_list": skipped_path, "labelled": labelled, "chunks": len(names),
+        "output": output, "count": len(ids), "dim": dim, "skipped": len(skipped),
+        "skipped_list": skipped_path, "labelled": labelled, "chunks": len(names), "dtype": dtype,
     }
+
+
+def _part_rows(paths: list[str]):
+    for path in paths:
+        with npzstream.NpzReader(path) as r:
+            rows = r.members["embeddings"]
+            if len(rows):
+                yield rows.read()
 
 
 def default_threads() -> int:

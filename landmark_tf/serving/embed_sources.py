@@ -23,12 +23,20 @@ from landmark_tf.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Item:
-    """One image: `data` holds the encoded bytes (records), else they are read from `path`."""
+    """One image: `data` holds the encoded bytes (records), else they are read from `path`.
+
+    crop: (x1, y1, x2, y2) pixel box the image is cut to after decoding (revisitop queries).
+    canonical: a file is first made canonical as landmark-tfrecords does (GLDv2 sets); False
+      for Revisited Oxford/Paris, whose protocol describes the original images and whose bbx
+      are in the original's pixels.
+    """
 
     id: str
     landmark_id: int
     path: str
     data: bytes | None = None
+    crop: tuple[float, float, float, float] | None = None
+    canonical: bool = True
 
 
 @dataclasses.dataclass
@@ -41,8 +49,14 @@ class Source:
     digest: str
 
 
-def open_source(records_glob: str | None, csv_path: str | None, image_dir: str | None) -> Source:
-    """Exactly one of `records_glob` or `csv_path` (+ `image_dir`); UserError otherwise."""
+def open_source(records_glob: str | None, csv_path: str | None, image_dir: str | None,
+                revisitop_gnd: str | None = None, revisitop_set: str = "queries") -> Source:
+    """Exactly one of `records_glob`, `csv_path` (+ `image_dir`) or `revisitop_gnd` (+
+    `image_dir`); UserError otherwise."""
+    if revisitop_gnd:
+        if records_glob or csv_path or not image_dir:
+            raise UserError("--revisitop_gnd goes with --image_dir only (no --records or --csv)")
+        return revisitop_source(revisitop_gnd, image_dir, revisitop_set)
     if bool(records_glob) == bool(csv_path):
         raise UserError("give either --records or --csv (with --image_dir), not both or neither")
     if records_glob:
@@ -137,6 +151,45 @@ def _records_total(files: list[str]) -> int | None:
     return sum(int(s.get("examples", 0)) for s in used)
 
 
+def revisitop_source(gnd_path: str, image_dir: str, which: str) -> Source:
+    """Revisited Oxford/Paris images as the published protocol describes them.
+
+    which="queries": the qimlist images, each cropped to its ground-truth `bbx` before it is
+    described (revisitop's example_process_images.py: `pil_loader(...).crop(gnd[i]['bbx'])`);
+    "database": the imlist images, whole. Images are IMAGE_DIR/<name>.jpg; ids are the names.
+    """
+    from landmark_tf.retrieval import revisitop
+
+    if which not in ("queries", "database"):
+        raise UserError(f"--revisitop_set must be queries or database, got {which!r}")
+    gnd = revisitop.load_gnd(gnd_path)
+    names = gnd["qimlist"] if which == "queries" else gnd["imlist"]
+    items = []
+    for i, name in enumerate(names):
+        box = None
+        if which == "queries":
+            box = gnd["gnd"][i].get("bbx")
+            if box is None or len(box) != 4:
+                raise UserError(f"{gnd_path}: gnd[{i}] ({name}) has no bbx [x1, y1, x2, y2]")
+            box = tuple(float(v) for v in box)
+        items.append(Item(str(name), -1, fileio.join(image_dir, f"{name}.jpg"), crop=box,
+                          canonical=False))
+    text = f"{gnd_path}\n{image_dir}\n{which}\n" + "".join(f"{n}\n" for n in names)
+    digest = hashlib.sha256(fileio.read_bytes(gnd_path) + text.encode("utf-8")).hexdigest()
+    return Source(items, len(items), False, digest)
+
+
+def crop_to_box(image: np.ndarray, box) -> np.ndarray | str:
+    """image[y1:y2, x1:x2] with the box rounded as PIL's Image.crop rounds it, clipped to the
+    image; a reason string when nothing is left."""
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    h, w = image.shape[:2]
+    x1, x2, y1, y2 = max(x1, 0), min(x2, w), max(y1, 0), min(y2, h)
+    if x2 <= x1 or y2 <= y1:
+        return f"bbx {list(box)} leaves nothing of a {w}x{h} image"
+    return image[y1:y2, x1:x2]
+
+
 def load_image(item: Item) -> np.ndarray | str:
     """uint8 [H, W, 3], decoded as the input pipeline does; or why it cannot be used.
 
@@ -149,7 +202,9 @@ def load_image(item: Item) -> np.ndarray | str:
     try:
         data = item.data
         if data is None:
-            data = images.canonical_jpeg(fileio.read_bytes(item.path))
+            data = fileio.read_bytes(item.path)
+            if item.canonical:
+                data = images.canonical_jpeg(data)
         image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
         image = image.numpy()
     except tf.errors.NotFoundError:
@@ -160,7 +215,7 @@ def load_image(item: Item) -> np.ndarray | str:
         return f"cannot decode: {_first_line(e)}"
     if image.shape[0] == 0 or image.shape[1] == 0:
         return f"empty image {list(image.shape)}"
-    return image
+    return image if item.crop is None else crop_to_box(image, item.crop)
 
 
 def _first_line(e: Exception) -> str:

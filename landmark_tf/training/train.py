@@ -32,6 +32,7 @@ from landmark_tf.training import (
     checkpointing,
     distribute,
     input_pipeline,
+    retrieval_validation,
     sampling,
     train_loop,
     train_step,
@@ -128,8 +129,11 @@ def seed_states(net: keras.Model) -> list:
         layer, "_seed_generators", [])]
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
-    """Trains (or resumes) into cfg.workdir; returns the closing JSON dict."""
+def train(model_cfg: ModelConfig, cfg: TrainConfig, retrieval_val=None) -> dict[str, Any]:
+    """Trains (or resumes) into cfg.workdir; returns the closing JSON dict.
+
+    retrieval_val: optional retrieval_validation.RetrievalValConfig (held-out mAP@100).
+    """
     cfg.validate()
     plan = make_plan(cfg)
     loss_weights(cfg, plan)  # a dataset that cannot be weighted fails before any model is built
@@ -137,7 +141,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
     strategy = distribute.resolve_strategy(cfg.strategy, cfg.tpu)
     previous = keras.mixed_precision.global_policy()
     try:
-        return Trainer(model_cfg, cfg, plan, strategy).run()
+        return Trainer(model_cfg, cfg, plan, strategy, retrieval_val).run()
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
@@ -161,7 +165,8 @@ def _check_sync_bn(model_cfg: ModelConfig, cfg: TrainConfig, replicas: int, kind
 class Trainer:
     """One run: builds models, optimizer, checkpoint and pipelines, then loops."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, strategy):
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, strategy,
+                 retrieval_val=None):
         self.cfg, self.plan, self.strategy = cfg, plan, strategy
         self.kind = distribute.device_kind(strategy)
         self.replicas = strategy.num_replicas_in_sync
@@ -190,6 +195,9 @@ class Trainer:
         self.start_info = self._restore_or_init()
         self.start_step = int(self.step.numpy())
         self.steps_per_execution = self._steps_per_execution()
+        # Called after each execution as hook(step, n, total, writer) -> closing-JSON facts.
+        self.step_hooks = [] if retrieval_val is None else [
+            retrieval_validation.Hook(retrieval_val, self)]
 
     def _restore_or_init(self) -> dict[str, Any]:
         path = checkpointing.restore_latest(self.checkpoint, self.cfg.workdir, self.models)

@@ -41,6 +41,7 @@ class Loop:
         self.last_ips = 0.0
         self.save_options = checkpointing.save_options(trainer.strategy)
         self.saved_path: str | None = None
+        self.hooked: dict[str, Any] = {}  # facts from the trainer's step_hooks
 
     def writer(self, name: str):
         """TensorBoard writer for logs/<name>, created on first use (chief only)."""
@@ -80,6 +81,8 @@ class Loop:
         evaluate = self.eval_fn is not None and (step % self.eval_every == 0 or step == total)
         if evaluate:
             self.evaluate(step)
+        for hook in getattr(self.t, "step_hooks", ()):
+            self.hooked.update(hook(step, n, total, self.writer))
         if evaluate or step % self.t.cfg.checkpoint_every == 0 or step == total:
             self.save(step)
         return step
@@ -154,7 +157,7 @@ class Loop:
             "async_checkpoint": self.save_options.experimental_enable_async_checkpoint,
             "device": t.kind, "replicas": t.replicas, "mixed_precision": t.policy,
             "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
-            **self.val, **t.start_info,
+            **self.val, **self.hooked, **t.start_info,
         }
 
 
