@@ -13,8 +13,21 @@ import time
 import numpy as np
 
 from landmark_tf.errors import UserError
-from landmark_tf.retrieval import knn, metrics, rerank, revisitop, solutions
+from landmark_tf.retrieval import (
+    discriminative,
+    knn,
+    metrics,
+    nonlandmark,
+    rerank,
+    revisitop,
+    solutions,
+)
 from landmark_tf.retrieval.embeddings import EmbeddingSet, load_embeddings
+
+# alpha-QE / DBA, each optionally followed by two-stage discriminative re-ranking (needs --train).
+RERANK_METHODS = rerank.METHODS + tuple(
+    discriminative.NAME if m == "none" else f"{discriminative.NAME}+{m}" for m in rerank.METHODS
+)
 
 
 @dataclasses.dataclass
@@ -40,6 +53,11 @@ class EvalConfig:
     recognition_submission: str | None = None
     revisitop_gnd: str | None = None
     seed: int = 0
+    rerank_threshold: float = 0.0
+    nonlandmark: str | None = None
+    nonlandmark_method: str = "both"
+    penalty_weight: float = -1.0
+    penalty_neighbours: int = 0
 
     def check(self) -> None:
         if not self.queries:
@@ -55,8 +73,14 @@ class EvalConfig:
         for name in ("k", "batch_size", "nprobe", "recognition_k"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.rerank not in rerank.METHODS:
-            raise UserError(f"--rerank must be one of {rerank.METHODS}, got {self.rerank!r}")
+        if self.rerank not in RERANK_METHODS:
+            raise UserError(f"--rerank must be one of {RERANK_METHODS}, got {self.rerank!r}")
+        if discriminative.split_method(self.rerank)[1] and not (self.train and self.index):
+            raise UserError(f"--rerank={self.rerank} needs --train (labelled) and --index")
+        if self.nonlandmark and not self.train:
+            raise UserError("--nonlandmark adjusts recognition confidences: it needs --train")
+        if self.nonlandmark_method not in nonlandmark.METHODS:
+            raise UserError(f"--nonlandmark_method must be one of {nonlandmark.METHODS}")
         if self.qe_k < 0 or self.aqe_alpha < 0 or self.recall_sample < 0 or self.nlist < 0:
             raise UserError("--qe_k, --aqe_alpha, --recall_sample and --nlist must be >= 0")
 
@@ -116,10 +140,15 @@ def _retrieval(cfg: EvalConfig, queries: EmbeddingSet, q_vecs, report: _Report) 
     report.add("index", len(index), "index images")
     searcher = _searcher(cfg, x_vecs, report, "index")
     t0 = time.perf_counter()
-    q_final, searcher = rerank.rerank_vectors(q_vecs, searcher, cfg.rerank, cfg.qe_k, cfg.aqe_alpha)
+    vector_method, discriminative_rerank = discriminative.split_method(cfg.rerank)
+    q_final, searcher = rerank.rerank_vectors(
+        q_vecs, searcher, vector_method, cfg.qe_k, cfg.aqe_alpha
+    )
     t1 = time.perf_counter()
     scores, ids = searcher.search(q_final, cfg.k, desc="search")
     t2 = time.perf_counter()
+    if discriminative_rerank:
+        ids = _discriminative(cfg, queries, q_vecs, x_vecs, ids, report)
     report.add("rerank", cfg.rerank, "re-ranking")
     report.add("rerank_seconds", round(t1 - t0, 3))
     report.add("search_queries_per_second", round(len(q_final) / max(t2 - t1, 1e-9), 1), "q/s")
@@ -137,6 +166,26 @@ def _retrieval(cfg: EvalConfig, queries: EmbeddingSet, q_vecs, report: _Report) 
         report.add("submission", cfg.submission, "submission")
     if cfg.revisitop_gnd:
         _revisitop(cfg, queries, index, q_final, searcher.database, report)
+
+
+def _discriminative(cfg, queries, q_vecs, x_vecs, ids, report: _Report) -> np.ndarray:
+    """Label step against --train, then sort + insert (retrieval/discriminative.py)."""
+    t0 = time.perf_counter()
+    train, t_vecs = _labelled_train(cfg, queries, report)
+    searcher = _searcher(cfg, t_vecs, report, "train")
+    ids, q_labels = discriminative.discriminative_rerank(
+        ids, q_vecs, x_vecs, searcher, train.landmark_ids, threshold=cfg.rerank_threshold
+    )
+    report.add("discriminative_seconds", round(time.perf_counter() - t0, 3))
+    report.add("discriminative_labelled_queries", int(np.sum(q_labels.landmarks >= 0)))
+    return ids
+
+
+def _labelled_train(cfg: EvalConfig, queries: EmbeddingSet, report: _Report):
+    train, t_vecs = _load_database(cfg.train, queries, report, "train")
+    if train.landmark_ids is None:
+        raise UserError(f"--train {cfg.train}: has no landmark_ids; recognition needs labels")
+    return train, t_vecs
 
 
 def _searcher(cfg: EvalConfig, vecs: np.ndarray, report: _Report, name: str) -> knn.Searcher:
@@ -217,14 +266,14 @@ def _check_coverage(scored: dict, predictions: dict, source: str, report, task: 
 
 
 def _recognition(cfg: EvalConfig, queries: EmbeddingSet, q_vecs, report: _Report) -> None:
-    train, t_vecs = _load_database(cfg.train, queries, report, "train")
-    if train.landmark_ids is None:
-        raise UserError(f"--train {cfg.train}: has no landmark_ids; recognition needs labels")
+    train, t_vecs = _labelled_train(cfg, queries, report)
     report.add("train", len(train), "train images")
     searcher = _searcher(cfg, t_vecs, report, "train")
     scores, ids = searcher.search(q_vecs, cfg.recognition_k, desc="recognition search")
     neighbour_landmarks = np.where(ids >= 0, train.landmark_ids[np.maximum(ids, 0)], -1)
     landmarks, confidence = knn.vote_landmarks(scores, neighbour_landmarks)
+    if cfg.nonlandmark:
+        confidence = _nonlandmark(cfg, queries, q_vecs, confidence, searcher, train, report)
     qids = queries.ids.tolist()
     predictions = {
         q: (int(lm), float(c))
@@ -236,6 +285,27 @@ def _recognition(cfg: EvalConfig, queries: EmbeddingSet, q_vecs, report: _Report
         text = solutions.format_recognition_submission(qids, landmarks, confidence)
         solutions.write_text(cfg.recognition_submission, text)
         report.add("recognition_submission", cfg.recognition_submission, "recognition submission")
+
+
+def _nonlandmark(cfg, queries, q_vecs, confidence, searcher, train, report: _Report):
+    """Calibrates the non-landmark handling on a validation split, applies it to the queries."""
+    es = load_embeddings(cfg.nonlandmark)
+    nonlandmark.check_set("nonlandmark", cfg.nonlandmark, es.dim, queries.dim, len(es))
+    nl_vecs = _unit(es, cfg.nonlandmark, report, "nonlandmark")
+    del es
+    fixed_weight = cfg.penalty_weight if cfg.penalty_weight >= 0 else None
+    cal = nonlandmark.calibrate(
+        cfg.nonlandmark_method, searcher, train.landmark_ids, nl_vecs, k=cfg.recognition_k,
+        weight=fixed_weight, neighbours=cfg.penalty_neighbours or None, seed=cfg.seed,
+    )  # fmt: skip
+    report.add("nonlandmark_images", len(nl_vecs), "non-landmark images")
+    report.add("nonlandmark_method", cal.method, "non-landmark handling")
+    report.add("nonlandmark_penalty_weight", cal.weight, "penalty weight (lambda)")
+    report.add("nonlandmark_penalty_neighbours", cal.neighbours, "penalty neighbours (n)")
+    report.add("nonlandmark_validation_queries", cal.validation_queries)
+    report.add("nonlandmark_validation_gap_before", cal.validation_gap_before, "val. GAP before")
+    report.add("nonlandmark_validation_gap", cal.validation_gap, "validation GAP after")
+    return nonlandmark.apply(cal, q_vecs, confidence, searcher, nl_vecs, seed=cfg.seed)
 
 
 def _recognition_scores(cfg, queries, predictions, report: _Report) -> None:
