@@ -154,7 +154,9 @@ def main() -> None:
     for seed in seeds:
         root = f"{args.workdir}/seed{seed}"
         p = prepare(seed, root)
-        p.update(run=f"{root}/run", export=f"{root}/export", embeddings=f"{root}/embeddings")
+        tag = f"b0_{args.steps}steps"  # one model per (seed, steps): reruns reuse it
+        p.update(run=f"{root}/{tag}/run", export=f"{root}/{tag}/export",
+                 embeddings=f"{root}/{tag}/embeddings")  # fmt: skip
         paths.append(p)
     t_train = train_and_embed(paths, args.steps)
     results = {seed: post_processing(p) for seed, p in zip(seeds, paths, strict=True)}

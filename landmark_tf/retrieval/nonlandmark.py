@@ -27,7 +27,7 @@ from landmark_tf.retrieval.knn import Searcher
 METHODS = ("none", "penalty", "classifier", "both")
 LAMBDAS = (0.0,) + tuple(2.0**e for e in range(-3, 7))  # 0, 1/8 .. 64
 NEIGHBOURS = (1, 3, 10)
-_MAX_CLASSIFIER_ROWS = 200_000  # per class: Newton steps cost rows x D^2
+_MAX_CLASSIFIER_ROWS = 100_000  # per class: Newton steps cost rows x D^2
 
 
 def nonlandmark_similarity(queries: np.ndarray, bank: Searcher, n: int) -> np.ndarray:
@@ -57,20 +57,22 @@ class LandmarkClassifier:
         self.b = 0.0
 
     def fit(self, landmark: np.ndarray, nonlandmark: np.ndarray, seed: int = 0):
-        """landmark: float32[P, D]; nonlandmark: float32[M, D]. Subsamples each to 200k rows."""
+        """landmark: float32[P, D]; nonlandmark: float32[M, D]. Subsamples each to 100k rows."""
         rng = np.random.default_rng(seed)
         pos, neg = _sample(landmark, rng), _sample(nonlandmark, rng)
-        x = np.concatenate([pos, neg]).astype(np.float64)
-        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)  # bias column
+        # float32 rows (at most 2 x 100k x D), float64 only for the (D+1)^2 system.
+        ones = np.ones((len(pos) + len(neg), 1), np.float32)
+        x = np.hstack([np.concatenate([pos, neg]).astype(np.float32, copy=False), ones])
         y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
         sw = np.where(y == 1, 0.5 / len(pos), 0.5 / len(neg))  # balanced, sums to 1
         reg = np.full(x.shape[1], self.l2)
         reg[-1] = 0.0  # the bias is not penalised
         theta = np.zeros(x.shape[1])
         for _ in range(self.iterations):
-            p = _sigmoid(x @ theta)
-            grad = x.T @ (sw * (p - y)) + reg * theta
-            hess = (x * (sw * p * (1 - p))[:, None]).T @ x + np.diag(reg + 1e-9)
+            p = _sigmoid((x @ theta.astype(np.float32)).astype(np.float64))
+            grad = (x.T @ (sw * (p - y)).astype(np.float32)).astype(np.float64) + reg * theta
+            h = (sw * p * (1 - p)).astype(np.float32)
+            hess = (x.T @ (x * h[:, None])).astype(np.float64) + np.diag(reg + 1e-9)
             step = np.linalg.solve(hess, grad)
             theta -= step
             if np.max(np.abs(step)) < 1e-6:
@@ -236,7 +238,7 @@ def _vote_inputs(train: Searcher, train_landmarks, queries, k):
 
 
 def fit_classifier(landmark: np.ndarray, nonlandmark: np.ndarray, *, exclude=None, seed=0):
-    """A LandmarkClassifier on at most 200k sampled landmark rows (not `exclude`) vs. the
+    """A LandmarkClassifier on at most 100k sampled landmark rows (not `exclude`) vs. the
     non-landmark rows; copies only the sample."""
     rng = np.random.default_rng(seed)
     rows = np.arange(len(landmark))
