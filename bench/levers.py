@@ -75,7 +75,8 @@ def train_and_embed(paths: list[dict], steps: int, extra: tuple[str, ...] = ()) 
     procs = []
     for p in paths:
         os.makedirs(p["logs"], exist_ok=True)
-        log = open(os.path.join(p["logs"], "train.log"), "w")  # noqa: SIM115
+        tag = os.path.basename(os.path.dirname(p["run"]))
+        log = open(os.path.join(p["logs"], f"train-{tag}.log"), "w")  # noqa: SIM115
         cmd = [os.path.join(BIN, "landmark-train"), *train_command(p, steps, extra)]
         print("$ landmark-train " + " ".join(cmd[1:]), file=sys.stderr)
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
