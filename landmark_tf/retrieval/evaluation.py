@@ -303,8 +303,9 @@ def _nonlandmark(cfg, queries, q_vecs, confidence, searcher, train, report: _Rep
     report.add("nonlandmark_penalty_weight", cal.weight, "penalty weight (lambda)")
     report.add("nonlandmark_penalty_neighbours", cal.neighbours, "penalty neighbours (n)")
     report.add("nonlandmark_validation_queries", cal.validation_queries)
-    report.add("nonlandmark_validation_gap_before", cal.validation_gap_before, "validation GAP before")
-    report.add("nonlandmark_validation_gap", cal.validation_gap, "validation GAP")
+    before, after = cal.validation_gap_before, cal.validation_gap
+    report.add("nonlandmark_validation_gap_before", before, "validation GAP before")
+    report.add("nonlandmark_validation_gap", after, "validation GAP after")
     return nonlandmark.apply(cal, q_vecs, confidence, searcher, nl_vecs, seed=cfg.seed)
 
 
