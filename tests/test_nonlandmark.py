@@ -9,9 +9,11 @@ from landmark_tf.retrieval import knn
 from landmark_tf.retrieval import nonlandmark as nl
 
 
-def test_adjusted_confidence_is_p_times_c_minus_lambda_m():
+def test_adjusted_confidence_is_p_to_the_g_times_c_minus_lambda_m():
     out = nl.adjusted_confidence([2.0, 1.0], [0.5, 1.0], [0.4, 0.1], 2.0)
     np.testing.assert_allclose(out, [2.0 * 0.5 - 2 * 0.4, 1.0 - 0.2], rtol=1e-6)
+    out = nl.adjusted_confidence([2.0], [0.25], [0.4], 1.0, exponent=0.5)
+    np.testing.assert_allclose(out, [2.0 * 0.5 - 0.4], rtol=1e-6)
     np.testing.assert_allclose(nl.adjusted_confidence([2.0], None, None), [2.0])
 
 
@@ -45,7 +47,7 @@ def test_validation_split_is_balanced_and_disjoint():
 def test_tune_picks_the_weight_that_maximises_gap():
     # Query 0 right (conf 1.0); query 1 a non-landmark predicted wrongly with conf 2.0 but close
     # to the bank. Without a penalty the wrong one ranks first: GAP 1/2; lambda >= 2 fixes it.
-    lam, n, gap = nl.tune(np.array([5, 6]), np.array([1.0, 2.0]), np.array([5, -1]),
+    lam, n, _, gap = nl.tune(np.array([5, 6]), np.array([1.0, 2.0]), np.array([5, -1]),
                           {1: np.array([0.0, 0.6])})  # fmt: skip
     assert gap == 1.0 and lam == 2.0 and n == 1
     assert nl.gap_of(np.array([5, 6]), np.array([1.0, 2.0]), np.array([5, -1])) == 0.5
@@ -84,6 +86,16 @@ def test_handling_lifts_gap_on_held_out_queries(method):
     before = nl.gap_of(lms, conf, truth)
     after = nl.gap_of(lms, nl.apply(cal, queries, conf, searcher, bank), truth)
     assert after > before + 0.05, (before, after, cal)
+
+
+def test_tune_switches_a_harmful_classifier_off():
+    # The classifier's probabilities rank the wrong prediction first: g = 0 is best.
+    lam, n, ex, gap = nl.tune(np.array([5, 6]), np.array([2.0, 1.0]), np.array([5, -1]), None,
+                              np.array([0.1, 1.0]))  # fmt: skip
+    assert ex == 0.0 and gap == 1.0 and (lam, n) == (0.0, 0)
+    lam, n, ex, gap = nl.tune(np.array([5, 6]), np.array([1.0, 2.0]), np.array([5, -1]), None,
+                              np.array([1.0, 0.1]))  # fmt: skip
+    assert ex > 0 and gap == 1.0
 
 
 def test_check_set_refuses_empty_and_other_dimension():

@@ -302,6 +302,7 @@ def _nonlandmark(cfg, queries, q_vecs, confidence, searcher, train, report: _Rep
     report.add("nonlandmark_method", cal.method, "non-landmark handling")
     report.add("nonlandmark_penalty_weight", cal.weight, "penalty weight (lambda)")
     report.add("nonlandmark_penalty_neighbours", cal.neighbours, "penalty neighbours (n)")
+    report.add("nonlandmark_classifier_exponent", cal.exponent, "classifier exponent (g)")
     report.add("nonlandmark_validation_queries", cal.validation_queries)
     before, after = cal.validation_gap_before, cal.validation_gap
     report.add("nonlandmark_validation_gap_before", before, "validation GAP before")

@@ -7,11 +7,12 @@ Two levers, used alone or together, on top of the kNN vote confidence c of each 
     n nearest images of a non-landmark set;  c' = c - lambda * m.
   landmark classifier (as the Cookpad 2019 team multiplied a landmark/non-landmark classifier's
     probability into the confidence): p = P(landmark | embedding) from an L2-regularised logistic
-    regression trained on labelled landmark embeddings vs. the non-landmark set;  c' = p * c.
-  both:  c' = p * c - lambda * m.
-lambda and n are chosen on a validation split made from the train and non-landmark sets (held-out
-train images as landmark queries, half of the non-landmark set as non-landmark queries), never
-on the test solution.
+    regression trained on labelled landmark embeddings vs. the non-landmark set;  c' = p^g * c.
+  both:  c' = p^g * c - lambda * m.
+lambda, n and g are chosen on a validation split made from the train and non-landmark sets
+(held-out train images as landmark queries, half of the non-landmark set as non-landmark
+queries), never on the test solution; g = 0 or lambda = 0 switch a lever off where it does not
+help on validation.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from landmark_tf.retrieval.knn import Searcher
 METHODS = ("none", "penalty", "classifier", "both")
 LAMBDAS = (0.0,) + tuple(2.0**e for e in range(-3, 7))  # 0, 1/8 .. 64
 NEIGHBOURS = (1, 3, 10)
+EXPONENTS = (0.0, 0.5, 1.0, 2.0)  # g: how strongly the classifier's probability scales c
 _MAX_CLASSIFIER_ROWS = 100_000  # per class: Newton steps cost rows x D^2
 
 
@@ -37,11 +39,11 @@ def nonlandmark_similarity(queries: np.ndarray, bank: Searcher, n: int) -> np.nd
     return scores.mean(axis=1).astype(np.float32)
 
 
-def adjusted_confidence(confidence, probability=None, similarity=None, weight=0.0):
-    """p * c - lambda * m (p = 1 without a classifier, m = 0 without a penalty); float32[Q]."""
+def adjusted_confidence(confidence, probability=None, similarity=None, weight=0.0, exponent=1.0):
+    """p^g * c - lambda * m (p = 1 without a classifier, m = 0 without a penalty); float32[Q]."""
     out = np.asarray(confidence, np.float64)
     if probability is not None:
-        out = out * np.asarray(probability, np.float64)
+        out = out * np.asarray(probability, np.float64) ** exponent
     if similarity is not None:
         out = out - weight * np.asarray(similarity, np.float64)
     return out.astype(np.float32)
@@ -137,8 +139,8 @@ def gap_of(landmarks, confidence, truth) -> float:
 def tune(
     landmarks, confidence, truth, similarity_by_n: dict[int, np.ndarray] | None,
     probability=None, weights=None,
-) -> tuple[float, int, float]:  # fmt: skip
-    """Grid search of (lambda, n) maximising validation GAP; returns (lambda, n, gap).
+) -> tuple[float, int, float, float]:  # fmt: skip
+    """Grid search of (lambda, n, g) maximising validation GAP; returns (lambda, n, g, gap).
 
     Args:
       landmarks, confidence: the validation queries' kNN predictions; truth: their true
@@ -148,16 +150,16 @@ def tune(
       probability: float32[Q] classifier probabilities, or None.
       weights: the lambdas to try (default LAMBDAS).
     """
-    if not similarity_by_n:
-        c = adjusted_confidence(confidence, probability)
-        return 0.0, 0, gap_of(landmarks, c, truth)
-    best = (-1.0, 0.0, 0)
-    for n, sim in sorted(similarity_by_n.items()):
-        for lam in weights or LAMBDAS:
-            g = gap_of(landmarks, adjusted_confidence(confidence, probability, sim, lam), truth)
-            if g > best[0] + 1e-12:
-                best = (g, lam, n)
-    return best[1], best[2], best[0]
+    best = (-1.0, 0.0, 0, 1.0)
+    exponents = EXPONENTS if probability is not None else (1.0,)
+    for n, sim in sorted((similarity_by_n or {0: None}).items()):
+        for lam in (weights or LAMBDAS) if sim is not None else (0.0,):
+            for ex in exponents:
+                c = adjusted_confidence(confidence, probability, sim, lam, ex)
+                g = gap_of(landmarks, c, truth)
+                if g > best[0] + 1e-12:
+                    best = (g, lam, n, ex)
+    return best[1], best[2], best[3], best[0]
 
 
 def check_set(name: str, path: str, dim: int, expected_dim: int, count: int) -> None:
@@ -178,6 +180,7 @@ class Calibration:
     method: str
     weight: float
     neighbours: int
+    exponent: float
     validation_queries: int
     validation_gap_before: float
     validation_gap: float
@@ -227,9 +230,9 @@ def calibrate(
         bank = Searcher(nonlandmark[split.bank], batch_size=train.batch_size)
         ns = (neighbours,) if neighbours else NEIGHBOURS
         sims = {n: nonlandmark_similarity(val_vecs, bank, n) for n in ns}
-    lam, n, after = tune(landmarks, confidence, truth, sims, probability,
-                         weights=None if weight is None else (weight,))  # fmt: skip
-    return Calibration(method, lam, n, len(truth), round(before, 6), round(after, 6))
+    lam, n, ex, after = tune(landmarks, confidence, truth, sims, probability,
+                             weights=None if weight is None else (weight,))  # fmt: skip
+    return Calibration(method, lam, n, ex, len(truth), round(before, 6), round(after, 6))
 
 
 def _vote_inputs(train: Searcher, train_landmarks, queries, k):
@@ -256,9 +259,11 @@ def apply(
     """The calibrated adjustment on the test queries, with the whole non-landmark set as bank
     and a classifier refitted on all of it; float32[Q] new confidences."""
     probability = similarity = None
-    if calibration.method in ("classifier", "both"):
+    if calibration.method in ("classifier", "both") and calibration.exponent > 0:
         probability = fit_classifier(train.database, nonlandmark, seed=seed).predict(queries)
-    if calibration.method in ("penalty", "both"):
+    if calibration.method in ("penalty", "both") and calibration.weight > 0:
         bank = Searcher(nonlandmark, batch_size=train.batch_size)
         similarity = nonlandmark_similarity(queries, bank, calibration.neighbours)
-    return adjusted_confidence(confidence, probability, similarity, calibration.weight)
+    return adjusted_confidence(
+        confidence, probability, similarity, calibration.weight, calibration.exponent
+    )
