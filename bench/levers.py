@@ -88,8 +88,9 @@ def train_and_embed(paths: list[dict], steps: int, extra: tuple[str, ...] = ()) 
         log.close()
     seconds = time.perf_counter() - t0
     for p in paths:
-        run("export", f"--workdir={p['run']}", f"--export_dir={p['export']}", "--overwrite",
-            log_dir=p["logs"])  # fmt: skip
+        if not os.path.exists(f"{p['export']}/saved_model.pb"):  # a rerun reuses the export
+            run("export", f"--workdir={p['run']}", f"--export_dir={p['export']}", "--overwrite",
+                log_dir=p["logs"])  # fmt: skip
         for split in EMBED_SPLITS:
             out = f"{p['embeddings']}/{split}.npz"
             if not os.path.exists(out):
@@ -149,7 +150,7 @@ def print_table(results: dict[int, dict]) -> dict:
     spread (max - min over seeds) of that gain."""
     seeds = sorted(results)
     summary = {}
-    print(f"{'lever':<26}" + "".join(f"  seed {s}: all / Pub / Priv " for s in seeds)
+    print(f"{'lever':<42}" + "".join(f"  seed {s}: all / Pub / Priv " for s in seeds)
           + "  mean gain  spread", file=sys.stderr)  # fmt: skip
     for name in results[seeds[0]]:
         base = "gap none" if name.startswith("gap") else "map@100 none"
@@ -158,7 +159,7 @@ def print_table(results: dict[int, dict]) -> dict:
         gains = [results[s][name]["all"] - results[s][base]["all"] for s in seeds]
         cells = "".join(f"  {results[s][name]['all']:.3f} / {results[s][name]['public']:.3f} / "
                         f"{results[s][name]['private']:.3f}    " for s in seeds)  # fmt: skip
-        print(f"{name:<26}{cells}  {np.mean(gains):+.3f}     {np.ptp(gains):.3f}", file=sys.stderr)
+        print(f"{name:<42}{cells}  {np.mean(gains):+.3f}     {np.ptp(gains):.3f}", file=sys.stderr)
         summary[name] = {"per_seed": {s: results[s][name] for s in seeds},
                          "mean_gain": round(float(np.mean(gains)), 4),
                          "spread": round(float(np.ptp(gains)), 4)}  # fmt: skip
