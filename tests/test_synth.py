@@ -1,6 +1,7 @@
 """landmark-synth: GLDv2 layout and CSV formats, solution consistency, long tail, determinism."""
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -50,7 +51,7 @@ def test_csv_formats_and_image_tree(tiny):
     root, summary = tiny
     headers = {"train.csv": ["id", "url", "landmark_id"],
                "train_clean.csv": ["landmark_id", "images"],
-               "index.csv": ["id"], "test.csv": ["id"],
+               "index.csv": ["id"], "test.csv": ["id"], "nonlandmark.csv": ["id"],
                "retrieval_solution_v2.1.csv": ["id", "images", "Usage"],
                "recognition_solution_v2.1.csv": ["id", "landmarks", "Usage"]}
     for name, header in headers.items():
@@ -65,7 +66,7 @@ def test_csv_formats_and_image_tree(tiny):
     for split, split_ids in ids.items():
         jpgs = {p for p in files if p.startswith(split + os.sep)}
         assert jpgs == {os.path.join(split, i[0], i[1], i[2], i + ".jpg") for i in split_ids}
-    last = every[-1]
+    last = ids["test"][-1]
     image = Image.open(io.BytesIO(files[os.path.join("test", *last[:3], last + ".jpg")]))
     assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 32))
     lids = sorted({int(r[2]) for r in read(root, "train.csv")[1:]})
@@ -94,6 +95,26 @@ def test_solutions_list_exactly_the_true_matches(tiny):
         assert recognition[test_id][0] == (str(lid) if lid in train_lids else "")
     assert kinds == {"distractor", "train landmark", "novel landmark"}
     assert any(landmark[i] < 0 for i in index_ids)
+
+
+def test_nonlandmark_set_is_separate_and_leaves_the_other_splits_unchanged(tiny):
+    root, summary = tiny
+    plan = synth_plan.make_plan(TINY)
+    nonlandmark = [r[0] for r in read(root, "nonlandmark.csv")[1:]]
+    assert len(nonlandmark) == summary["nonlandmark_images"] == round(
+        TINY.nonlandmark_images * len(plan.split("test"))) > 0
+    items = {it.id: it for it in plan.items}
+    assert all(items[i].split == "nonlandmark" and items[i].landmark_id == -1 for i in nonlandmark)
+    assert all(items[i].scene >= plan.num_landmark_scenes for i in nonlandmark)  # no landmark
+    scenes_elsewhere = {it.scene for it in plan.items if it.split != "nonlandmark"}
+    assert not scenes_elsewhere & {items[i].scene for i in nonlandmark}
+    solutions = {r[0] for name in ("retrieval_solution_v2.1.csv", "recognition_solution_v2.1.csv")
+                 for r in read(root, name)[1:]}  # fmt: skip
+    assert not solutions & set(nonlandmark)
+    # Without the set, every other split keeps the same ids, landmarks and scenes.
+    bare = synth_plan.make_plan(dataclasses.replace(TINY, nonlandmark_images=0))
+    assert bare.items == tuple(it for it in plan.items if it.split != "nonlandmark")
+    assert bare.usage == plan.usage
 
 
 def test_clean_subset_drops_noise_and_some_landmarks(tiny):
@@ -202,7 +223,7 @@ def test_cli_prints_the_summary_last(tmp_path):
     done = _cli(tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    csvs_and_config = 7
+    csvs_and_config = 8
     assert result["landmarks"] == 3
     assert result["images"] == len(tree(tmp_path / "out")) - csvs_and_config
 

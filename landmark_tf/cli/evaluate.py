@@ -5,7 +5,11 @@ Retrieval (GLR2019/2020):
       --solution retrieval_solution_v2.1.csv --submission submission.csv --rerank dba+aqe
 Recognition (GLR2020):
   landmark-evaluate --train train.npz --queries test.npz \
-      --recognition_solution recognition_solution_v2.1.csv --recognition_submission rec.csv
+      --recognition_solution recognition_solution_v2.1.csv --recognition_submission rec.csv \
+      [--nonlandmark nonlandmark.npz --nonlandmark_method both]
+Retrieval with the GLR2019 winner's discriminative re-ranking (after alpha-QE):
+  landmark-evaluate --index index.npz --queries test.npz --train train.npz \
+      --rerank discriminative+aqe --solution retrieval_solution_v2.1.csv
 Revisited Oxford/Paris:
   landmark-evaluate --index roxford_db.npz --queries roxford_q.npz --revisitop_gnd gnd_roxford5k.pkl
 
@@ -21,7 +25,7 @@ from absl import flags
 
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
-from landmark_tf.retrieval import evaluation, knn, rerank
+from landmark_tf.retrieval import evaluation, knn
 
 _D = evaluation.EvalConfig
 flags.DEFINE_string("queries", None, "Query embedding set (.npz: ids, embeddings[, landmark_ids]).")
@@ -53,10 +57,19 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "rerank",
     _D.rerank,
-    list(rerank.METHODS),
+    list(evaluation.RERANK_METHODS),
     "Re-ranking: alpha-query expansion (aqe), database-side augmentation (dba), or both. dba "
     "searches the whole index against itself through the same index type (flat: exact N^2, "
-    "hours at 1M images on 2 cores; ivf: approximate, far faster).",
+    "hours at 1M images on 2 cores; ivf: approximate, far faster). "
+    "discriminative[+...]: then two-stage discriminative re-ranking (Yokoo et al. 2020, the "
+    "GLR2019 winner): label queries and index by kNN votes over --train, move the index images "
+    "of the query's landmark ahead and insert unretrieved ones; needs --train.",
+)
+flags.DEFINE_float(
+    "rerank_threshold",
+    _D.rerank_threshold,
+    "discriminative: label confidence (sum of 2cos-1 over 3 train neighbours) a query needs for "
+    "the insert step, and an index image needs to be inserted (0 as in the winners' code).",
 )
 flags.DEFINE_integer("qe_k", _D.qe_k, "Neighbours used by aqe and dba.")
 flags.DEFINE_float(
@@ -80,6 +93,27 @@ flags.DEFINE_string(
     None,
     "Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl layout); index and "
     "query ids must equal its imlist/qimlist names.",
+)
+flags.DEFINE_string(
+    "nonlandmark",
+    None,
+    "Embedding set (.npz) of images of no landmark (e.g. GLDv2 test images whose recognition "
+    "solution is empty; landmark-synth's nonlandmark.csv): lowers the recognition confidence of "
+    "queries that look like them. Needs --train.",
+)
+flags.DEFINE_enum(
+    "nonlandmark_method",
+    _D.nonlandmark_method,
+    ["penalty", "classifier", "both"],
+    "penalty: c - lambda * mean similarity to the n nearest non-landmark images; classifier: "
+    "c * P(landmark) of a logistic regression on embeddings; both: P * c - lambda * m. lambda "
+    "and n are tuned on a validation split of --train and --nonlandmark.",
+)
+flags.DEFINE_float(
+    "penalty_weight", _D.penalty_weight, "Fix lambda instead of tuning it (< 0: tune)."
+)
+flags.DEFINE_integer(
+    "penalty_neighbours", _D.penalty_neighbours, "Fix n instead of tuning it (0: tune)."
 )
 flags.DEFINE_integer("seed", _D.seed, "Seed for IVF training and the recall sample.")
 

@@ -4,7 +4,8 @@
                  --image_size=96 --seed=0 --difficulty=1.0]
 
 Writes train.csv, train_clean.csv, index.csv, test.csv, retrieval_solution_v2.1.csv,
-recognition_solution_v2.1.csv and JPEGs at OUTPUT_DIR/{train,index,test}/a/b/c/<id>.jpg
+recognition_solution_v2.1.csv, nonlandmark.csv (a separate set of images of no landmark) and
+JPEGs at OUTPUT_DIR/{train,index,test,nonlandmark}/a/b/c/<id>.jpg
 (so --image_dir for train is OUTPUT_DIR/train). The same flags give the same bytes; rerunning
 a stopped run with the same flags resumes it.
 """
@@ -52,6 +53,9 @@ flags.DEFINE_float("public_fraction", _D.public_fraction,
 flags.DEFINE_float("difficulty", _D.difficulty,
                    "Scales how different two views of a landmark are (camera, colour, clutter, "
                    "occlusion, blur, noise): 0 = identical views, 1 = default, >1 harder.")
+flags.DEFINE_float("nonlandmark_images", _D.nonlandmark_images,
+                   "Images in the separate non-landmark set (nonlandmark.csv + nonlandmark/ tree), "
+                   "relative to the test set's size; 0 = none.")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 
@@ -75,6 +79,7 @@ def config_from_flags() -> generator.SynthConfig:
         index_distractors=FLAGS.index_distractors, test_distractors=FLAGS.test_distractors,
         noisy_fraction=FLAGS.noisy_fraction, unclean_landmarks=FLAGS.unclean_landmarks,
         public_fraction=FLAGS.public_fraction, difficulty=FLAGS.difficulty,
+        nonlandmark_images=FLAGS.nonlandmark_images,
     )
 
 

@@ -16,17 +16,29 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any
 
 import numpy as np
 
 from landmark_tf.errors import UserError
-from landmark_tf.retrieval import knn, metrics, rerank, revisitop, solutions
-from landmark_tf.retrieval.embeddings import EmbeddingFile, open_embeddings
+from landmark_tf.retrieval import (
+    discriminative,
+    knn,
+    metrics,
+    nonlandmark,
+    rerank,
+    revisitop,
+    solutions,
+)
+from landmark_tf.retrieval.embeddings import EmbeddingFile, load_embeddings, open_embeddings
 from landmark_tf.retrieval.eval_report import Report, check_coverage, score
 from landmark_tf.retrieval.recognition_eval import recognize
 
 _Report = Report  # the name this module used before the split
+
+# alpha-QE / DBA, each optionally followed by two-stage discriminative re-ranking (needs --train).
+RERANK_METHODS = rerank.METHODS + tuple(
+    discriminative.NAME if m == "none" else f"{discriminative.NAME}+{m}" for m in rerank.METHODS
+)
 
 
 @dataclasses.dataclass
@@ -53,6 +65,11 @@ class EvalConfig:
     revisitop_gnd: str | None = None
     seed: int = 0
     spherical_kmeans: bool = True
+    rerank_threshold: float = 0.0
+    nonlandmark: str | None = None
+    nonlandmark_method: str = "both"
+    penalty_weight: float = -1.0
+    penalty_neighbours: int = 0
 
     def check(self) -> None:
         if not self.queries:
@@ -68,8 +85,14 @@ class EvalConfig:
         for name in ("k", "batch_size", "nprobe", "recognition_k"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.rerank not in rerank.METHODS:
-            raise UserError(f"--rerank must be one of {rerank.METHODS}, got {self.rerank!r}")
+        if self.rerank not in RERANK_METHODS:
+            raise UserError(f"--rerank must be one of {RERANK_METHODS}, got {self.rerank!r}")
+        if discriminative.split_method(self.rerank)[1] and not (self.train and self.index):
+            raise UserError(f"--rerank={self.rerank} needs --train (labelled) and --index")
+        if self.nonlandmark and not self.train:
+            raise UserError("--nonlandmark adjusts recognition confidences: it needs --train")
+        if self.nonlandmark_method not in nonlandmark.METHODS:
+            raise UserError(f"--nonlandmark_method must be one of {nonlandmark.METHODS}")
         if self.qe_k < 0 or self.aqe_alpha < 0 or self.recall_sample < 0 or self.nlist < 0:
             raise UserError("--qe_k, --aqe_alpha, --recall_sample and --nlist must be >= 0")
 
@@ -117,18 +140,19 @@ def _load_database(cfg: EvalConfig, path: str, queries, report: Report, name: st
 def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
     index, searcher = _load_database(cfg, cfg.index, queries, report, "index")
     t0 = time.perf_counter()
+    vector_method, _ = discriminative.split_method(cfg.rerank)
     q_final, searcher = rerank.rerank_vectors(
-        q_vecs, searcher, cfg.rerank, cfg.qe_k, cfg.aqe_alpha, in_place=True
+        q_vecs, searcher, vector_method, cfg.qe_k, cfg.aqe_alpha, in_place=True
     )
     t1 = time.perf_counter()
     scores, ids = searcher.search(q_final, cfg.k, desc="search")
     t2 = time.perf_counter()
-    scores, ids = _rerank_results(cfg, q_final, searcher, scores, ids, report)
+    if searcher.ivf is not None:
+        _ivf_recall(cfg, searcher, q_final, ids, report)
+    ids = _rerank_results(cfg, queries, q_vecs, ids, report)
     report.add("rerank", cfg.rerank, "re-ranking")
     report.add("rerank_seconds", round(t1 - t0, 3))
     report.add("search_queries_per_second", round(len(q_final) / max(t2 - t1, 1e-9), 1), "q/s")
-    if searcher.ivf is not None:
-        _ivf_recall(cfg, searcher, q_final, ids, report)
     index_ids = index.ids.tolist()  # rows below share these str objects: no copy per hit
     ranked = [[index_ids[j] for j in row if j >= 0] for row in ids.tolist()]
     predictions = dict(zip(queries.ids.tolist(), ranked, strict=True))
@@ -143,14 +167,35 @@ def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
         _revisitop(cfg, queries, index, q_final, searcher, report)
 
 
-def _rerank_results(cfg: EvalConfig, q_final: np.ndarray, searcher: knn.Searcher,
-                    scores: np.ndarray, ids: np.ndarray, report: Report) -> tuple[Any, Any]:
-    """Post-search re-ranking of each query's list (scores float32[Q, k], ids int64[Q, k]).
+def _rerank_results(cfg: EvalConfig, queries, q_vecs: np.ndarray, ids: np.ndarray,
+                    report: Report) -> np.ndarray:
+    """Post-search re-ranking of each query's list (ids int64[Q, k], -1 = none).
 
-    The plug point for methods that re-score a retrieved shortlist; none is built in yet, so
-    the lists pass through unchanged.
+    Two-stage discriminative re-ranking (retrieval/discriminative.py): the label step votes a
+    landmark for every query (`q_vecs`, before alpha-QE) and every index image (streamed again
+    from --index, so before DBA, as the released code labels plain descriptors) over --train;
+    then sort + insert.
     """
-    return scores, ids
+    if not discriminative.split_method(cfg.rerank)[1]:
+        return ids
+    t0 = time.perf_counter()
+    train, train_searcher = _labelled_train(cfg, queries, report)
+    with open_embeddings(cfg.index) as index_file:
+        ids, q_labels = discriminative.discriminative_rerank(
+            ids, q_vecs, index_file.chunks(), train_searcher, train.landmark_ids,
+            threshold=cfg.rerank_threshold,
+        )  # fmt: skip
+    report.add("discriminative_seconds", round(time.perf_counter() - t0, 3))
+    report.add("discriminative_labelled_queries", int(np.sum(q_labels.landmarks >= 0)))
+    return ids
+
+
+def _labelled_train(cfg: EvalConfig, queries, report: Report):
+    """(train EmbeddingFile, closed, with its landmark_ids; Searcher over its vectors)."""
+    train, searcher = _load_database(cfg, cfg.train, queries, report, "train")
+    if train.landmark_ids is None:
+        raise UserError(f"--train {cfg.train}: has no landmark_ids; recognition needs labels")
+    return train, searcher
 
 
 def _ivf_recall(cfg, searcher: knn.Searcher, q_final, ids, report: Report) -> None:
@@ -193,10 +238,38 @@ def _retrieval_scores(cfg, queries, index, predictions, report: Report) -> None:
 
 
 def _recognition(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
-    train, searcher = _load_database(cfg, cfg.train, queries, report, "train")
-    if train.landmark_ids is None:
-        raise UserError(f"--train {cfg.train}: has no landmark_ids; recognition needs labels")
-    recognize(cfg, queries, q_vecs, searcher, train.landmark_ids, report)
+    train, searcher = _labelled_train(cfg, queries, report)
+    adjust = None
+    if cfg.nonlandmark:
+        def adjust(confidence):
+            return _nonlandmark(cfg, queries, q_vecs, confidence, searcher, train, report)
+    recognize(cfg, queries, q_vecs, searcher, train.landmark_ids, report,
+              adjust_confidence=adjust)
+
+
+def _nonlandmark(cfg, queries, q_vecs, confidence, searcher, train, report: Report):
+    """Calibrates the non-landmark handling on a validation split, applies it to the queries."""
+    es = load_embeddings(cfg.nonlandmark)
+    nonlandmark.check_set("nonlandmark", cfg.nonlandmark, es.dim, queries.dim, len(es))
+    nl_vecs, changed = knn.l2_normalize(np.asarray(es.embeddings, dtype=np.float32))
+    report.warn("nonlandmark_renormalised", changed,
+                f"nonlandmark vectors in {cfg.nonlandmark} were not unit length")
+    del es
+    fixed_weight = cfg.penalty_weight if cfg.penalty_weight >= 0 else None
+    cal = nonlandmark.calibrate(
+        cfg.nonlandmark_method, searcher, train.landmark_ids, nl_vecs, k=cfg.recognition_k,
+        weight=fixed_weight, neighbours=cfg.penalty_neighbours or None, seed=cfg.seed,
+    )  # fmt: skip
+    report.add("nonlandmark_images", len(nl_vecs), "non-landmark images")
+    report.add("nonlandmark_method", cal.method, "non-landmark handling")
+    report.add("nonlandmark_penalty_weight", cal.weight, "penalty weight (lambda)")
+    report.add("nonlandmark_penalty_neighbours", cal.neighbours, "penalty neighbours (n)")
+    report.add("nonlandmark_classifier_exponent", cal.exponent, "classifier exponent (g)")
+    report.add("nonlandmark_validation_queries", cal.validation_queries)
+    before, after = cal.validation_gap_before, cal.validation_gap
+    report.add("nonlandmark_validation_gap_before", before, "validation GAP before")
+    report.add("nonlandmark_validation_gap", after, "validation GAP after")
+    return nonlandmark.apply(cal, q_vecs, confidence, searcher, nl_vecs, seed=cfg.seed)
 
 
 def _revisitop(cfg, queries, index, q_final, searcher: knn.Searcher, report: Report) -> None:

@@ -11,7 +11,7 @@ from landmark_tf.retrieval.eval_report import Report, check_coverage, score
 
 
 def recognize(cfg, queries, q_vecs: np.ndarray, searcher: knn.Searcher,
-              train_landmark_ids: np.ndarray, report: Report) -> None:
+              train_landmark_ids: np.ndarray, report: Report, adjust_confidence=None) -> None:
     """Votes a landmark per query from its `cfg.recognition_k` train neighbours; scores it.
 
     Args:
@@ -19,10 +19,13 @@ def recognize(cfg, queries, q_vecs: np.ndarray, searcher: knn.Searcher,
       queries: ids / landmark_ids of the queries (EmbeddingFile or EmbeddingSet).
       q_vecs: float32[Q, D] unit query vectors.
       searcher: over the train vectors; train_landmark_ids: int64[N] its labels.
+      adjust_confidence: float32[Q] -> float32[Q], e.g. the non-landmark handling.
     """
     scores, ids = searcher.search(q_vecs, cfg.recognition_k, desc="recognition search")
     neighbour_landmarks = np.where(ids >= 0, train_landmark_ids[np.maximum(ids, 0)], -1)
     landmarks, confidence = knn.vote_landmarks(scores, neighbour_landmarks)
+    if adjust_confidence is not None:
+        confidence = adjust_confidence(confidence)
     qids = queries.ids.tolist()
     predictions = {
         q: (int(lm), float(c))

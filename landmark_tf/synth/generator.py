@@ -8,7 +8,9 @@ Output (`output_dir`):
                                                     images with no match in the index)
   recognition_solution_v2.1.csv  id,landmarks,Usage (landmarks empty for test images of no
                                                     training landmark)
-  {train,index,test}/a/b/c/<id>.jpg
+  nonlandmark.csv                id   (a separate set of images of no landmark, disjoint
+                                      from train/index/test, for non-landmark handling)
+  {train,index,test,nonlandmark}/a/b/c/<id>.jpg
   synth_config.json              the settings; a rerun with the same settings resumes
 
 Every landmark is a procedural scene (`scenes`), every image a random view of it (`views`).
@@ -34,7 +36,9 @@ from landmark_tf.synth.plan import Item, Plan, SynthConfig, csv_files, make_plan
 
 CONFIG_FILE = "synth_config.json"
 GENERATOR_VERSION = 1  # bump when the drawing changes, so a rerun never mixes two versions
-SPLITS = ("train", "index", "test")
+SPLITS = ("train", "index", "test", "nonlandmark")
+
+
 def image_path(root: str, split: str, image_id: str) -> str:
     """`root/split/a/b/c/<id>.jpg`, the GLDv2 tree."""
     return fileio.join(root, split, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
@@ -141,7 +145,8 @@ def generate(cfg: SynthConfig, output_dir: str, progress: bool = True) -> dict:
         "clean_images": sum(len(v) for v in plan.clean.values()),
         "index_images": counts["index"],
         "test_images": counts["test"],
-        "distractors": sum(it.landmark_id < 0 for it in plan.items),
+        "distractors": sum(it.landmark_id < 0 and it.split != "nonlandmark" for it in plan.items),
+        "nonlandmark_images": counts["nonlandmark"],
         "written": written,
         "reused": len(plan.items) - written,
     }

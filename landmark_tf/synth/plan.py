@@ -40,6 +40,9 @@ class SynthConfig:
     unclean_landmarks: float = 0.1  # share of train landmarks absent from train_clean.csv
     public_fraction: float = 0.3  # test images scored "Public" (the rest "Private")
     difficulty: float = 1.0  # scales every view knob; 0 = identical views
+    # Images of no landmark in the separate non-landmark set, relative to the test set's size
+    # (for non-landmark handling in recognition; ids disjoint from every other split).
+    nonlandmark_images: float = 2.0
     view: views.ViewConfig = dataclasses.field(default_factory=views.ViewConfig)
 
     def validate(self) -> None:
@@ -57,6 +60,7 @@ class SynthConfig:
             (self.index_distractors >= 0, "index_distractors must be >= 0"),
             (self.test_distractors >= 0, "test_distractors must be >= 0"),
             (self.difficulty >= 0, "difficulty must be >= 0"),
+            (self.nonlandmark_images >= 0, "nonlandmark_images must be >= 0"),
         ]
         for name in _FRACTIONS:
             value = getattr(self, name)
@@ -152,6 +156,10 @@ def make_plan(cfg: SynthConfig) -> Plan:
             next_scene += 1
     usage = {it.id: "Public" if rng.random() < cfg.public_fraction else "Private"
              for it in items if it.split == "test"}
+    # Drawn after everything else, so the other splits are those of a plan without this set.
+    for _ in range(round(cfg.nonlandmark_images * len(usage))):
+        add("nonlandmark", -1, next_scene)
+        next_scene += 1
     return Plan(tuple(items), tuple(lids[:n_train]), tuple(lids[n_train:]), clean, usage, n_all)
 
 
@@ -164,10 +172,12 @@ def _csv(header: list[str], rows: list[list]) -> str:
 
 
 def csv_files(plan: Plan) -> dict[str, str]:
-    """File name -> text of the six GLDv2 CSV files; rows sorted by id like the Kaggle files."""
+    """File name -> text of the six GLDv2 CSV files and nonlandmark.csv (id); rows sorted by id
+    like the Kaggle files."""
     train = sorted(plan.split("train"), key=lambda it: it.id)
     index = sorted(plan.split("index"), key=lambda it: it.id)
     test = sorted(plan.split("test"), key=lambda it: it.id)
+    nonlandmark = sorted(plan.split("nonlandmark"), key=lambda it: it.id)
     matches: dict[int, list[str]] = {}
     for it in index:
         matches.setdefault(it.landmark_id, []).append(it.id)
@@ -187,6 +197,7 @@ def csv_files(plan: Plan) -> dict[str, str]:
         "train_clean.csv": _csv(["landmark_id", "images"],
                                 [[k, " ".join(sorted(v))] for k, v in sorted(plan.clean.items())]),
         "index.csv": _csv(["id"], [[it.id] for it in index]),
+        "nonlandmark.csv": _csv(["id"], [[it.id] for it in nonlandmark]),
         "test.csv": _csv(["id"], [[it.id] for it in test]),
         "retrieval_solution_v2.1.csv": _csv(["id", "images", "Usage"], retrieval),
         "recognition_solution_v2.1.csv": _csv(["id", "landmarks", "Usage"], recognition),
