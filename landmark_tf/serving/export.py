@@ -118,7 +118,14 @@ def summary(export_dir: str, metadata: dict[str, Any], size: int) -> dict[str, A
 
 
 def checkpoint_step(checkpoint: str) -> int | None:
-    """The `step` variable saved in the checkpoint, else the ckpt-N number, else None."""
+    """The `step` variable saved in the checkpoint, else the ckpt-N number, else None.
+
+    A JAX-trained workdir's npz checkpoint stores its step in its metadata."""
+    if model_lib.is_npz(checkpoint):
+        from landmark_tf.modeling import npz_checkpoint
+
+        with npz_checkpoint.Reader(checkpoint) as npz:
+            return npz.step
     reader = tf.train.load_checkpoint(checkpoint)
     key = "step/.ATTRIBUTES/VARIABLE_VALUE"
     if reader.has_tensor(key):

@@ -43,6 +43,8 @@ def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in RESUME_SAFE:
                 continue
+            if section == "train" and key == "backend":  # older workdirs: TensorFlow ran
+                a, b = {**a, key: a.get(key, "tensorflow")}, {**b, key: b.get(key, "tensorflow")}
             if a.get(key) != b.get(key):
                 found.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return found

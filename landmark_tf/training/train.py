@@ -102,8 +102,18 @@ def seed_states(net: keras.Model) -> list:
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig) -> dict[str, Any]:
-    """Trains (or resumes) into cfg.workdir; returns the closing JSON dict."""
-    cfg.validate()
+    """Trains (or resumes) into cfg.workdir; returns the closing JSON dict.
+
+    cfg.backend "jax" (or "auto" resolving to it, see training/backend.py) hands the run to
+    jax_train.train; the Keras backend of this process must match (KERAS_BACKEND).
+    """
+    from landmark_tf.training import backend
+
+    cfg = dataclasses.replace(cfg.validate(), backend=backend.select(cfg.backend, cfg.tpu))
+    if cfg.backend == "jax":
+        from landmark_tf.training import jax_train
+
+        return jax_train.train(model_cfg, cfg)
     plan = make_plan(cfg)
     model_cfg = dataclasses.replace(model_cfg, num_classes=plan.num_classes).validate()
     strategy = distribute.resolve_strategy(cfg.strategy, cfg.tpu)

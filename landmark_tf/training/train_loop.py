@@ -138,6 +138,7 @@ class Loop:
             "learning_rate": self.learning_rate(), "epoch": step / t.plan.steps_per_epoch,
             "start_step": t.start_step, "train_steps": t.plan.train_steps,
             "workdir": t.cfg.workdir, "checkpoint": t.manager.latest_checkpoint,
+            "backend": getattr(t, "backend", "tensorflow"),
             "device": t.kind, "replicas": t.replicas, "mixed_precision": t.policy,
             "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
             **self.val, **t.start_info,
