@@ -81,3 +81,69 @@ def test_tensorflow_export_of_a_jax_workdir_gives_the_jax_descriptors(jax_runs, 
 
     tf_model, _ = model.restore_embedding_model(str(out / "reference"))
     np.testing.assert_allclose(tf_model(images).numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+LANDMARK_TRAIN = os.path.join(os.path.dirname(sys.executable), "landmark-train")
+
+
+@pytest.mark.slow
+def test_killed_jax_run_resumes_to_the_same_weights(tmp_path):
+    """landmark-train --backend=jax killed with SIGKILL after a checkpoint, then rerun: the
+    final npz checkpoint equals an uninterrupted run's."""
+    import signal
+    import time
+
+    data = str(tmp_path / "records")
+    make_dataset(data, train_counts=(6, 6, 6, 6), val_counts=None, size=32)
+    env = _jax_env(tmp_path)
+
+    def command(workdir):
+        return [LANDMARK_TRAIN, "--backend=jax", f"--data_dir={data}", f"--workdir={workdir}",
+                "--train_steps=6", "--batch_size=8", "--checkpoint_every=2", "--val_split=",
+                "--image_size=32", "--embedding_dim=16", "--steps_per_execution=1"]
+
+    reference = subprocess.run(command(tmp_path / "ref"), env=env, capture_output=True,
+                               text=True, timeout=1200)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    first = subprocess.Popen(command(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 1200
+    while not (ckpts / "ckpt-2.npz").exists() and first.poll() is None and \
+            time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    done = sorted(int(p.stem.split("-")[1]) for p in ckpts.glob("ckpt-*.npz"))
+    assert done and done[-1] < 6, "the first run should be killed mid-way"
+    second = subprocess.run(command(tmp_path / "run"), env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert second.returncode == 0, second.stderr[-2000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "jax" and result["step"] == 6
+    assert result["start_step"] == done[-1]
+    a, b = _npz(tmp_path / "ref" / "checkpoints" / "ckpt-6.npz"), _npz(ckpts / "ckpt-6.npz")
+    for key, value in a.items():
+        np.testing.assert_allclose(b[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_tensorflow_stage_starts_from_a_jax_workdir(jax_runs, tmp_path):
+    """--init_from across backends: the TF trainer restores backbone, neck and head from npz."""
+    from landmark_tf.config import ModelConfig, TrainConfig
+    from landmark_tf.training import train
+
+    out, _ = jax_runs
+    data = str(tmp_path / "records")
+    make_dataset(data, train_counts=(6, 6, 6, 6), val_counts=None, size=32)
+    cfg = TrainConfig(data_dir=data, workdir=str(tmp_path / "tf_stage"), train_steps=1,
+                      batch_size=8, val_split="", init_from=str(out / "reference"),
+                      backend="tensorflow")
+    mcfg = ModelConfig(image_size=48, embedding_dim=16, margin=0.1, head="adacos", num_classes=4)
+    trainer = train.Trainer(mcfg, cfg, train.make_plan(cfg), tf.distribute.get_strategy())
+    info = trainer.start_info["init_from"]
+    assert info["restored"] == ["backbone", "head", "neck"] and info["checkpoint"].endswith(
+        "ckpt-4.npz")
+    saved = _npz(out / "reference" / "checkpoints" / "ckpt-4.npz")
+    np.testing.assert_array_equal(trainer.models.head.kernel.numpy(), saved["head/0000"])
+    for i, v in enumerate(trainer.models.backbone.variables):
+        np.testing.assert_array_equal(v.numpy(), saved[f"backbone/{i:04d}"], err_msg=v.path)
