@@ -14,6 +14,16 @@
    cross host -> device.
 Contenders alternate over --rounds (order reversed every other round); reported are median
 images/s and the median of the per-round ratios, by wall clock and by process CPU time.
+
+--backend jax: the JAX trainer's jit-compiled stateless step (training/jax_step.py, data
+parallel over all local devices) on synthetic in-memory batches. It needs only jax, keras and
+numpy (no TensorFlow, no records), so a GPU host without TensorFlow measures e.g.
+  KERAS_BACKEND=jax python bench/train_bench.py --backend jax --image_size 512 --batch 32 \
+      --backbones efficientnet-b0,efficientnet-b3,efficientnet-b7
+--backend both: the TF train step (as in 1., "ours") in this process and the JAX step in a
+KERAS_BACKEND=jax subprocess on the same model, batch and weights-initialisation seed; prints
+both images/s and the ratio jax/tensorflow (the backend is fixed per process, so the two run one
+after the other, not interleaved).
 """
 
 from __future__ import annotations
@@ -23,23 +33,24 @@ import io
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
-import keras
 import numpy as np
-import tensorflow as tf
-from PIL import Image
 
-from landmark_tf import preprocess
-from landmark_tf.config import ModelConfig
-from landmark_tf.data import records
-from landmark_tf.modeling import model
-from landmark_tf.training import distribute, input_pipeline, train_step
+# TensorFlow, PIL and Keras load inside the functions: --backend jax must run without
+# TensorFlow, and Keras must see KERAS_BACKEND before its first import.
 
 
 def write_records(folder: str, count: int, shards: int, classes: int) -> list[str]:
     """`count` random-content 320x240 JPEGs (about GLDv2's resized size), spread over shards."""
+    import tensorflow as tf
+    from PIL import Image
+
+    from landmark_tf.data import records
+
     rng = np.random.default_rng(0)
     paths = [os.path.join(folder, records.shard_name("train", i, shards)) for i in range(shards)]
     writers = [tf.io.TFRecordWriter(p) for p in paths]
@@ -79,7 +90,15 @@ def _summary(prefix: str, images: dict[str, int], seconds: dict[str, list],
 
 
 def bench_step(args) -> dict:
-    cfg = ModelConfig(image_size=args.image_size, embedding_dim=512, num_classes=args.classes)
+    import keras
+    import tensorflow as tf
+
+    from landmark_tf.config import ModelConfig
+    from landmark_tf.modeling import model
+    from landmark_tf.training import distribute, train_step
+
+    cfg = ModelConfig(backbone=args.backbones.split(",")[0], image_size=args.image_size,
+                      embedding_dim=512, num_classes=args.classes)
     models = model.build_models(cfg)
     net, variables = models.train_model, models.train_model.trainable_variables
     batch = {"image": tf.random.uniform([args.batch, args.image_size, args.image_size, 3], 0, 255),
@@ -125,6 +144,12 @@ def bench_step(args) -> dict:
 
 
 def bench_pipeline(args, files: list[str]) -> dict:
+    import tensorflow as tf
+
+    from landmark_tf import preprocess
+    from landmark_tf.data import records
+    from landmark_tf.training import input_pipeline
+
     spec = input_pipeline.TrainInput(
         files=tuple(files), image_size=args.image_size, global_batch_size=args.batch,
         steps_per_epoch=args.records // args.batch, shuffle_buffer=1024, augment=("flip",))
@@ -158,6 +183,10 @@ def bench_pipeline(args, files: list[str]) -> dict:
 
 def bench_infeed(args, files: list[str]) -> dict:
     """Our pipeline with uint8 vs float32 batches (what crosses host -> device)."""
+    import tensorflow as tf
+
+    from landmark_tf.training import input_pipeline
+
     datasets = {}
     for dtype in ("uint8", "float32"):
         spec = input_pipeline.TrainInput(
@@ -183,8 +212,90 @@ def bench_infeed(args, files: list[str]) -> dict:
     return out
 
 
+def bench_jax(args) -> dict:
+    """images/s of the JAX train step per backbone on one synthetic in-memory batch."""
+    import jax
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise SystemExit("--backend jax needs KERAS_BACKEND=jax")
+    from landmark_tf.config import ModelConfig
+    from landmark_tf.modeling import model
+    from landmark_tf.training import jax_step
+
+    devices = jax.devices()
+    mesh = keras.distribution.DeviceMesh((len(devices),), ["batch"], devices)
+    keras.distribution.set_distribution(keras.distribution.DataParallel(device_mesh=mesh))
+    if args.mixed_precision != "float32":
+        keras.mixed_precision.set_global_policy(f"mixed_{args.mixed_precision}")
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("batch",)),
+                                          jax.sharding.PartitionSpec("batch"))
+    rng = np.random.default_rng(0)
+    size = args.image_size
+    batch = {"image": rng.uniform(0, 255, (args.batch, size, size, 3)).astype(np.float32),
+             "label": (np.arange(args.batch) % args.classes).astype(np.int32),
+             "weight": np.ones(args.batch, np.float32)}
+    batch = {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    out = {"jax_devices": f"{len(devices)} x {devices[0].device_kind}"}
+    for backbone in args.backbones.split(","):
+        keras.utils.set_random_seed(0)
+        cfg = ModelConfig(backbone=backbone, image_size=size, embedding_dim=512,
+                          num_classes=args.classes)
+        net = model.build_models(cfg).train_model
+        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        optimizer.build(net.trainable_variables)
+        step = jax.jit(jax_step.make_train_step(net, optimizer, global_batch=args.batch,
+                                                accum_steps=1), donate_argnums=(0,))
+        state = ([v.value for v in net.trainable_variables],
+                 [v.value for v in net.non_trainable_variables],
+                 [v.value for v in optimizer.variables])
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        float(metrics["loss"])
+        compile_s = time.perf_counter() - start
+        rates = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                state, metrics = step(state, batch)
+            float(metrics["loss"])  # waits for the asynchronous steps
+            rates.append(args.steps * args.batch / (time.perf_counter() - start))
+        out[f"jax_{backbone}_images_per_second"] = statistics.median(rates)
+        out[f"jax_{backbone}_first_step_seconds"] = compile_s
+        del state, net, optimizer
+    return out
+
+
+def bench_both(args) -> dict:
+    """TF step here, JAX step in a KERAS_BACKEND=jax subprocess; their ratio."""
+    result = bench_step(args)
+    argv = [sys.executable, os.path.abspath(__file__), "--backend", "jax",
+            "--backbones", args.backbones.split(",")[0], *_shared_args(args)]
+    proc = subprocess.run(argv, env={**os.environ, "KERAS_BACKEND": "jax"},
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    jax_result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update({k: v for k, v in jax_result.items() if k.startswith("jax_")})
+    backbone = args.backbones.split(",")[0]
+    result["jax_over_tensorflow_wall"] = (
+        result[f"jax_{backbone}_images_per_second"] / result["step_ours_images_per_wall_second"])
+    return result
+
+
+def _shared_args(args) -> list[str]:
+    names = ("image_size", "batch", "steps", "classes", "rounds", "mixed_precision")
+    return [x for n in names for x in (f"--{n}", str(getattr(args, n)))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="tensorflow",
+                        choices=("tensorflow", "jax", "both"))
+    parser.add_argument("--backbones", default="efficientnet-b0",
+                        help="comma list (jax: each measured; tensorflow/both: the first)")
+    parser.add_argument("--mixed_precision", default="float32",
+                        choices=("float32", "bfloat16", "float16"), help="jax only")
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="train steps per timed round")
@@ -192,19 +303,27 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1024)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--parts", default="pipeline,step", help="what to measure")
+    parser.add_argument("--parts", default="pipeline,step", help="what to measure (tensorflow)")
     args = parser.parse_args()
+    os.environ["KERAS_BACKEND"] = "jax" if args.backend == "jax" else "tensorflow"
+    import keras
+
     keras.utils.set_random_seed(0)
-    with tempfile.TemporaryDirectory() as folder:
-        files = write_records(folder, args.records, shards=8, classes=args.classes)
-        parts = args.parts.split(",")
-        result = {**vars(args), "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
-        if "pipeline" in parts:
-            result.update(bench_pipeline(args, files))
-        if "step" in parts:
-            result.update(bench_step(args))
-        if "infeed" in parts:
-            result.update(bench_infeed(args, files))
+    result = {**vars(args), "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
+    if args.backend == "jax":
+        result.update(bench_jax(args))
+    elif args.backend == "both":
+        result.update(bench_both(args))
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            files = write_records(folder, args.records, shards=8, classes=args.classes)
+            parts = args.parts.split(",")
+            if "pipeline" in parts:
+                result.update(bench_pipeline(args, files))
+            if "step" in parts:
+                result.update(bench_step(args))
+            if "infeed" in parts:
+                result.update(bench_infeed(args, files))
     print(json.dumps(result, sort_keys=True))
 
 

@@ -86,6 +86,7 @@ class ModelConfig:
 
 
 STRATEGIES = ("auto", "tpu", "mirrored", "multi_worker", "cpu")
+BACKENDS = ("auto", "tensorflow", "jax")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 JIT_MODES = ("auto", "on", "off")
 # inverse_time: lr / (1 + lr_decay * step), the `decay` argument of Keras 2 optimizers.
@@ -133,6 +134,8 @@ class TrainConfig:
     seed: int = 0
     strategy: str = "auto"
     tpu: str = ""
+    # Keras backend; config.json stores the one that ran ("auto" is resolved first).
+    backend: str = "auto"
     mixed_precision: str = "auto"
     jit_compile: str = "auto"
     steps_per_execution: int = 1
@@ -146,6 +149,7 @@ class TrainConfig:
         """Raises UserError naming the first bad setting (as its flag); returns self."""
         choices = [("schedule", SCHEDULES), ("sampling", SAMPLINGS),
                    ("class_weighting", CLASS_WEIGHTINGS), ("strategy", STRATEGIES),
+                   ("backend", BACKENDS),
                    ("mixed_precision", PRECISIONS), ("jit_compile", JIT_MODES)]
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -100,6 +100,25 @@ def test_notebooks_run_in_local_mode(tmp_path, monkeypatch):
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
 
+@pytest.mark.slow
+def test_train_notebook_runs_in_local_mode_under_jax(tmp_path, monkeypatch):
+    """What a Colab TPU runtime without TensorFlow runs: the JAX backend (here on 2 virtual CPU
+    devices), then the export in a TensorFlow-backend subprocess."""
+    pytest.importorskip("jax")
+    work = tmp_path / "work"
+    for key, value in {"LANDMARK_NOTEBOOK_LOCAL": "1", "LANDMARK_NOTEBOOK_WORK_DIR": str(work),
+                       "LANDMARK_NOTEBOOK_BACKEND": "jax", "MPLBACKEND": "Agg",
+                       "TF_CPP_MIN_LOG_LEVEL": "2", "JAX_PLATFORMS": "cpu",
+                       "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}.items():
+        monkeypatch.setenv(key, value)
+    text = _text(_execute("train_tpu.ipynb", str(tmp_path)))
+    assert "Training backend: jax" in text and "JAX " in text and "2 cpu device(s)" in text
+    summary = json.loads((work / "runs" / "b0" / "summary.json").read_text())
+    assert summary["step"] == 5 and summary["backend"] == "jax" and summary["replicas"] == 2
+    metadata = json.loads((work / "exports" / "b0" / "metadata.json").read_text())
+    assert metadata["step"] == 5 and metadata["checkpoint"].endswith("ckpt-5.npz")
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_committed_notebook_is_clean(name):
     nb = _read(name)

@@ -8,6 +8,8 @@ The last stdout line is JSON: step, loss, accuracy, images_per_second, ...
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 
 from landmark_tf import config
@@ -87,6 +89,19 @@ _define_choice("jit_compile", _T.jit_compile, config.JIT_MODES, "XLA for the tra
                   "auto: on for TPU/GPU, off on CPU (XLA is ~8x slower there).")
 flags.DEFINE_integer("steps_per_execution", _T.steps_per_execution, "Train steps per compiled "
                      "execution (falls back to 1 where multi-step fails with several replicas).")
+_define_choice("backend", _T.backend, config.BACKENDS, "Keras backend. tensorflow: "
+                  "tf.distribute (TPUStrategy, Mirrored, CPU); jax: keras.distribution data "
+                  "parallelism over all local JAX devices (TPU runtimes without TensorFlow); "
+                  "auto: TensorFlow where its TPU strategy resolves or it sees a GPU, JAX on a "
+                  "TPU or GPU only JAX can use, TensorFlow on CPU. The closing JSON says which "
+                  "ran.")
+flags.DEFINE_bool("memory_check", False, "Do not train: compile one replica's train step "
+                  "for these flags on JAX (no data read) and print XLA's memory per replica "
+                  "and whether it fits the HBM of --tpu_type.")
+flags.DEFINE_string("tpu_type", "v3-8", "With --memory_check: the TPU to check against "
+                    "(v2-8, v3-8, v4-8, v5e-8, v5p-8, v6e-8, ...): replicas and HBM each.")
+flags.DEFINE_integer("num_classes", 0, "With --memory_check: classes of the head; 0 reads "
+                     "them from --data_dir's dataset_info.json (GLDv2 full: 203094).")
 # Stages.
 flags.DEFINE_string("init_from", _T.init_from, "Workdir of an earlier stage: backbone and neck "
                     "restored; the head too when head type and class count match.")
@@ -147,7 +162,7 @@ def train_config() -> TrainConfig:
              "weight_decay", "schedule", "warmup_steps", "lr_decay", "grad_accum_steps",
              "sampling",
              "class_weighting", "not_clean_weight", "shuffle_buffer", "seed", "strategy", "tpu",
-             "mixed_precision", "jit_compile", "steps_per_execution", "checkpoint_every",
+             "mixed_precision", "jit_compile", "backend", "steps_per_execution", "checkpoint_every",
              "keep_checkpoints", "eval_every", "init_from", "pretrained_weights")
     return TrainConfig(
         data_dir=FLAGS.data_dir or "", workdir=FLAGS.workdir or "",
@@ -161,10 +176,15 @@ def main(argv: list[str]) -> dict:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     _check_choices()
+    if FLAGS.memory_check:
+        return _memory_check()
     model_cfg, train_cfg = model_config(), train_config().validate()
-    from landmark_tf.training import (
-        train,  # TensorFlow loads only now: flag errors and --help are fast
-    )
+    # Keras (and TensorFlow) load only now: flag errors and --help are fast, and the backend
+    # is chosen before Keras fixes it.
+    from landmark_tf.training import backend
+
+    train_cfg = dataclasses.replace(train_cfg, backend=backend.select(FLAGS.backend, FLAGS.tpu))
+    from landmark_tf.training import train
 
     return train.train(model_cfg, train_cfg, _retrieval_val())
 
@@ -180,6 +200,26 @@ def _retrieval_val():
 
     return RetrievalValConfig(FLAGS.retrieval_queries, FLAGS.retrieval_index,
                               FLAGS.retrieval_every, FLAGS.batch_size)
+
+
+def _memory_check() -> dict:
+    from landmark_tf.training import backend
+
+    backend.select("jax")
+    num_classes = FLAGS.num_classes
+    if num_classes <= 0:
+        if not FLAGS.data_dir:
+            raise UserError("--memory_check needs --num_classes or --data_dir")
+        from landmark_tf.data import records
+
+        num_classes = int(records.load_dataset_info(FLAGS.data_dir)["num_classes"])
+    model_cfg = dataclasses.replace(model_config(), num_classes=num_classes)
+    train_cfg = dataclasses.replace(train_config(), backend="jax")
+    from landmark_tf.training import jax_memory
+
+    result = jax_memory.check(model_cfg, train_cfg, FLAGS.tpu_type)
+    print(result["message"], flush=True)
+    return result
 
 
 def run() -> None:

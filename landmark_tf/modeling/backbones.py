@@ -16,9 +16,7 @@ import shutil
 import tempfile
 
 import keras
-import tensorflow as tf
 
-from landmark_tf import fileio
 from landmark_tf.config import BACKBONES
 from landmark_tf.errors import UserError
 
@@ -47,7 +45,7 @@ def build_backbone(backbone: str, weights_path: str | None = None) -> keras.Mode
     local or gs://; None keeps the random initialisation (with ImageNet input normalisation).
     """
     _check_name(backbone)
-    if weights_path and not fileio.exists(weights_path):
+    if weights_path and not _fileio().exists(weights_path):
         raise UserError(f"pretrained weights file not found: {weights_path}")
     constructor = getattr(keras.applications, f"EfficientNetB{backbone[-1]}")
     plain = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
@@ -90,7 +88,17 @@ def _with_imagenet_input_scaling(plain: keras.Model) -> keras.Model:
     return keras.models.clone_model(plain, clone_function=lambda layer: layer, call_function=call)
 
 
+def _fileio():
+    """landmark_tf.fileio (tf.io.gfile) only when a file is read: the model itself builds and
+    trains without TensorFlow (bench/train_bench.py on a JAX-only machine)."""
+    from landmark_tf import fileio
+
+    return fileio
+
+
 def _load_weights_file(model: keras.Model, weights_path: str) -> None:
+    import tensorflow as tf
+
     tmpdir = tempfile.mkdtemp(prefix="landmark_tf_weights_")
     try:
         # Keras picks the loader from the file suffix and reads only local files.

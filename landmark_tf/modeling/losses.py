@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 from landmark_tf import config
 
@@ -82,18 +82,20 @@ def _raw_weights(n: np.ndarray, mode: str) -> np.ndarray:
     return raw
 
 
-def example_weights(
-    labels: tf.Tensor, is_clean: tf.Tensor, weights: tf.Tensor, not_clean_weight: float
-) -> tf.Tensor:
-    """float32[B] loss weight per example from int labels[B], int is_clean[B], weights[C]."""
+def example_weights(labels, is_clean, weights, not_clean_weight: float):
+    """float32[B] loss weight per example from int labels[B], int is_clean[B], weights[C].
+
+    Runs in the tf.data input pipeline on the host (TensorFlow ops whatever the Keras backend),
+    so TensorFlow is imported here, not by the model code.
+    """
+    import tensorflow as tf
+
     w = tf.gather(tf.cast(weights, tf.float32), tf.cast(labels, tf.int32))
     clean = tf.cast(is_clean, tf.bool)
     return tf.where(clean, w, w * tf.constant(not_clean_weight, tf.float32))
 
 
-def weighted_cross_entropy(
-    labels: tf.Tensor, logits: tf.Tensor, weights: tf.Tensor, global_batch_size: int
-) -> tf.Tensor:
+def weighted_cross_entropy(labels, logits, weights, global_batch_size: int):
     """This replica's share of the global mean weighted softmax cross-entropy (float32 scalar).
 
     Args:
@@ -104,7 +106,8 @@ def weighted_cross_entropy(
         replicas (and micro-batches) gives the mean over the global batch, which is what the
         optimizer's cross-replica gradient sum expects.
     """
-    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+    # keras.ops only: the same function trains under the TensorFlow and the JAX backend.
+    ce = ops.sparse_categorical_crossentropy(
+        ops.cast(labels, "int32"), ops.cast(logits, "float32"), from_logits=True
     )
-    return tf.reduce_sum(ce * tf.cast(weights, tf.float32)) / float(global_batch_size)
+    return ops.sum(ce * ops.cast(weights, "float32")) / float(global_batch_size)

@@ -3,21 +3,26 @@
 backbone (EfficientNet) -> neck (pool -> Dense [-> BN]) -> head (cosine classifier) for training;
 backbone -> neck -> L2 normalisation for the product, the embedding model. Both share layers.
 A training workdir holds `config.json` ({"model": ModelConfig.to_dict(), ...}) and
-`checkpoints/` written by a tf.train.CheckpointManager over `make_checkpoint(...)`.
+`checkpoints/` written either by a tf.train.CheckpointManager over `make_checkpoint(...)` (the
+TensorFlow trainer) or as `ckpt-<step>.npz` files (`npz_checkpoint`, the JAX trainer). Every
+reader here takes both, under either Keras backend; a TensorFlow checkpoint read under JAX goes
+through a TensorFlow-backend subprocess that rewrites it as npz.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
 from typing import Any
 
 import keras
-import tensorflow as tf
 
-from landmark_tf import fileio
 from landmark_tf.config import ModelConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import backbones, heads
+from landmark_tf.modeling import backbones, heads, npz_checkpoint
 from landmark_tf.modeling.pooling import EmbeddingNeck
 
 CONFIG_FILE = "config.json"
@@ -75,8 +80,10 @@ def build_models(
     )
 
 
-def make_checkpoint(models: LandmarkModels, **extra: Any) -> tf.train.Checkpoint:
-    """The one checkpoint layout: backbone=, neck=, head= plus `extra` (optimizer=, step=, ...)."""
+def make_checkpoint(models: LandmarkModels, **extra: Any):
+    """The TF checkpoint layout: backbone=, neck=, head= plus `extra` (optimizer=, step=, ...)."""
+    import tensorflow as tf
+
     parts = {"backbone": models.backbone, "neck": models.neck}
     if models.head is not None:
         parts["head"] = models.head
@@ -85,6 +92,8 @@ def make_checkpoint(models: LandmarkModels, **extra: Any) -> tf.train.Checkpoint
 
 def read_model_config(workdir: str) -> ModelConfig:
     """The ModelConfig saved under "model" in workdir/config.json."""
+    from landmark_tf import fileio
+
     path = fileio.join(workdir, CONFIG_FILE)
     if not fileio.exists(path):
         raise UserError(f"{path}: not found; is {workdir} a landmark-train workdir?")
@@ -95,11 +104,54 @@ def read_model_config(workdir: str) -> ModelConfig:
 
 
 def latest_checkpoint(workdir: str) -> str:
-    """Path prefix of the newest checkpoint in workdir/checkpoints; UserError when none."""
-    path = tf.train.latest_checkpoint(fileio.join(workdir, CHECKPOINT_DIR))
+    """The newest checkpoint in workdir/checkpoints: a TF path prefix or an npz file path
+    (`is_npz`); UserError when none."""
+    import tensorflow as tf
+
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    path = npz_checkpoint.latest(directory) or tf.train.latest_checkpoint(directory)
     if path is None:
-        raise UserError(f"no checkpoint in {fileio.join(workdir, CHECKPOINT_DIR)}")
+        raise UserError(f"no checkpoint in {directory}")
     return path
+
+
+def is_npz(checkpoint: str) -> bool:
+    """Whether a `latest_checkpoint` path is the JAX trainer's npz format."""
+    return checkpoint.endswith(".npz")
+
+
+def restore_parts(models: LandmarkModels, path: str, parts: list[str]) -> None:
+    """Restores `parts` (of backbone, neck, head) from a TF or npz checkpoint `path`."""
+    if not is_npz(path) and keras.backend.backend() != "tensorflow":
+        with tempfile.TemporaryDirectory(prefix="landmark_tf_convert_") as tmp:
+            converted = os.path.join(tmp, "ckpt.npz")
+            convert_to_npz(path, converted, models.config, with_head="head" in parts)
+            restore_parts(models, converted, parts)
+        return
+    if is_npz(path):
+        with npz_checkpoint.Reader(path) as reader:
+            for part in parts:
+                reader.restore(part, getattr(models, part).variables)
+        backbones.refresh_normalization(models.backbone)
+        return
+    import tensorflow as tf
+
+    _restore(tf.train.Checkpoint(**{p: getattr(models, p) for p in parts}), path, models)
+
+
+def convert_to_npz(checkpoint: str, output: str, cfg: ModelConfig, with_head: bool) -> None:
+    """Rewrites a TF checkpoint of `cfg`'s model as npz, in a TensorFlow-backend subprocess
+    (the Keras backend is fixed per process; a JAX process cannot build TF variables)."""
+    import json
+
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "landmark_tf.modeling.model", checkpoint, output,
+               json.dumps(cfg.to_dict()), "1" if with_head else "0"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise UserError(f"cannot read TensorFlow checkpoint {checkpoint} for the JAX backend: "
+                        f"{lines[-1] if lines else 'exit ' + str(proc.returncode)}")
 
 
 def restore_embedding_model(workdir: str) -> tuple[keras.Model, ModelConfig]:
@@ -110,7 +162,7 @@ def restore_embedding_model(workdir: str) -> tuple[keras.Model, ModelConfig]:
     cfg = read_model_config(workdir)
     path = latest_checkpoint(workdir)
     models = build_models(cfg, with_head=False)
-    _restore(make_checkpoint(models), path, models)
+    restore_parts(models, path, ["backbone", "neck"])
     return models.embedding_model, cfg
 
 
@@ -131,14 +183,20 @@ def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, An
                 f"this run's is {getattr(mine, field)!r}"
             )
     path = latest_checkpoint(workdir_from)
-    parts = {"backbone": models.backbone, "neck": models.neck}
+    parts = ["backbone", "neck"]
     skipped = {}
     reason = _head_mismatch(source, mine) if models.head is not None else "no head built"
     if reason:
         skipped["head"] = reason
     else:
-        parts["head"] = models.head
-    _restore(tf.train.Checkpoint(**parts), path, models)
+        parts.append("head")
+    if not is_npz(path) and keras.backend.backend() != "tensorflow":
+        with tempfile.TemporaryDirectory(prefix="landmark_tf_convert_") as tmp:
+            converted = os.path.join(tmp, "ckpt.npz")
+            convert_to_npz(path, converted, source, with_head="head" in parts)
+            restore_parts(models, converted, parts)
+    else:
+        restore_parts(models, path, parts)
     return {"checkpoint": path, "restored": sorted(parts), "skipped": skipped}
 
 
@@ -151,10 +209,31 @@ def _head_mismatch(source: ModelConfig, mine: ModelConfig) -> str | None:
     return None
 
 
-def _restore(checkpoint: tf.train.Checkpoint, path: str, models: LandmarkModels) -> None:
+def _restore(checkpoint, path: str, models: LandmarkModels) -> None:
     status = checkpoint.restore(path).expect_partial()
     try:
         status.assert_existing_objects_matched()
     except AssertionError as e:
         raise UserError(f"checkpoint {path} does not match the model config: {e}") from e
     backbones.refresh_normalization(models.backbone)
+
+
+def _convert_main(argv: list[str]) -> None:
+    """`python -m landmark_tf.modeling.model CHECKPOINT OUTPUT CONFIG_JSON WITH_HEAD`."""
+    import json
+
+    checkpoint, output, config_json, with_head = argv
+    cfg = ModelConfig.from_dict(json.loads(config_json))
+    models = build_models(cfg, with_head=with_head == "1")
+    parts = ["backbone", "neck"] + (["head"] if with_head == "1" else [])
+    restore_parts(models, checkpoint, parts)
+    npz_checkpoint.save(output, {p: getattr(models, p).variables for p in parts},
+                        {"step": 0, "backend": "tensorflow", "converted_from": checkpoint})
+
+
+if __name__ == "__main__":
+    try:
+        _convert_main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,7 +72,14 @@ def scaled_sizes(image_size: int, scales: Sequence[float]) -> list[int]:
 
 
 def export_model(cfg: ExportConfig) -> dict[str, Any]:
-    """Exports the latest checkpoint of `cfg.workdir`; returns the closing-JSON facts."""
+    """Exports the latest checkpoint of `cfg.workdir`; returns the closing-JSON facts.
+
+    The SavedModel is traced by TensorFlow: in a process whose Keras runs on JAX (a notebook
+    that trained with JAX) the export runs in a TensorFlow-backend subprocess, which reads the
+    JAX trainer's npz checkpoint like any other.
+    """
+    if "keras" in sys.modules and sys.modules["keras"].backend.backend() != "tensorflow":
+        return _export_in_tensorflow_process(cfg)
     config_path = fileio.join(cfg.workdir, model_lib.CONFIG_FILE)
     check_target(cfg.export_dir, cfg.overwrite)
     trained_size = model_lib.read_model_config(cfg.workdir).image_size
@@ -118,7 +129,14 @@ def summary(export_dir: str, metadata: dict[str, Any], size: int) -> dict[str, A
 
 
 def checkpoint_step(checkpoint: str) -> int | None:
-    """The `step` variable saved in the checkpoint, else the ckpt-N number, else None."""
+    """The `step` variable saved in the checkpoint, else the ckpt-N number, else None.
+
+    A JAX-trained workdir's npz checkpoint stores its step in its metadata."""
+    if model_lib.is_npz(checkpoint):
+        from landmark_tf.modeling import npz_checkpoint
+
+        with npz_checkpoint.Reader(checkpoint) as npz:
+            return npz.step
     reader = tf.train.load_checkpoint(checkpoint)
     key = "step/.ATTRIBUTES/VARIABLE_VALUE"
     if reader.has_tensor(key):
@@ -222,3 +240,24 @@ def read_metadata(export_dir: str, flag: str = "--model") -> dict[str, Any]:
         found = metadata.get("format") if isinstance(metadata, dict) else None
         raise UserError(f"{path}: format is {found!r}, expected {FORMAT!r}: not one of our exports")
     return metadata
+
+
+def _export_in_tensorflow_process(cfg: ExportConfig) -> dict[str, Any]:
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
+    args = json.dumps({**dataclasses.asdict(cfg), "scales": list(cfg.scales)})
+    proc = subprocess.run([sys.executable, "-m", "landmark_tf.serving.export", args], env=env,
+                          capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        errors = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise UserError(errors[-1].removeprefix("error: ") if errors else
+                        f"export subprocess failed with exit {proc.returncode}")
+    return json.loads(lines[-1])
+
+
+if __name__ == "__main__":
+    try:
+        print(json.dumps(export_model(ExportConfig(**json.loads(sys.argv[1])))))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -96,6 +96,8 @@ def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in RESUME_SAFE:
                 continue
+            if section == "train" and key == "backend":  # older workdirs: TensorFlow ran
+                a, b = {**a, key: a.get(key, "tensorflow")}, {**b, key: b.get(key, "tensorflow")}
             if section == "data" and key == LABEL_MAP_KEY and key not in a:
                 continue  # a workdir from before the digest was recorded
             if key not in a and _is_default(section, key, b.get(key)):

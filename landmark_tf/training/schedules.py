@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from landmark_tf.config import SCHEDULES
 
@@ -35,20 +35,21 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.decay = float(decay)
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        peak = tf.constant(self.peak, tf.float32)
+        # keras.ops: the JAX trainer calls this inside its jit-compiled step.
+        step = ops.cast(step, "float32")
+        peak = ops.convert_to_tensor(self.peak, "float32")
         if self.kind == "constant":
             after = peak
         elif self.kind == "inverse_time":
             after = peak / (1.0 + self.decay * step)
         else:
             span = float(max(self.total_steps - self.warmup_steps, 1))
-            t = tf.clip_by_value((step - self.warmup_steps) / span, 0.0, 1.0)
-            after = 0.5 * peak * (1.0 + tf.cos(math.pi * t))
+            t = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+            after = 0.5 * peak * (1.0 + ops.cos(math.pi * t))
         if self.warmup_steps <= 0:
             return after
         warm = peak * (step + 1.0) / float(self.warmup_steps)
-        return tf.where(step < self.warmup_steps, warm, after)
+        return ops.where(step < self.warmup_steps, warm, after)
 
     def get_config(self):
         return {

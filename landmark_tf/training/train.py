@@ -133,8 +133,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, retrieval_val=None) -> dict[
     """Trains (or resumes) into cfg.workdir; returns the closing JSON dict.
 
     retrieval_val: optional retrieval_validation.RetrievalValConfig (held-out mAP@100).
+    cfg.backend "jax" (or "auto" resolving to it, see training/backend.py) hands the run to
+    jax_train.train; the Keras backend of this process must match (KERAS_BACKEND).
     """
-    cfg.validate()
+    from landmark_tf.training import backend
+
+    cfg = dataclasses.replace(cfg.validate(), backend=backend.select(cfg.backend, cfg.tpu))
+    if cfg.backend == "jax":
+        if retrieval_val is not None:
+            raise UserError("--retrieval_queries/--retrieval_index run under the TensorFlow "
+                            "backend only (not yet under --backend=jax)")
+        from landmark_tf.training import jax_train
+
+        return jax_train.train(model_cfg, cfg)
     plan = make_plan(cfg)
     loss_weights(cfg, plan)  # a dataset that cannot be weighted fails before any model is built
     model_cfg = dataclasses.replace(model_cfg, num_classes=plan.num_classes).validate()

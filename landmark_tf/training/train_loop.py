@@ -155,6 +155,7 @@ class Loop:
             "start_step": t.start_step, "train_steps": t.plan.train_steps,
             "workdir": t.cfg.workdir, "checkpoint": self.saved_path or t.manager.latest_checkpoint,
             "async_checkpoint": self.save_options.experimental_enable_async_checkpoint,
+            "backend": getattr(t, "backend", "tensorflow"),
             "device": t.kind, "replicas": t.replicas, "mixed_precision": t.policy,
             "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
             **self.val, **self.hooked, **t.start_info,

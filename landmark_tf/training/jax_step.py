@@ -1,0 +1,105 @@
+"""The JAX train and eval steps: pure functions of (state, batch), jit-compiled.
+
+state = (trainable, non_trainable, optimizer) lists of arrays in the order of
+`train_model.trainable_variables`, `train_model.non_trainable_variables` (BatchNorm statistics,
+the AdaCos scale, dropout seed states) and `optimizer.variables`. A step runs forward/backward
+(`Model.stateless_call`) on each of `accum_steps` micro-batches (a `fori_loop` carrying the
+gradient sums: memory of one micro-batch), then one `optimizer.stateless_apply`. The batch is
+sharded over the devices on its first axis and the weights replicated (keras.distribution
+DataParallel), so XLA (GSPMD) inserts the gradient all-reduce: the loss is the global mean, as the
+TF trainer's sum over replicas of sum(ce * w) / global_batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from keras import ops
+
+from landmark_tf.modeling import losses
+
+TRAIN_KEYS = ("loss", "correct", "count")
+
+
+def apply_flips(images, flips):
+    """Mirrors images[i] (float [B, S, S, 3]) where flips[i] (bool [B]), on the device."""
+    return ops.where(flips[:, None, None, None], ops.flip(images, axis=2), images)
+
+
+def make_train_step(net, optimizer, *, global_batch: int, accum_steps: int) -> Callable:
+    """step(state, batch) -> (state, {"loss", "correct", "count"} float32 scalars).
+
+    batch: {"image": [B, S, S, 3] float32 or uint8 0..255, "label": int32 [B],
+    "weight": float32 [B], optional "flip": bool [B]}, B the global batch. "loss" is the mean
+    weighted loss of the global batch, "correct" / "count" top-1 hits of the margin logits.
+    """
+
+    def forward(trainable, non_trainable, image, label, weight):
+        logits, non_trainable, extra = net.stateless_call(
+            trainable, non_trainable, {"image": image, "label": label}, training=True,
+            return_losses=True)
+        loss = losses.weighted_cross_entropy(label, logits, weight, global_batch)
+        if extra:  # layer regularisers, once per optimizer step
+            loss = loss + sum(extra) / float(accum_steps)
+        hits = jnp.sum(jnp.argmax(logits, axis=-1).astype(jnp.int32) == label)
+        return loss, (non_trainable, hits.astype(jnp.float32))
+
+    grad_fn = jax.value_and_grad(forward, has_aux=True)
+
+    def step(state, batch):
+        trainable, non_trainable, opt_vars = state
+        image = ops.cast(batch["image"], "float32")
+        if "flip" in batch:
+            image = apply_flips(image, batch["flip"])
+        label, weight = batch["label"].astype(jnp.int32), batch["weight"]
+        if accum_steps == 1:
+            (loss, (non_trainable, hits)), grads = grad_fn(
+                trainable, non_trainable, image, label, weight)
+        else:
+            # [accum * m] -> [m, accum]: micro-batch j is column j, so each device keeps the
+            # rows it already holds (no resharding).
+            split = lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps, *x.shape[1:]))
+            micro = [split(x) for x in (image, label, weight)]
+
+            def body(j, carry):
+                grads, loss, hits, non_trainable = carry
+                parts = [jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False)
+                         for x in micro]
+                (l_j, (non_trainable, h_j)), g_j = grad_fn(trainable, non_trainable, *parts)
+                grads = jax.tree_util.tree_map(jnp.add, grads, g_j)
+                return grads, loss + l_j, hits + h_j, non_trainable
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+            carry = (zeros, jnp.float32(0.0), jnp.float32(0.0), non_trainable)
+            grads, loss, hits, non_trainable = jax.lax.fori_loop(0, accum_steps, body, carry)
+        trainable, opt_vars = optimizer.stateless_apply(opt_vars, grads, trainable)
+        metrics = {"loss": loss.astype(jnp.float32), "correct": hits,
+                   "count": jnp.float32(label.shape[0])}
+        return (trainable, non_trainable, opt_vars), metrics
+
+    return step
+
+
+def make_eval_step(eval_model, train_model) -> Callable:
+    """step(state, batch) -> {"correct", "count"}: top-1 of the head without margin.
+
+    `state` is the train state (train_model's variable order); eval_model shares its variables.
+    Examples with weight 0 (padding) count in neither.
+    """
+    index = {id(v): i for i, v in enumerate(train_model.trainable_variables)}
+    t_pick = [index[id(v)] for v in eval_model.trainable_variables]
+    index = {id(v): i for i, v in enumerate(train_model.non_trainable_variables)}
+    n_pick = [index[id(v)] for v in eval_model.non_trainable_variables]
+
+    def step(state, batch):
+        trainable, non_trainable, _ = state
+        logits, _ = eval_model.stateless_call(
+            [trainable[i] for i in t_pick], [non_trainable[i] for i in n_pick],
+            ops.cast(batch["image"], "float32"), training=False)
+        hits = jnp.argmax(logits, axis=-1).astype(jnp.int32) == batch["label"]
+        valid = (batch["weight"] > 0).astype(jnp.float32)
+        return {"correct": jnp.sum(hits.astype(jnp.float32) * valid), "count": jnp.sum(valid)}
+
+    return step

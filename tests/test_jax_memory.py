@@ -1,0 +1,42 @@
+"""landmark-train --memory_check: TPU types and the fits / does-not-fit verdict."""
+
+import types
+
+import pytest
+
+pytest.importorskip("jax")
+from landmark_tf.errors import UserError  # noqa: E402
+from landmark_tf.training import jax_memory  # noqa: E402
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize("tpu_type, replicas, gib", [
+    ("v2-8", 8, 8), ("v3-8", 8, 16), ("v3-32", 32, 16), ("v4-8", 4, 32), ("v5p-8", 4, 95),
+    ("v5e-8", 8, 16), ("v5litepod-16", 16, 16), ("v6e-8", 8, 32),
+])
+def test_tpu_types(tpu_type, replicas, gib):
+    assert jax_memory.parse_tpu_type(tpu_type) == (replicas, gib)
+
+
+@pytest.mark.parametrize("bad", ["v3", "v9-8", "tpu", "v4-1"])
+def test_unknown_tpu_type_is_a_user_error(bad):
+    with pytest.raises(UserError, match="--tpu_type"):
+        jax_memory.parse_tpu_type(bad)
+
+
+def _stats(temp_gib: float):
+    return types.SimpleNamespace(argument_size_in_bytes=GIB, output_size_in_bytes=GIB,
+                                 alias_size_in_bytes=GIB, temp_size_in_bytes=int(temp_gib * GIB),
+                                 generated_code_size_in_bytes=0)
+
+
+@pytest.mark.parametrize("temp, platform, verdict", [
+    (10, "cpu", "fits"), (20, "cpu", "may not fit"), (40, "cpu", "does not fit"),
+    (20, "tpu", "does not fit"), (14, "tpu", "fits"),
+])
+def test_verdict(temp, platform, verdict):
+    r = jax_memory.report(_stats(temp), "v3-8", 8, 16.0, 16, platform, "mixed_bfloat16")
+    assert r["memory_check"] == verdict
+    assert r["per_replica_gib"] == pytest.approx(temp + 1)
+    assert f"{verdict} in 16 GiB" in r["message"] and "16 image(s) per replica" in r["message"]
