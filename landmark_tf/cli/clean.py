@@ -1,6 +1,6 @@
 """landmark-clean: keep each landmark's largest coherent group of train images (Cookpad GLR2019).
 
-  landmark-clean --embeddings=train.npz --train_csv=train.csv --output=train_clean.csv \
+  landmark-clean --embeddings=train.npz --train_csv=train.csv --output=train_clean.csv
       --report=clean_report.csv [--k=16 --threshold=auto --auto_quantile=0.99 --min_images=3]
 
 --embeddings comes from landmark-embed over the train images (a pretrained or earlier-stage

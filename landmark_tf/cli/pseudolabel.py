@@ -1,6 +1,6 @@
 """landmark-pseudolabel: confident kNN labels for unlabelled images -> a train.csv-format list.
 
-  landmark-pseudolabel --labelled=train.npz --unlabelled=index.npz --output=pseudo.csv \
+  landmark-pseudolabel --labelled=train.npz --unlabelled=index.npz --output=pseudo.csv
       [--threshold=0.5 --k=5]
 
 Each unlabelled image gets the landmark with the largest summed cosine among its k nearest
