@@ -2,6 +2,7 @@
 
   .venv/bin/python bench/levers_train.py --out /tmp/levers [--seeds 0,1] [--steps 150]
       [--rows baseline,clean,pseudo,dynamic,factorised,npairs]
+  .venv/bin/python bench/levers_train.py --out /tmp/levers --clean_sweep 0.9,0.95,0.99
 
 Per synth seed (difficulty 0.7, the demo's set: 60 landmarks, 8-40 train images each, 10%
 noise images per landmark): landmark-tfrecords, then EfficientNet-B0 at 64 px, batch 32,
@@ -103,22 +104,40 @@ def score(workdir: str, root: str, plan, tag: str) -> dict:
     return {"map@100": r["map@100"], "gap": r["gap"], "embeddings": paths}
 
 
-def clean_row(root, plan, base, steps, seed):
+def clean_quality(root, plan, train_npz, quantile=0.99, name="train_clean_levers.csv"):
+    """landmark-clean on `train_npz`; precision/recall of the dropped images vs the truth."""
     gldv2 = os.path.join(root, "gldv2")
-    out = os.path.join(root, "train_clean_levers.csv")
-    summary = clean.clean(clean.CleanConfig(base["embeddings"]["train"],
-                                            os.path.join(gldv2, "train.csv"), out,
-                                            os.path.join(root, "clean_report.csv")))
+    out = os.path.join(root, name)
+    summary = clean.clean(clean.CleanConfig(train_npz, os.path.join(gldv2, "train.csv"), out,
+                                            os.path.join(root, "clean_report.csv"),
+                                            auto_quantile=quantile))
     noise = {it.id for it in synth_plan.noise_items(plan)}
     kept = {i for line in _read(out).splitlines()[1:] for i in line.split(",")[1].split()}
     dropped = {it.id for it in plan.split("train")} - kept
     tp = len(dropped & noise)
-    data = records(root, "clean", os.path.join(gldv2, "train"), train_csv=out)
+    return out, {"noise_recall": tp / len(noise), "noise_precision": tp / max(1, len(dropped)),
+                 "dropped": len(dropped), "noise": len(noise), "quantile": quantile,
+                 "threshold": summary["threshold"], "classes_kept": summary["classes"]}
+
+
+def clean_row(root, plan, base, steps, seed):
+    out, quality = clean_quality(root, plan, base["embeddings"]["train"])
+    data = records(root, "clean", os.path.join(root, "gldv2", "train"), train_csv=out)
     r = fit(data, os.path.join(root, "runs", "clean"), steps, seed)
-    return {**score(os.path.join(root, "runs", "clean"), root, plan, "clean"),
-            "noise_recall": tp / len(noise), "noise_precision": tp / max(1, len(dropped)),
-            "dropped": len(dropped), "noise": len(noise), "threshold": summary["threshold"],
-            "classes_kept": summary["classes"], "loss": r["loss"]}
+    return {**score(os.path.join(root, "runs", "clean"), root, plan, "clean"), **quality,
+            "loss": r["loss"]}
+
+
+def clean_sweep(out: str, seeds: list[int], quantiles: list[float]) -> None:
+    """Cleaning quality only (no training) at several --auto_quantile values, from the
+    baseline's train embeddings of an earlier run."""
+    for seed in seeds:
+        root = os.path.join(out, f"seed{seed}")
+        plan = synth_plan.make_plan(synth_plan.SynthConfig(seed=seed, difficulty=0.7))
+        npz = os.path.join(root, "emb", "baseline", "train.npz")
+        for q in quantiles:
+            _, quality = clean_quality(root, plan, npz, q, f"sweep_clean_{q}.csv")
+            print(json.dumps({"seed": seed, **quality}), flush=True)
 
 
 def pseudo_row(root, plan, base, steps, seed):
@@ -199,7 +218,13 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--clean_sweep", default="", help="Only measure cleaning at these "
+                   "comma-separated --auto_quantile values on an earlier run's baseline.")
     a = p.parse_args()
+    if a.clean_sweep:
+        clean_sweep(a.out, [int(s) for s in a.seeds.split(",")],
+                    [float(q) for q in a.clean_sweep.split(",")])
+        return
     path = os.path.join(a.out, "results.json")
     results = json.loads(_read(path)) if os.path.exists(path) else {}
     rows = [r for r in ROWS if r in a.rows.split(",")]

@@ -30,7 +30,6 @@ from landmark_tf.curation import graph
 from landmark_tf.data import gldv2
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import embeddings as embeddings_lib
-from landmark_tf.retrieval import knn
 
 REPORT_HEADER = ["landmark_id", "images", "embedded", "kept", "dropped", "groups", "status"]
 
@@ -89,7 +88,8 @@ def group_largest(
 ) -> CleanResult:
     """Decides, per class, which rows to keep. x float32[N, D] unit rows; landmarks int64[N]."""
     order = np.lexsort((ids, landmarks))
-    x, landmarks, ids = x[order], landmarks[order], ids[order]
+    if np.any(order != np.arange(len(order))):  # callers that sort first pay no copy
+        x, landmarks, ids = x[order], landmarks[order], ids[order]
     _, starts, sizes = graph.class_segments(landmarks)
     threshold = cfg.threshold
     if threshold is None:
@@ -118,8 +118,14 @@ def clean(cfg: CleanConfig) -> dict:
         raise UserError(f"{cfg.embeddings}: none of the {len(rows)} ids of {cfg.train_csv} "
                         "has an embedding; was it made from this train set?")
     _check_labels(es, pos, csv_landmarks, cfg)
-    x, renormalised = knn.l2_normalize(es.embeddings[pos[found]])
-    result = group_largest(x, csv_landmarks[found], csv_ids[found], cfg)
+    # One gather, already in (landmark, id) order, normalised in place: at GLDv2 size the
+    # embeddings are tens of GB and every copy counts.
+    lm, ids = csv_landmarks[found], csv_ids[found]
+    order = np.lexsort((ids, lm))
+    x = es.embeddings[pos[found][order]]
+    del es
+    renormalised = _normalise_in_place(x)
+    result = group_largest(x, lm[order], ids[order], cfg)
     all_counts = _class_counts(csv_landmarks)
     report = _report_rows(result, all_counts, cfg.min_images)
     write_text(cfg.output, _clean_csv(result))
@@ -143,6 +149,17 @@ def positions(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     at = np.minimum(at, len(ids) - 1)
     hit = ids[order][at] == wanted
     return np.where(hit, order[at], -1)
+
+
+def _normalise_in_place(x: np.ndarray) -> int:
+    """L2-normalises float32 rows in place (in blocks); returns how many were not unit length."""
+    changed = 0
+    for s in range(0, len(x), 65536):
+        block = x[s:s + 65536]
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        changed += int(np.sum(np.abs(norms - 1.0) > 1e-3))
+        block /= norms
+    return changed
 
 
 def _check_labels(es, pos, csv_landmarks, cfg) -> None:
