@@ -143,6 +143,7 @@ def test_a_class_without_a_large_group_is_dropped(tmp_path):
     r = clean.clean(clean.CleanConfig(npz, train_csv, str(tmp_path / "c.csv"), threshold=0.5,
                                       min_images=2))
     assert (r["classes"], r["kept"], r["dropped"], r["dropped_classes"]) == (1, 4, 4, 1)
+    assert (r["not_embedded"], r["embeddings_not_in_csv"]) == (0, 0)
 
 
 def test_labels_that_disagree_with_train_csv_are_an_error(tmp_path):

@@ -120,6 +120,7 @@ def clean(cfg: CleanConfig) -> dict:
     _check_labels(es, pos, csv_landmarks, cfg)
     # One gather, already in (landmark, id) order, normalised in place: at GLDv2 size the
     # embeddings are tens of GB and every copy counts.
+    extra = len(es) - int(found.sum())  # embedded images that train.csv does not list
     lm, ids = csv_landmarks[found], csv_ids[found]
     order = np.lexsort((ids, lm))
     x = es.embeddings[pos[found][order]]
@@ -137,7 +138,8 @@ def clean(cfg: CleanConfig) -> dict:
         "classes": kept_classes, "kept": kept, "dropped": len(rows) - kept,
         "input_classes": len(all_counts), "input_images": len(rows),
         "dropped_classes": len(all_counts) - kept_classes,
-        "not_embedded": int((~found).sum()), "renormalised": renormalised,
+        "not_embedded": int((~found).sum()), "embeddings_not_in_csv": extra,
+        "renormalised": renormalised,
         "threshold": result.threshold, "output": cfg.output, "report": cfg.report or None,
     }
 
