@@ -17,7 +17,8 @@ POOLINGS = ("gap", "gem")
 # statistics over all replicas (dense_syncbn), or nothing (dense: the GLR2020 winner's neck).
 NECKS = ("dense_bn", "dense_syncbn", "dense")
 NECK_ACTIVATIONS = ("linear", "swish", "relu", "gelu")
-HEADS = ("cosface", "arcface", "adacos", "subcenter_arcface", "softmax", "adacos_per_batch")
+HEADS = ("cosface", "arcface", "adacos", "subcenter_arcface", "softmax", "adacos_per_batch",
+         "dynamic_arcface")
 
 
 def auto_scale(num_classes: int) -> float:
@@ -32,6 +33,10 @@ class ModelConfig:
 
     `scale=None` means "auto": the fixed AdaCos scale sqrt(2) * ln(C - 1). `neck` (NECKS) and
     `neck_activation` (NECK_ACTIVATIONS, the Dense's activation) choose the embedding layer.
+    Levers (issue 14): `head="dynamic_arcface"` takes per-class margins
+    dynamic_margin_a * minmax(n_c^(-1/4)) + dynamic_margin_b from the train counts;
+    `head_rank` > 0 factorises the class matrix into D x r and r x C; `npairs_weight` > 0 adds
+    the n-pairs loss of the embeddings (with `npairs_l2_reg`) to the head's cross-entropy.
     """
 
     backbone: str = "efficientnet-b0"
@@ -46,6 +51,11 @@ class ModelConfig:
     num_classes: int = 0
     neck: str = "dense_bn"
     neck_activation: str = "linear"
+    head_rank: int = 0
+    dynamic_margin_a: float = 0.45
+    dynamic_margin_b: float = 0.05
+    npairs_weight: float = 0.0
+    npairs_l2_reg: float = 0.002
 
     def effective_scale(self) -> float:
         """The logit scale actually used; auto is sqrt(2) * ln(C - 1) (AdaCos fixed scale)."""
@@ -69,6 +79,13 @@ class ModelConfig:
             ("margin", 0 <= self.margin < math.pi / 2, "in [0, pi/2)"),
             ("subcenters", self.subcenters >= 1, ">= 1"),
             ("num_classes", self.num_classes >= 2, ">= 2"),
+            ("head_rank", self.head_rank >= 0, ">= 0 (0 = full class matrix)"),
+            ("head_rank", self.head_rank == 0 or self.head not in ("adacos", "softmax"),
+             "0 with the adacos and softmax heads"),
+            ("dynamic_margin_a", self.dynamic_margin_a >= 0, ">= 0"),
+            ("dynamic_margin_b", 0 <= self.dynamic_margin_b < math.pi / 2, "in [0, pi/2)"),
+            ("npairs_weight", self.npairs_weight >= 0, ">= 0"),
+            ("npairs_l2_reg", self.npairs_l2_reg >= 0, ">= 0"),
         ]
         for field, ok, expected in checks:
             if not ok:

@@ -223,9 +223,8 @@ def test_cli_prints_the_summary_last(tmp_path):
     done = _cli(tmp_path)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    csvs_and_config = 8
     assert result["landmarks"] == 3
-    assert result["images"] == len(tree(tmp_path / "out")) - csvs_and_config
+    assert result["images"] == sum(p.endswith(".jpg") for p in tree(tmp_path / "out"))
 
 
 @pytest.mark.slow
@@ -235,3 +234,16 @@ def test_cli_bad_flag_is_one_line_and_exit_2(tmp_path):
     assert bad.stderr.strip().splitlines()[-1] == (
         "landmark-synth: error: --index_images must be MIN,MAX integers, got '1,x'")
     assert not (tmp_path / "out").exists()
+
+
+def test_noise_truth_lists_exactly_the_images_of_unrelated_scenes(tiny):
+    root, summary = tiny
+    noise = {r[0]: int(r[1]) for r in read(root, "train_noise.csv")[1:]}
+    assert read(root, "train_noise.csv")[0] == ["id", "landmark_id"]
+    assert len(noise) == summary["noise_images"] > 0
+    plan = synth_plan.make_plan(TINY)
+    for it in plan.split("train"):
+        assert (it.id in noise) == (it.scene >= plan.num_landmark_scenes)
+        assert noise.get(it.id, it.landmark_id) == it.landmark_id
+    clean = {i for r in read(root, "train_clean.csv")[1:] for i in r[1].split()}
+    assert not clean & set(noise)

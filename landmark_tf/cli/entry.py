@@ -44,3 +44,11 @@ def embed() -> None:
 
 def evaluate() -> None:
     launch("landmark_tf.cli.evaluate")
+
+
+def clean() -> None:
+    launch("landmark_tf.cli.clean")
+
+
+def pseudolabel() -> None:
+    launch("landmark_tf.cli.pseudolabel")

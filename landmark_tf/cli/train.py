@@ -123,7 +123,19 @@ _define_choice("head", _M.head, config.HEADS, "Classification head; adacos_per_b
                   "margin 0).")
 flags.DEFINE_string("scale", "auto", "Logit scale: a float, or auto = sqrt(2) * ln(C - 1).")
 flags.DEFINE_float("margin", _M.margin, "Margin of CosFace/ArcFace heads.")
-flags.DEFINE_integer("subcenters", _M.subcenters, "Sub-centres per class (subcenter_arcface).")
+flags.DEFINE_integer("subcenters", _M.subcenters, "Sub-centres per class (subcenter_arcface, "
+                     "dynamic_arcface).")
+# Levers (issue 14).
+flags.DEFINE_integer("head_rank", _M.head_rank, "Factorised class matrix: D x r times r x C "
+                     "(Cookpad GLR2019); 0 = full D x C. Not for adacos/softmax.")
+flags.DEFINE_float("dynamic_margin_a", _M.dynamic_margin_a, "dynamic_arcface: margin "
+                   "a * minmax(n_c^-1/4) + b from train counts (GLR2021 1st: a=0.45, b=0.05, "
+                   "subcenters=3, scale=45).")
+flags.DEFINE_float("dynamic_margin_b", _M.dynamic_margin_b, "dynamic_arcface: the b above.")
+flags.DEFINE_float("npairs_weight", _M.npairs_weight, "Weight of the n-pairs loss of the "
+                   "embeddings added to the head loss (Baidu GLR2019); 0 = off.")
+flags.DEFINE_float("npairs_l2_reg", _M.npairs_l2_reg, "L2 regulariser of the n-pairs loss "
+                   "(PaddlePaddle's default 0.002).")
 
 FLAGS = flags.FLAGS
 
@@ -150,6 +162,9 @@ def model_config() -> ModelConfig:
         gem_p=FLAGS.gem_p, embedding_dim=FLAGS.embedding_dim, head=FLAGS.head,
         scale=_scale(FLAGS.scale), margin=FLAGS.margin, subcenters=FLAGS.subcenters,
         neck=FLAGS.neck, neck_activation=FLAGS.neck_activation,
+        head_rank=FLAGS.head_rank, dynamic_margin_a=FLAGS.dynamic_margin_a,
+        dynamic_margin_b=FLAGS.dynamic_margin_b, npairs_weight=FLAGS.npairs_weight,
+        npairs_l2_reg=FLAGS.npairs_l2_reg,
     )
 
 

@@ -50,11 +50,13 @@ class LandmarkModels:
 
 
 def build_models(
-    cfg: ModelConfig, pretrained_weights: str | None = None, *, with_head: bool = True
+    cfg: ModelConfig, pretrained_weights: str | None = None, *, with_head: bool = True,
+    class_counts: list[int] | None = None,
 ) -> LandmarkModels:
     """Builds all models for `cfg`. Call under `strategy.scope()` to place the variables.
 
     pretrained_weights: Keras `efficientnetbN_notop.h5` ImageNet file (local or gs://), or None.
+    class_counts: train images per class (dataset_info.json), for the dynamic_arcface margins.
     The backbone computes in the global dtype policy; neck, embeddings and logits are float32.
     """
     cfg.validate()
@@ -67,12 +69,18 @@ def build_models(
     embedding_model = keras.Model(image, normalized, name="embedding_model")
     if not with_head:
         return LandmarkModels(cfg, backbone, neck, None, embedding_model, None, None)
-    head = heads.build_head(
-        cfg.head, cfg.num_classes, cfg.scale, cfg.margin, cfg.subcenters, name="head"
+    head = heads.build_lever_head(
+        cfg.head, cfg.num_classes, scale=cfg.scale, margin=cfg.margin,
+        subcenters=cfg.subcenters, rank=cfg.head_rank, class_counts=class_counts,
+        margin_a=cfg.dynamic_margin_a, margin_b=cfg.dynamic_margin_b, name="head",
     )
     label = keras.Input(shape=(), dtype="int32", name="label")
+    train_features = features
+    if cfg.npairs_weight > 0:  # adds its loss to train_model.losses in training
+        train_features = heads.NPairsLoss(cfg.npairs_weight, cfg.npairs_l2_reg,
+                                          name="npairs")(features, label)
     train_model = keras.Model(
-        {"image": image, "label": label}, head(features, label), name="train_model"
+        {"image": image, "label": label}, head(train_features, label), name="train_model"
     )
     eval_logits_model = keras.Model(image, head(features), name="eval_logits_model")
     return LandmarkModels(
@@ -201,8 +209,8 @@ def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, An
 
 
 def _head_mismatch(source: ModelConfig, mine: ModelConfig) -> str | None:
-    for field in ("head", "num_classes", "subcenters"):
-        if field == "subcenters" and mine.head != "subcenter_arcface":
+    for field in ("head", "num_classes", "subcenters", "head_rank"):
+        if field == "subcenters" and mine.head not in ("subcenter_arcface", "dynamic_arcface"):
             continue
         if getattr(source, field) != getattr(mine, field):
             return f"{field} differs: {getattr(source, field)!r} -> {getattr(mine, field)!r}"

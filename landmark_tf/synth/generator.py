@@ -12,6 +12,8 @@ Output (`output_dir`):
                                       from train/index/test, for non-landmark handling)
   {train,index,test,nonlandmark}/a/b/c/<id>.jpg
   synth_config.json              the settings; a rerun with the same settings resumes
+  train_noise.csv                id,landmark_id of the train images that are noise (the truth,
+                                 for measuring landmark-clean; not a GLDv2 file)
 
 Every landmark is a procedural scene (`scenes`), every image a random view of it (`views`).
 Train landmarks have a Zipf-like number of images from `max_images` down to `min_images`.
@@ -32,7 +34,16 @@ from tqdm import tqdm
 from landmark_tf import fileio
 from landmark_tf.errors import UserError
 from landmark_tf.synth import scenes, views
-from landmark_tf.synth.plan import Item, Plan, SynthConfig, csv_files, make_plan
+from landmark_tf.synth.plan import (
+    NOISE_FILE,
+    Item,
+    Plan,
+    SynthConfig,
+    csv_files,
+    make_plan,
+    noise_csv,
+    noise_items,
+)
 
 CONFIG_FILE = "synth_config.json"
 GENERATOR_VERSION = 1  # bump when the drawing changes, so a rerun never mixes two versions
@@ -135,6 +146,7 @@ def generate(cfg: SynthConfig, output_dir: str, progress: bool = True) -> dict:
     written = write_images(cfg, plan, output_dir, progress)
     for name, text in csv_files(plan).items():
         fileio.write_text_atomic(fileio.join(output_dir, name), text)
+    fileio.write_text_atomic(fileio.join(output_dir, NOISE_FILE), noise_csv(plan))
     counts = {split: len(plan.split(split)) for split in SPLITS}
     return {
         "output_dir": output_dir,
@@ -143,6 +155,7 @@ def generate(cfg: SynthConfig, output_dir: str, progress: bool = True) -> dict:
         "novel_landmarks": len(plan.novel_landmarks),
         "train_images": counts["train"],
         "clean_images": sum(len(v) for v in plan.clean.values()),
+        "noise_images": len(noise_items(plan)),
         "index_images": counts["index"],
         "test_images": counts["test"],
         "distractors": sum(it.landmark_id < 0 and it.split != "nonlandmark" for it in plan.items),

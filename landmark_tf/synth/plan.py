@@ -202,3 +202,18 @@ def csv_files(plan: Plan) -> dict[str, str]:
         "retrieval_solution_v2.1.csv": _csv(["id", "images", "Usage"], retrieval),
         "recognition_solution_v2.1.csv": _csv(["id", "landmarks", "Usage"], recognition),
     }
+
+
+NOISE_FILE = "train_noise.csv"
+
+
+def noise_items(plan: Plan) -> list[Item]:
+    """The train images that are noise: labelled with a landmark but showing an unrelated scene
+    (the truth behind train_clean.csv, for measuring landmark-clean)."""
+    return [it for it in plan.split("train") if it.scene >= plan.num_landmark_scenes]
+
+
+def noise_csv(plan: Plan) -> str:
+    """Text of train_noise.csv: id,landmark_id of every noise train image, sorted by id."""
+    rows = sorted((it.id, it.landmark_id) for it in noise_items(plan))
+    return _csv(["id", "landmark_id"], [list(r) for r in rows])

@@ -27,7 +27,7 @@ from landmark_tf import fileio
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.data import records
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import losses, model
+from landmark_tf.modeling import heads, losses, model
 from landmark_tf.training import (
     checkpointing,
     distribute,
@@ -173,6 +173,25 @@ def _check_sync_bn(model_cfg: ModelConfig, cfg: TrainConfig, replicas: int, kind
                         "cannot all-reduce there inside XLA; use --jit_compile=off")
 
 
+def report_head_memory(model_cfg: ModelConfig) -> dict[str, int]:
+    """Prints the float32 bytes of the class matrix for this run and for GLDv2's 203,094
+    classes, full (D x C x K) and as configured (factorised when head_rank > 0); returns them
+    for the closing JSON. SGD momentum doubles each figure, Adam triples it."""
+    if model_cfg.head == "softmax":
+        return {}
+    k = model_cfg.subcenters if model_cfg.head in ("subcenter_arcface", "dynamic_arcface") else 1
+    size = {}
+    for where, c in (("", model_cfg.num_classes), ("_gldv2", heads.GLDV2_CLASSES)):
+        for kind, rank in (("full", 0), ("this", model_cfg.head_rank)):
+            size[f"head_bytes_{kind}{where}"] = 4 * heads.head_parameters(
+                c, model_cfg.embedding_dim, k, rank)
+    print(f"head memory (float32 weights): {size['head_bytes_this'] / 1e6:.2f} MB here; at "
+          f"{heads.GLDV2_CLASSES:,} classes {size['head_bytes_full_gldv2'] / 1e6:.1f} MB full, "
+          f"{size['head_bytes_this_gldv2'] / 1e6:.1f} MB as configured "
+          f"(head_rank={model_cfg.head_rank})", flush=True)
+    return size
+
+
 class Trainer:
     """One run: builds models, optimizer, checkpoint and pipelines, then loops."""
 
@@ -192,7 +211,8 @@ class Trainer:
         keras.mixed_precision.set_global_policy(self.policy)
         keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed
         with strategy.scope():
-            self.models = model.build_models(model_cfg, cfg.pretrained_weights or None)
+            self.models = model.build_models(model_cfg, cfg.pretrained_weights or None,
+                                             class_counts=plan.class_counts)
             variables = self.models.train_model.trainable_variables
             self.optimizer = make_optimizer(cfg, plan.train_steps, variables, self.policy)
         with tf.device("/cpu:0"):
@@ -203,7 +223,7 @@ class Trainer:
         self.manager = checkpointing.manager(
             self.checkpoint, cfg.workdir, cfg.keep_checkpoints, self.chief,
             getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0)
-        self.start_info = self._restore_or_init()
+        self.start_info = {**self._restore_or_init(), **report_head_memory(model_cfg)}
         self.start_step = int(self.step.numpy())
         self.steps_per_execution = self._steps_per_execution()
         # Called after each execution as hook(step, n, total, writer) -> closing-JSON facts.

@@ -1,0 +1,61 @@
+"""The issue-14 training options end to end on tiny records: dynamic margins from the data's
+class counts, the factorised head and the n-pairs loss train, report head memory, and stage."""
+
+import numpy as np
+import pytest
+from tiny_dataset import make_dataset
+
+from landmark_tf.config import ModelConfig, TrainConfig
+from landmark_tf.errors import UserError
+from landmark_tf.modeling import heads, model
+from landmark_tf.training import train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("records"))
+    make_dataset(out, train_counts=(16, 8, 8, 4), val_counts=(0, 0, 0, 0), size=32)
+    return out
+
+
+def _run(data, workdir, steps=12, **model_kw):
+    cfg = ModelConfig(image_size=32, embedding_dim=16, **model_kw)
+    tcfg = TrainConfig(data_dir=data, workdir=workdir, train_steps=steps, batch_size=8,
+                       learning_rate=0.05, schedule="constant", val_split="",
+                       checkpoint_every=steps)
+    return train.train(cfg, tcfg)
+
+
+def test_levers_train_and_report_head_memory(data, tmp_path, capsys):
+    r = _run(data, str(tmp_path / "a"), head="dynamic_arcface", subcenters=3, scale=45.0,
+             head_rank=4, npairs_weight=0.5)
+    assert r["step"] == 12 and np.isfinite(r["loss"])
+    assert r["head_bytes_full_gldv2"] == 4 * 203_094 * 3 * 16
+    assert r["head_bytes_this_gldv2"] == 4 * (16 * 4 + 4 * 203_094 * 3)
+    assert r["head_bytes_this"] == 4 * (16 * 4 + 4 * 4 * 3)
+    assert "head memory (float32 weights)" in capsys.readouterr().out
+
+
+def test_dynamic_margins_come_from_the_train_counts(data):
+    cfg = ModelConfig(image_size=32, embedding_dim=16, head="dynamic_arcface", num_classes=4)
+    models = model.build_models(cfg, class_counts=[16, 8, 8, 4])
+    np.testing.assert_allclose(models.head.margins, heads.dynamic_margins([16, 8, 8, 4]))
+    assert models.head.margins[3] == pytest.approx(0.5)  # the rarest class: a + b
+
+
+def test_npairs_loss_enters_the_train_model_losses():
+    cfg = ModelConfig(image_size=32, embedding_dim=16, num_classes=4, npairs_weight=0.5)
+    models = model.build_models(cfg)
+    batch = {"image": np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32"),
+             "label": np.array([0, 0, 1, 1], "int32")}
+    models.train_model(batch, training=True)
+    assert len(models.train_model.losses) == 1 and float(models.train_model.losses[0]) > 0
+    models.train_model(batch, training=False)
+    assert not models.train_model.losses
+
+
+def test_bad_lever_settings_are_user_errors(data, tmp_path):
+    with pytest.raises(UserError, match="head_rank"):
+        _run(data, str(tmp_path / "x"), head="adacos", head_rank=4)
+    with pytest.raises(UserError, match="npairs_weight"):
+        _run(data, str(tmp_path / "y"), npairs_weight=-1.0)
