@@ -94,7 +94,10 @@ class TrainConfig:
     """Everything `landmark_tf.training.train.train` needs besides the ModelConfig.
 
     `batch_size` is global: examples per optimizer step over all replicas and accumulation
-    micro-steps. `train_steps` counts optimizer steps; 0 means "derive from `epochs`".
+    micro-steps. `train_steps` counts optimizer steps; 0 means "derive from `epochs`", and with
+    `epochs` also 0 the run trains nothing: it writes a checkpoint of the initialisation (random,
+    `pretrained_weights` or `init_from`) at step 0, the untrained baseline that exports like any
+    run.
     `eval_every=0` evaluates once per epoch. Keys in RESUME_SAFE may change between runs into the
     same workdir (they do not change what is computed); any other difference is a conflict.
     """
@@ -141,8 +144,8 @@ class TrainConfig:
         checks = [
             (self.data_dir, "--data_dir is required"),
             (self.workdir, "--workdir is required"),
-            (self.train_steps >= 0, f"--train_steps={self.train_steps}: must be > 0"),
-            (self.train_steps > 0 or self.epochs > 0, "give --train_steps > 0 or --epochs > 0"),
+            (self.train_steps >= 0, f"--train_steps={self.train_steps}: must be >= 0"),
+            (self.epochs >= 0, f"--epochs={self.epochs}: must be >= 0"),
             (not (self.train_steps > 0 and self.epochs > 0), "give --train_steps or --epochs, "
              "not both"),
             (self.batch_size > 0, f"--batch_size={self.batch_size}: must be > 0"),

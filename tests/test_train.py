@@ -213,8 +213,8 @@ def test_next_stage_restores_backbone_and_matching_head(data, reference, tmp_pat
     (dict(data_dir="/nonexistent"), "dataset_info.json not found"),
     (dict(train_split="test"), "split 'test' not in"),
     (dict(grad_accum_steps=3), "does not split over 1 replica"),
-    (dict(train_steps=-1), "--train_steps=-1: must be > 0"),
-    (dict(train_steps=0), "give --train_steps > 0 or --epochs > 0"),
+    (dict(train_steps=-1), "--train_steps=-1: must be >= 0"),
+    (dict(train_steps=4, epochs=1.0), "give --train_steps or --epochs, not both"),
     (dict(batch_size=64), "exceeds the 48 examples"),
     (dict(sampling="sqrt"), "--sampling=sqrt"),
     (dict(init_from="/nonexistent/run"), "config.json: not found"),
@@ -236,3 +236,29 @@ def test_unknown_backbone_or_head_is_a_user_error(data, tmp_path, model_cfg, mes
 def test_epochs_set_the_number_of_steps(data, tmp_path):
     plan = train.make_plan(_config(data, str(tmp_path), train_steps=0, epochs=1.5))
     assert plan.steps_per_epoch == 6 and plan.train_steps == 9 and plan.num_classes == 4
+
+
+def test_zero_steps_checkpoint_the_initialisation_and_export(data, tmp_path):
+    """--train_steps=0: the random initialisation of `seed` is the run's checkpoint (step 0,
+    validated), and it exports to the descriptors of a freshly built model of that seed."""
+    from landmark_tf.serving import export
+
+    workdir = str(tmp_path / "init")
+    r = train.train(MODEL, _config(data, workdir, train_steps=0, val_split="val", seed=3))
+    assert r["step"] == 0 and r["train_steps"] == 0 and r["loss"] is None
+    assert r["checkpoint"].endswith("ckpt-0") and r["val_examples"] == 12
+    assert _scalars(workdir, "val", "accuracy") == [pytest.approx(r["val_accuracy"])]
+    again = train.train(MODEL, _config(data, workdir, train_steps=0, val_split="val", seed=3))
+    assert again["step"] == 0 and again["checkpoint"] == r["checkpoint"]  # a rerun is a no-op
+
+    out = export.export_model(export.ExportConfig(workdir=workdir,
+                                                  export_dir=str(tmp_path / "export")))
+    served = tf.saved_model.load(out["export_dir"])
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    got = np.stack([served.signatures["serving_default"](input_image=tf.constant(i))[
+        "global_descriptor"].numpy() for i in images])
+    import keras
+    keras.utils.set_random_seed(3)  # what the trainer does before building its models
+    fresh = model.build_models(dataclasses.replace(MODEL, num_classes=4))
+    want = fresh.embedding_model(images.astype(np.float32), training=False).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)

@@ -33,7 +33,9 @@ flags.DEFINE_string("workdir", None, "Run folder: config.json, checkpoints/, log
 flags.DEFINE_string("train_split", _T.train_split, "Split of --data_dir to train on.")
 flags.DEFINE_string("val_split", _T.val_split, "Split for validation accuracy (top-1 of the "
                     "cosine head without margin), used when present; empty disables.")
-flags.DEFINE_integer("train_steps", None, "Total optimizer steps (give this or --epochs).")
+flags.DEFINE_integer("train_steps", None, "Total optimizer steps (give this or --epochs). 0 "
+                     "trains nothing: a checkpoint of the initial weights (random, "
+                     "--pretrained_weights or --init_from) that exports like any run.")
 flags.DEFINE_float("epochs", None, "Training length in passes over the train split "
                    "(alternative to --train_steps; may be fractional).")
 flags.DEFINE_integer("batch_size", _T.batch_size, "Global batch per optimizer step (over all "
@@ -120,8 +122,13 @@ def model_config() -> ModelConfig:
 
 
 def train_config() -> TrainConfig:
-    if FLAGS.train_steps is not None and FLAGS.train_steps <= 0:
-        raise UserError(f"--train_steps={FLAGS.train_steps}: must be > 0")
+    if FLAGS.train_steps is None and FLAGS.epochs is None:
+        raise UserError("give --train_steps or --epochs (--train_steps=0: only a checkpoint of "
+                        "the initialisation)")
+    if FLAGS.train_steps is not None and FLAGS.epochs is not None:
+        raise UserError("give --train_steps or --epochs, not both")
+    if FLAGS.train_steps is not None and FLAGS.train_steps < 0:
+        raise UserError(f"--train_steps={FLAGS.train_steps}: must be >= 0")
     if FLAGS.epochs is not None and FLAGS.epochs <= 0:
         raise UserError(f"--epochs={FLAGS.epochs}: must be > 0")
     names = ("train_split", "val_split", "batch_size", "learning_rate", "momentum",
