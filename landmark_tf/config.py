@@ -112,6 +112,7 @@ class TrainConfig:
     learning_rate: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    bn_momentum: float = 0.99
     schedule: str = "cosine"
     warmup_steps: int = 0
     grad_accum_steps: int = 1
@@ -153,6 +154,7 @@ class TrainConfig:
             (self.learning_rate > 0, "--learning_rate must be > 0"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            (0 <= self.bn_momentum < 1, "--bn_momentum must be in [0, 1)"),
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
             (self.not_clean_weight >= 0, "--not_clean_weight must be >= 0"),
             (not bad_augment, f"--augment: unknown {bad_augment}; expected {AUGMENTATIONS}"),

@@ -44,3 +44,7 @@ def embed() -> None:
 
 def evaluate() -> None:
     launch("landmark_tf.cli.evaluate")
+
+
+def report() -> None:
+    launch("landmark_tf.cli.report")

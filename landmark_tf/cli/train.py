@@ -49,6 +49,10 @@ flags.DEFINE_float("learning_rate", _T.learning_rate, "Peak learning rate of SGD
 flags.DEFINE_float("momentum", _T.momentum, "SGD momentum.")
 flags.DEFINE_float("weight_decay", _T.weight_decay, "Decoupled weight decay (lr-scaled) on "
                    "kernels; not on biases, normalisation parameters or GeM p.")
+flags.DEFINE_float("bn_momentum", _T.bn_momentum, "Momentum of the moving mean/variance of "
+                   "every BatchNorm (backbone and neck), used at inference. 0.99 (Keras's) "
+                   "averages ~100 steps: runs of a few hundred steps want 0.9, else inference "
+                   "uses statistics of earlier weights.")
 _define_choice("schedule", _T.schedule, config.SCHEDULES, "Learning-rate schedule after "
                   "warmup: constant, or cosine decay to 0 at the last step.")
 flags.DEFINE_integer("warmup_steps", _T.warmup_steps, "Linear warmup steps.")
@@ -135,7 +139,8 @@ def train_config() -> TrainConfig:
              "weight_decay", "schedule", "warmup_steps", "grad_accum_steps", "sampling",
              "class_weighting", "not_clean_weight", "shuffle_buffer", "seed", "strategy", "tpu",
              "mixed_precision", "jit_compile", "steps_per_execution", "checkpoint_every",
-             "keep_checkpoints", "eval_every", "init_from", "pretrained_weights")
+             "keep_checkpoints", "eval_every", "init_from", "pretrained_weights",
+             "bn_momentum")
     return TrainConfig(
         data_dir=FLAGS.data_dir or "", workdir=FLAGS.workdir or "",
         train_steps=FLAGS.train_steps or 0, epochs=FLAGS.epochs or 0.0,
