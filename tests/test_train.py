@@ -262,3 +262,13 @@ def test_zero_steps_checkpoint_the_initialisation_and_export(data, tmp_path):
     fresh = model.build_models(dataclasses.replace(MODEL, num_classes=4))
     want = fresh.embedding_model(images.astype(np.float32), training=False).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_bn_momentum_reaches_every_batchnorm(data, tmp_path):
+    cfg = _config(data, str(tmp_path / "w"), bn_momentum=0.9)
+    trainer = train.Trainer(dataclasses.replace(MODEL, num_classes=4), cfg, train.make_plan(cfg),
+                            tf.distribute.get_strategy())
+    import keras
+    bns = [la for la in trainer.models.train_model._flatten_layers()
+           if isinstance(la, keras.layers.BatchNormalization)]
+    assert len(bns) > 40 and {la.momentum for la in bns} == {0.9}  # backbone and neck
