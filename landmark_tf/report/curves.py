@@ -46,11 +46,14 @@ def plot_curves(runs: dict[str, dict]) -> bytes:
 
     A run with a single point (a --train_steps=0 baseline) shows as a marker."""
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {name: cycle[i % len(cycle)] for i, name in enumerate(runs)}  # same in every panel
     for ax, (folder, tag, title) in zip(axes, PANELS, strict=True):
         for name, scalars in runs.items():
             if (folder, tag) in scalars:
                 steps, values = scalars[(folder, tag)]
-                ax.plot(steps, values, marker="o" if len(steps) < 3 else None, label=name)
+                ax.plot(steps, values, marker="o" if len(steps) < 3 else None, label=name,
+                        color=colors[name])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -100,7 +100,7 @@ def recognition_marks(queries: list[str], predictions: dict[str, tuple[int, floa
 
 def draw_recognition(marks: list[dict], query_image: Callable, train_image: Callable) -> bytes:
     """PNG bytes: top row the queries, bottom row a train image of each predicted landmark."""
-    fig, axes = plt.subplots(2, len(marks), figsize=(1.6 * len(marks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(marks), figsize=(1.6 * len(marks), 4.0), squeeze=False)
     for c, m in enumerate(marks):
         color = GREEN if m["correct"] else RED
         axes[0, c].imshow(query_image(m["query"]))
@@ -113,13 +113,13 @@ def draw_recognition(marks: list[dict], query_image: Callable, train_image: Call
         ax = axes[1, c]
         if m["landmark"] is None:
             ax.axis("off")
-            ax.set_title("no prediction", fontsize=7)
+            ax.text(0.5, 0.5, "no prediction", transform=ax.transAxes, ha="center", fontsize=7)
             continue
         if m["train_image"]:
             ax.imshow(train_image(m["train_image"]))
         _frame(ax, color)
         mark = "right" if m["correct"] else "wrong"
-        ax.set_title(f"landmark {m['landmark']}\n{m['confidence']:.2f} ({mark})", fontsize=7,
-                     color=color)
+        ax.set_xlabel(f"landmark {m['landmark']}\n{m['confidence']:.2f} ({mark})", fontsize=7,
+                      color=color)
     fig.tight_layout(pad=0.3)
     return to_png(fig)
