@@ -272,3 +272,11 @@ def test_bn_momentum_reaches_every_batchnorm(data, tmp_path):
     bns = [la for la in trainer.models.train_model._flatten_layers()
            if isinstance(la, keras.layers.BatchNormalization)]
     assert len(bns) > 40 and {la.momentum for la in bns} == {0.9}  # backbone and neck
+
+
+def test_a_field_missing_from_an_old_config_counts_as_its_default():
+    from landmark_tf.training import checkpointing
+
+    assert checkpointing.conflicts({"train": {}}, {"train": {"bn_momentum": 0.99}}) == []
+    assert checkpointing.conflicts({"train": {}}, {"train": {"bn_momentum": 0.9}}) == [
+        "train.bn_momentum: 0.99 -> 0.9"]

@@ -36,10 +36,16 @@ def workdir_config(model_cfg: ModelConfig, cfg: TrainConfig, num_classes: int) -
 
 
 def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'section.key: old -> new' for every difference that resuming cannot honour."""
+    """'section.key: old -> new' for every difference that resuming cannot honour.
+
+    A key that the old config.json lacks (a field added to the package since) counts as its
+    default, which new fields keep equal to the earlier behaviour.
+    """
     found = []
+    defaults = {"model": ModelConfig().to_dict(), "train": TrainConfig().to_dict()}
     for section in ("model", "data", "train"):
         a, b = old.get(section) or {}, new.get(section) or {}
+        a = {**_roundtrip({k: v for k, v in defaults.get(section, {}).items() if k in b}), **a}
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in RESUME_SAFE:
                 continue
