@@ -8,7 +8,8 @@ VENV_TF220 ?= .venv-tf220
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-DEMO_DIR ?= demo_output
+# DEMO_SEED=N make demo: another synthetic dataset, in demo_output_seedN unless DEMO_DIR is set.
+DEMO_DIR ?= demo_output$(if $(DEMO_SEED),_seed$(DEMO_SEED))
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test test-slow lint venv clean
@@ -16,12 +17,12 @@ PYTEST_WORKERS ?= 2
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[cpu]"
+	$(PY) -m pip install -q -e ".[cpu,report]"
 	touch $(STAMP)
 
 # Test tools, notebooks and Apache Beam (its DirectRunner tests) only where tests run.
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[cpu,test,notebooks,beam]"
+	$(PY) -m pip install -q -e ".[cpu,test,notebooks,beam,report]"
 	touch $(TEST_STAMP)
 
 $(VENV_TF220)/.installed: pyproject.toml

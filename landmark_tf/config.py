@@ -124,7 +124,10 @@ class TrainConfig:
     """Everything `landmark_tf.training.train.train` needs besides the ModelConfig.
 
     `batch_size` is global: examples per optimizer step over all replicas and accumulation
-    micro-steps. `train_steps` counts optimizer steps; 0 means "derive from `epochs`".
+    micro-steps. `train_steps` counts optimizer steps; 0 means "derive from `epochs`", and with
+    `epochs` also 0 the run trains nothing: it writes a checkpoint of the initialisation (random,
+    `pretrained_weights` or `init_from`) at step 0, the untrained baseline that exports like any
+    run.
     `eval_every=0` evaluates once per epoch. Keys in RESUME_SAFE may change between runs into the
     same workdir (they do not change what is computed); any other difference is a conflict.
     """
@@ -139,6 +142,7 @@ class TrainConfig:
     learning_rate: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    bn_momentum: float = 0.99
     schedule: str = "cosine"
     warmup_steps: int = 0
     lr_decay: float = 0.0
@@ -175,8 +179,8 @@ class TrainConfig:
         checks = [
             (self.data_dir, "--data_dir is required"),
             (self.workdir, "--workdir is required"),
-            (self.train_steps >= 0, f"--train_steps={self.train_steps}: must be > 0"),
-            (self.train_steps > 0 or self.epochs > 0, "give --train_steps > 0 or --epochs > 0"),
+            (self.train_steps >= 0, f"--train_steps={self.train_steps}: must be >= 0"),
+            (self.epochs >= 0, f"--epochs={self.epochs}: must be >= 0"),
             (not (self.train_steps > 0 and self.epochs > 0), "give --train_steps or --epochs, "
              "not both"),
             (self.batch_size > 0, f"--batch_size={self.batch_size}: must be > 0"),
@@ -184,6 +188,7 @@ class TrainConfig:
             (self.learning_rate > 0, "--learning_rate must be > 0"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight_decay must be >= 0"),
+            (0 <= self.bn_momentum < 1, "--bn_momentum must be in [0, 1)"),
             (self.warmup_steps >= 0, "--warmup_steps must be >= 0"),
             (self.lr_decay >= 0, "--lr_decay must be >= 0"),
             (self.schedule == "inverse_time" or self.lr_decay == 0,

@@ -119,3 +119,14 @@ def test_bad_weights_and_names_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="unknown backbone"):
         backbones.build_backbone("resnet50")
     assert backbones.weights_file_name("efficientnet-b7") == "efficientnetb7_notop.h5"
+
+
+def test_random_init_starts_residual_blocks_as_identity():
+    """Zero-gamma: each residual branch's last BN has gamma 0, the others keep gamma 1."""
+    net = backbones.build_backbone("efficientnet-b0")
+    names = [layer.name for layer in net.layers]
+    residual = [n[:-4] + "_project_bn" for n in names if n.endswith("_add")]
+    assert len(residual) == 9  # B0: 16 blocks, 9 with a skip connection
+    for name in residual:
+        assert not np.any(net.get_layer(name).gamma.numpy())
+    assert np.all(net.get_layer("block1a_project_bn").gamma.numpy() == 1.0)  # no skip there

@@ -275,8 +275,8 @@ def test_init_from_an_older_workdir_without_the_digest_warns_and_continues(
     (dict(data_dir="/nonexistent"), "dataset_info.json not found"),
     (dict(train_split="test"), "split 'test' not in"),
     (dict(grad_accum_steps=3), "does not split over 1 replica"),
-    (dict(train_steps=-1), "--train_steps=-1: must be > 0"),
-    (dict(train_steps=0), "give --train_steps > 0 or --epochs > 0"),
+    (dict(train_steps=-1), "--train_steps=-1: must be >= 0"),
+    (dict(train_steps=4, epochs=1.0), "give --train_steps or --epochs, not both"),
     (dict(batch_size=64), "exceeds the 48 examples"),
     (dict(sampling="sqrt"), "--sampling=sqrt"),
     (dict(init_from="/nonexistent/run"), "config.json: not found"),
@@ -360,11 +360,46 @@ def test_async_checkpoints_of_keras_variables_still_fail_on_the_second_save(tmp_
     assert not checkpointing.ASYNC_CHECKPOINTS
 
 
-def test_workdirs_from_before_a_new_setting_resume_when_it_is_left_at_its_default():
-    new = checkpointing.workdir_config(MODEL, TrainConfig(data_dir="d", workdir="w"), 4)
-    old = json.loads(json.dumps(new))
-    del old["model"]["neck"], old["train"]["lr_decay"]  # fields added after the old run
-    assert checkpointing.conflicts(old, json.loads(json.dumps(new))) == []
-    changed = json.loads(json.dumps(new))
-    changed["model"]["neck"] = "dense"
-    assert checkpointing.conflicts(old, changed) == ["model.neck: None -> 'dense'"]
+
+def test_zero_steps_checkpoint_the_initialisation_and_export(data, tmp_path):
+    """--train_steps=0: the random initialisation of `seed` is the run's checkpoint (step 0,
+    validated), and it exports to the descriptors of a freshly built model of that seed."""
+    from landmark_tf.serving import export
+
+    workdir = str(tmp_path / "init")
+    r = train.train(MODEL, _config(data, workdir, train_steps=0, val_split="val", seed=3))
+    assert r["step"] == 0 and r["train_steps"] == 0 and r["loss"] is None
+    assert r["checkpoint"].endswith("ckpt-0") and r["val_examples"] == 12
+    assert _scalars(workdir, "val", "accuracy") == [pytest.approx(r["val_accuracy"])]
+    again = train.train(MODEL, _config(data, workdir, train_steps=0, val_split="val", seed=3))
+    assert again["step"] == 0 and again["checkpoint"] == r["checkpoint"]  # a rerun is a no-op
+
+    out = export.export_model(export.ExportConfig(workdir=workdir,
+                                                  export_dir=str(tmp_path / "export")))
+    served = tf.saved_model.load(out["export_dir"])
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    got = np.stack([served.signatures["serving_default"](input_image=tf.constant(i))[
+        "global_descriptor"].numpy() for i in images])
+    import keras
+    keras.utils.set_random_seed(3)  # what the trainer does before building its models
+    fresh = model.build_models(dataclasses.replace(MODEL, num_classes=4))
+    want = fresh.embedding_model(images.astype(np.float32), training=False).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_bn_momentum_reaches_every_batchnorm(data, tmp_path):
+    cfg = _config(data, str(tmp_path / "w"), bn_momentum=0.9)
+    trainer = train.Trainer(dataclasses.replace(MODEL, num_classes=4), cfg, train.make_plan(cfg),
+                            tf.distribute.get_strategy())
+    import keras
+    bns = [la for la in trainer.models.train_model._flatten_layers()
+           if isinstance(la, keras.layers.BatchNormalization)]
+    assert len(bns) > 40 and {la.momentum for la in bns} == {0.9}  # backbone and neck
+
+
+def test_a_field_missing_from_an_old_config_counts_as_its_default():
+    from landmark_tf.training import checkpointing
+
+    assert checkpointing.conflicts({"train": {}}, {"train": {"bn_momentum": 0.99}}) == []
+    assert checkpointing.conflicts({"train": {}}, {"train": {"bn_momentum": 0.9}}) == [
+        "train.bn_momentum: 0.99 -> 0.9"]

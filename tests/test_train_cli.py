@@ -50,7 +50,8 @@ def test_bad_data_dir_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ("--train_steps=0", "--train_steps=0: must be > 0"),
+    ("--train_steps=-1", "--train_steps=-1: must be >= 0"),
+    ("--epochs=2", "give --train_steps or --epochs, not both"),
     ("--backbone=resnet50", "--backbone=resnet50: expected one of efficientnet-b0"),
     ("--head=triplet", "--head=triplet: expected one of"),
     ("--scale=big", "--scale=big: expected a number or 'auto'"),

@@ -52,3 +52,7 @@ def clean() -> None:
 
 def pseudolabel() -> None:
     launch("landmark_tf.cli.pseudolabel")
+
+
+def report() -> None:
+    launch("landmark_tf.cli.report")

@@ -35,7 +35,9 @@ flags.DEFINE_string("workdir", None, "Run folder: config.json, checkpoints/, log
 flags.DEFINE_string("train_split", _T.train_split, "Split of --data_dir to train on.")
 flags.DEFINE_string("val_split", _T.val_split, "Split for validation accuracy (top-1 of the "
                     "cosine head without margin), used when present; empty disables.")
-flags.DEFINE_integer("train_steps", None, "Total optimizer steps (give this or --epochs).")
+flags.DEFINE_integer("train_steps", None, "Total optimizer steps (give this or --epochs). 0 "
+                     "trains nothing: a checkpoint of the initial weights (random, "
+                     "--pretrained_weights or --init_from) that exports like any run.")
 flags.DEFINE_float("epochs", None, "Training length in passes over the train split "
                    "(alternative to --train_steps; may be fractional).")
 flags.DEFINE_integer("batch_size", _T.batch_size, "Global batch per optimizer step (over all "
@@ -56,6 +58,10 @@ flags.DEFINE_float("learning_rate", _T.learning_rate, "Peak learning rate of SGD
 flags.DEFINE_float("momentum", _T.momentum, "SGD momentum.")
 flags.DEFINE_float("weight_decay", _T.weight_decay, "Decoupled weight decay (lr-scaled) on "
                    "kernels; not on biases, normalisation parameters or GeM p.")
+flags.DEFINE_float("bn_momentum", _T.bn_momentum, "Momentum of the moving mean/variance of "
+                   "every BatchNorm (backbone and neck), used at inference. 0.99 (Keras's) "
+                   "averages ~100 steps: runs of a few hundred steps want 0.9, else inference "
+                   "uses statistics of earlier weights.")
 _define_choice("schedule", _T.schedule, config.SCHEDULES, "Learning-rate schedule after "
                   "warmup: constant, cosine decay to 0 at the last step, or inverse_time: "
                   "lr / (1 + lr_decay * step), Keras 2's optimizer decay.")
@@ -169,8 +175,13 @@ def model_config() -> ModelConfig:
 
 
 def train_config() -> TrainConfig:
-    if FLAGS.train_steps is not None and FLAGS.train_steps <= 0:
-        raise UserError(f"--train_steps={FLAGS.train_steps}: must be > 0")
+    if FLAGS.train_steps is None and FLAGS.epochs is None:
+        raise UserError("give --train_steps or --epochs (--train_steps=0: only a checkpoint of "
+                        "the initialisation)")
+    if FLAGS.train_steps is not None and FLAGS.epochs is not None:
+        raise UserError("give --train_steps or --epochs, not both")
+    if FLAGS.train_steps is not None and FLAGS.train_steps < 0:
+        raise UserError(f"--train_steps={FLAGS.train_steps}: must be >= 0")
     if FLAGS.epochs is not None and FLAGS.epochs <= 0:
         raise UserError(f"--epochs={FLAGS.epochs}: must be > 0")
     names = ("train_split", "val_split", "batch_size", "learning_rate", "momentum",
@@ -178,7 +189,8 @@ def train_config() -> TrainConfig:
              "sampling",
              "class_weighting", "not_clean_weight", "shuffle_buffer", "seed", "strategy", "tpu",
              "mixed_precision", "jit_compile", "backend", "steps_per_execution", "checkpoint_every",
-             "keep_checkpoints", "eval_every", "init_from", "pretrained_weights")
+             "keep_checkpoints", "eval_every", "init_from", "pretrained_weights",
+             "bn_momentum")
     return TrainConfig(
         data_dir=FLAGS.data_dir or "", workdir=FLAGS.workdir or "",
         train_steps=FLAGS.train_steps or 0, epochs=FLAGS.epochs or 0.0,

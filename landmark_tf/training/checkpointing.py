@@ -89,10 +89,18 @@ def check_head_labels(workdir_from: str, digest: str | None) -> str:
 
 
 def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """'section.key: old -> new' for every difference that resuming cannot honour."""
+    """'section.key: old -> new' for every difference that resuming cannot honour.
+
+    A key that the old config.json lacks (a field added to the package since) counts as its
+    default, which new fields keep equal to the earlier behaviour.
+    """
     found = []
+    defaults = {"model": ModelConfig().to_dict(), "train": TrainConfig().to_dict()}
     for section in ("model", "data", "train"):
         a, b = old.get(section) or {}, new.get(section) or {}
+        # backend: stored resolved ("tensorflow"/"jax"); a workdir without it ran TensorFlow.
+        a = {**_roundtrip({k: v for k, v in defaults.get(section, {}).items()
+                           if k in b and k != "backend"}), **a}
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in RESUME_SAFE:
                 continue
@@ -100,8 +108,6 @@ def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 a, b = {**a, key: a.get(key, "tensorflow")}, {**b, key: b.get(key, "tensorflow")}
             if section == "data" and key == LABEL_MAP_KEY and key not in a:
                 continue  # a workdir from before the digest was recorded
-            if key not in a and _is_default(section, key, b.get(key)):
-                continue  # a setting added after this workdir was made, left at its default
             if a.get(key) == b.get(key):
                 continue
             change = f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}"
@@ -115,15 +121,6 @@ def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                            "extended, or start a new --workdir with --init_from)")
             found.append(change)
     return found
-
-
-def _is_default(section: str, key: str, value: Any) -> bool:
-    """True when `value` is the default of config field `key`: what a run made before the field
-    existed did (new fields keep the old behaviour as their default)."""
-    defaults = {"model": ModelConfig, "train": TrainConfig}.get(section)
-    if defaults is None or key not in defaults.__dataclass_fields__:
-        return False
-    return _roundtrip({key: getattr(defaults(), key)})[key] == value
 
 
 # Schedules whose learning rate at a step does not depend on the run's length: a finished run

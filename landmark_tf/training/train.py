@@ -119,6 +119,14 @@ def make_optimizer(cfg: TrainConfig, train_steps: int, variables, policy: str):
     return optimizer
 
 
+def set_bn_momentum(net: keras.Model, momentum: float) -> None:
+    """Sets the moving-statistics momentum of every BatchNormalization in `net` (not saved in
+    checkpoints: a property of the run). Call before the train step is traced."""
+    for layer in net._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
 def seed_states(net: keras.Model) -> list:
     """The state variables of the model's Keras SeedGenerators (dropout / stochastic depth).
 
@@ -213,6 +221,7 @@ class Trainer:
         with strategy.scope():
             self.models = model.build_models(model_cfg, cfg.pretrained_weights or None,
                                              class_counts=plan.class_counts)
+            set_bn_momentum(self.models.train_model, cfg.bn_momentum)
             variables = self.models.train_model.trainable_variables
             self.optimizer = make_optimizer(cfg, plan.train_steps, variables, self.policy)
         with tf.device("/cpu:0"):

@@ -4,6 +4,7 @@ Each chunk is one compiled execution of up to steps_per_execution steps, cut so 
 exactly at checkpoint and evaluation steps. TensorBoard gets loss, accuracy (top-1 of the margin
 logits), learning_rate and images_per_second per chunk; the closing result averages loss and
 accuracy over the last ~20 steps and measures images/s after the first (compiling) chunk.
+A run of 0 steps (`--train_steps=0`) validates and checkpoints the initial weights at step 0.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class Loop:
         with bar:
             while step < total:
                 step = self.execute(step, total, bar)
+        if step >= total and self.t.manager.latest_checkpoint is None:
+            # Nothing to train (train_steps=0): the initialisation is the run's checkpoint.
+            if self.eval_fn is not None:
+                self.evaluate(step)
+            self.save(step)
         self.t.checkpoint.sync()  # the last (async) checkpoint is on disk when the run returns
 
     def execute(self, step: int, total: int, bar) -> int:
@@ -144,12 +150,14 @@ class Loop:
     def result(self) -> dict[str, Any]:
         t = self.t
         step = int(t.step.numpy())
-        if not self.window:  # nothing trained in this process: report the finished run
-            previous = checkpointing.read_summary(t.cfg.workdir)
+        previous = {} if self.window else checkpointing.read_summary(t.cfg.workdir)
+        if previous:  # nothing trained in this process: report the finished run
             return {"loss": None, "images_per_second": 0.0, **previous, "step": step,
                     "start_step": t.start_step}
+        trained = bool(self.window)  # else a 0-step run: the initialisation, untrained
         return {
-            "step": step, "loss": self.loss(), "accuracy": self.accuracy(),
+            "step": step, "loss": self.loss() if trained else None,
+            "accuracy": self.accuracy() if trained else None,
             "images_per_second": self.timed_images / max(self.timed_seconds, 1e-9),
             "learning_rate": self.learning_rate(), "epoch": step / t.plan.steps_per_epoch,
             "start_step": t.start_step, "train_steps": t.plan.train_steps,
