@@ -25,7 +25,8 @@ def build(head_name: str) -> keras.Model:
     features = keras.Input((H, H, F), name="features")
     label = keras.Input((), dtype="int32", name="label")
     neck = EmbeddingNeck("gem", 3.0, D, name="neck")
-    head = heads.build_head(head_name, C, scale=None, margin=0.2, subcenters=2, name="head")
+    head = heads.build_lever_head(head_name, C, scale=None, margin=0.2, subcenters=2,
+                                  class_counts=[9, 4, 2, 7, 1], name="head")
     net = keras.Model({"features": features, "label": label}, head(neck(features), label))
     rng = np.random.default_rng(0)
     for v in net.trainable_variables:  # same weights under every backend

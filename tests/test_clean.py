@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from landmark_tf.curation import clean, graph
-from landmark_tf.data import gldv2
+from landmark_tf.data import gldv2, planning
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval.embeddings import save_embeddings
 
@@ -111,7 +111,7 @@ def test_clean_drops_the_noise_and_writes_a_clean_list_tfrecords_reads(tmp_path)
     assert result["classes"] == 6 and result["kept"] == len(kept)
     assert result["dropped"] == len(ids) - len(kept) and result["input_classes"] == 7
     # landmark-tfrecords takes it as is, next to the full train.csv.
-    plan = gldv2.build_plan(train_csv=train_csv, clean_csv=out)
+    plan = planning.build_plan(train_csv=train_csv, clean_csv=out)
     flags = {ex.image_id: ex.is_clean for ex in plan.splits["train"]}
     assert {i for i, c in flags.items() if c} == kept
     with open(report) as f:

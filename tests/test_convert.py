@@ -318,9 +318,9 @@ def test_dataset_info_has_not_clean_counts_only_when_every_report_has_them():
     new = {"shard": "train-00000-of-00002.tfrec", "examples": 3, "skipped": [],
            "label_counts": {"0": 2, "1": 1}, "not_clean_label_counts": {"0": 1}}
     also_new = {**new, "shard": "train-00001-of-00002.tfrec", "not_clean_label_counts": {"1": 1}}
-    info = convert.dataset_info(plan, {}, [new, also_new])
+    info = output_dir.dataset_info(plan, {}, [new, also_new])
     assert info["splits"]["train"]["not_clean_class_counts"] == [1, 1]
     old = {k: v for k, v in also_new.items() if k != "not_clean_label_counts"}
-    info = convert.dataset_info(plan, {}, [new, old])
+    info = output_dir.dataset_info(plan, {}, [new, old])
     assert "not_clean_class_counts" not in info["splits"]["train"]
     assert info["splits"]["train"]["class_counts"] == [4, 2]

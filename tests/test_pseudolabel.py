@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from landmark_tf.curation import pseudolabel
-from landmark_tf.data import gldv2
+from landmark_tf.data import planning
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import knn
 from landmark_tf.retrieval.embeddings import save_embeddings
@@ -59,7 +59,7 @@ def test_confident_labels_only_and_readable_by_tfrecords(sets, tmp_path):
     assert rows["un0"][2] == "7" and rows["un1"][2] == "9"
     # confidence = mean cosine to the two landmark-7 neighbours.
     assert float(rows["un0"][3]) == pytest.approx((np.cos(0.02) + np.cos(0.03)) / 2, abs=1e-5)
-    plan = gldv2.build_plan(train_csv=out)
+    plan = planning.build_plan(train_csv=out)
     assert sorted(ex.image_id for ex in plan.splits["train"]) == ["un0", "un1"]
     lower = pseudolabel.pseudolabel(pseudolabel.PseudoLabelConfig(
         sets["labelled"], sets["unlabelled"], out, threshold=0.3, k=2))

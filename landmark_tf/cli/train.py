@@ -210,7 +210,8 @@ def main(argv: list[str]) -> dict:
     # is chosen before Keras fixes it.
     from landmark_tf.training import backend
 
-    train_cfg = dataclasses.replace(train_cfg, backend=backend.select(FLAGS.backend, FLAGS.tpu))
+    train_cfg = dataclasses.replace(train_cfg, backend=backend.select(FLAGS.backend, FLAGS.tpu,
+                                                                   FLAGS.strategy))
     from landmark_tf.training import train
 
     return train.train(model_cfg, train_cfg, _retrieval_val())

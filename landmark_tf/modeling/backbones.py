@@ -69,7 +69,7 @@ def _zero_init_residual_gammas(model: keras.Model) -> None:
     for name in names:
         if name.endswith("_add") and f"{name[:-4]}_project_bn" in names:
             bn = model.get_layer(f"{name[:-4]}_project_bn")
-            bn.gamma.assign(keras.ops.zeros_like(bn.gamma))
+            bn.gamma.assign(keras.ops.zeros(bn.gamma.shape, dtype=bn.gamma.dtype))
 
 
 def refresh_normalization(model: keras.Model) -> None:

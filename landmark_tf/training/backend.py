@@ -2,8 +2,10 @@
 
   tensorflow  the TF trainer (train.py): TPUStrategy, MirroredStrategy, CPU
   jax         the JAX trainer (jax_train.py): data parallel over all local JAX devices
-  auto        TensorFlow where its TPU strategy resolves (tried in a subprocess, so a failed
-              attempt cannot hold the TPU) or where TensorFlow sees a GPU; JAX on a TPU that
+  auto        TensorFlow when a tf.distribute --strategy is named (tpu, mirrored, multi_worker,
+              cpu: they exist only there); else TensorFlow where its TPU strategy resolves
+              (tried in a subprocess, so a failed attempt cannot hold the TPU) or where
+              TensorFlow sees a GPU; JAX on a TPU that
               TensorFlow cannot drive (Colab's TPU runtimes since 2025, tensorflow-cpu hosts)
               or a GPU only JAX sees; TensorFlow on CPU, where it trains EfficientNet ~10x
               faster than XLA:CPU does.
@@ -28,14 +30,24 @@ _PROBE = (
 )
 
 
-def resolve(name: str, tpu: str = "") -> str:
+def resolve(name: str, tpu: str = "", strategy: str = "auto") -> str:
     """'tensorflow' or 'jax' for a --backend value (see the module docstring)."""
     if name not in BACKENDS:
         raise UserError(f"--backend={name}: expected one of {', '.join(BACKENDS)}")
     if name != "auto":
         return name
+    if strategy != "auto":
+        return "tensorflow"
     if tpu or _tpu_present():
-        return "tensorflow" if _tf_tpu_resolves(tpu) else "jax"
+        if _tf_tpu_resolves(tpu):
+            return "tensorflow"
+        if not _jax_installed():
+            raise UserError(
+                f"--backend=auto: a TPU{f' ({tpu})' if tpu else ''} is named or present, but "
+                "TensorFlow cannot drive it (no tensorflow-tpu, or its TPU strategy did not "
+                "resolve) and JAX is not installed: pip install '.[jax-tpu]', or name "
+                "--strategy=tpu to see TensorFlow's own error")
+        return "jax"
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
@@ -43,12 +55,16 @@ def resolve(name: str, tpu: str = "") -> str:
     return "jax" if _jax_has_gpu() else "tensorflow"
 
 
-def select(name: str, tpu: str = "") -> str:
+def select(name: str, tpu: str = "", strategy: str = "auto") -> str:
     """Resolves `name` and makes it this process's Keras backend; returns it.
 
-    UserError when Keras is already imported with another backend.
+    UserError when Keras is already imported with another backend, or JAX is asked for and
+    not installed.
     """
-    backend = resolve(name, tpu)
+    backend = resolve(name, tpu, strategy)
+    if backend == "jax" and not _jax_installed():
+        raise UserError("--backend=jax: JAX is not installed: pip install '.[jax]' (CPU/GPU) "
+                        "or '.[jax-tpu]'")
     if "keras" in sys.modules:
         import keras
 
@@ -79,6 +95,14 @@ def _tf_tpu_resolves(tpu: str) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return proc.returncode == 0
+
+
+def _jax_installed() -> bool:
+    try:
+        importlib.metadata.distribution("jax")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _jax_has_gpu() -> bool:

@@ -89,7 +89,9 @@ class _Manager:
         self.directory = os.path.join(trainer.cfg.workdir, model.CHECKPOINT_DIR)
         self.latest_checkpoint = npz_checkpoint.latest(self.directory)
 
-    def save(self, checkpoint_number: int) -> str:
+    def save(self, checkpoint_number: int, options=None) -> str:
+        """Writes ckpt-<n>.npz synchronously (`options`, TF's save options, do not apply)."""
+        del options
         t = self.t
         t.sync_variables()
         path = npz_checkpoint.checkpoint_path(self.directory, checkpoint_number)
@@ -114,10 +116,20 @@ class _Loop(train_loop.Loop):
         return float(keras.ops.convert_to_numpy(value))
 
 
+class _Synchronous:
+    """The TF trainer's `checkpoint.sync()` (waits for an async save): npz saves are synchronous."""
+
+    @staticmethod
+    def sync() -> None:
+        return None
+
+
 class Trainer:
     """One JAX run: models, optimizer, state, pipelines; driven by train_loop.Loop."""
 
     backend = "jax"
+    strategy = None  # no tf.distribute strategy: keras.distribution shards the batch
+    checkpoint = _Synchronous()
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, plan: tf_train.Plan):
         self.cfg, self.plan = cfg, plan
@@ -138,12 +150,15 @@ class Trainer:
         self.data_sharding = jax.sharding.NamedSharding(
             jax.sharding.Mesh(np.array(devices), ("batch",)), jax.sharding.PartitionSpec("batch"))
         keras.utils.set_random_seed(cfg.seed)
-        self.models = model.build_models(model_cfg, cfg.pretrained_weights or None)
+        self.models = model.build_models(model_cfg, cfg.pretrained_weights or None,
+                                         class_counts=plan.class_counts)
         net = self.models.train_model
+        tf_train.set_bn_momentum(net, cfg.bn_momentum)
         self.optimizer = tf_train.make_optimizer(cfg, plan.train_steps, net.trainable_variables,
                                                  self.policy)
         self.step = _Step()
-        self.start_info = {"backend": "jax", **self._restore_or_init()}
+        self.start_info = {"backend": "jax", **self._restore_or_init(),
+                           **tf_train.report_head_memory(model_cfg)}
         self.start_step = self.step.value
         self.manager = _Manager(self)
         self.steps_per_execution = cfg.steps_per_execution

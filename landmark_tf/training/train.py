@@ -146,7 +146,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, retrieval_val=None) -> dict[
     """
     from landmark_tf.training import backend
 
-    cfg = dataclasses.replace(cfg.validate(), backend=backend.select(cfg.backend, cfg.tpu))
+    cfg = dataclasses.replace(cfg.validate(), backend=backend.select(cfg.backend, cfg.tpu,
+                                                                cfg.strategy))
     if cfg.backend == "jax":
         if retrieval_val is not None:
             raise UserError("--retrieval_queries/--retrieval_index run under the TensorFlow "
