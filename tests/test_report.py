@@ -139,3 +139,11 @@ def test_bad_flags_are_one_line_errors(tmp_path, flag, message):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("landmark-report: error: ") and message in last, proc.stderr
+
+
+def test_nothing_to_report_is_a_one_line_error(tmp_path):
+    from landmark_tf.errors import UserError
+    from landmark_tf.report import page
+
+    with pytest.raises(UserError, match="nothing to report"):
+        page.write_report(page.ReportConfig(output_dir=str(tmp_path / "r")))

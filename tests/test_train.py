@@ -403,3 +403,15 @@ def test_a_field_missing_from_an_old_config_counts_as_its_default():
     assert checkpointing.conflicts({"train": {}}, {"train": {"bn_momentum": 0.99}}) == []
     assert checkpointing.conflicts({"train": {}}, {"train": {"bn_momentum": 0.9}}) == [
         "train.bn_momentum: 0.99 -> 0.9"]
+
+
+def test_out_of_memory_is_one_line_naming_the_step_size():
+    cfg = TrainConfig(data_dir="d", workdir="w", batch_size=64, grad_accum_steps=2)
+    oom = r"out of memory with --batch_size=64, --grad_accum_steps=2, --image_size=512"
+    with pytest.raises(UserError, match=oom), train._out_of_memory_is_a_user_error(cfg, 512):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 29742274560 bytes.")
+    with pytest.raises(UserError, match=oom), train._out_of_memory_is_a_user_error(cfg, 512):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    # anything else passes through unchanged
+    with pytest.raises(ValueError, match="other"), train._out_of_memory_is_a_user_error(cfg, 512):
+        raise ValueError("other")

@@ -59,6 +59,10 @@ def write_report(cfg: ReportConfig) -> dict[str, Any]:
     cfg = cfg.resolved()
     if cfg.queries < 1 or cfg.top_k < 1:
         raise UserError("--queries and --top_k must be >= 1")
+    if not (cfg.runs or cfg.metrics or cfg.submissions or cfg.embeddings
+            or cfg.recognition_submission or cfg.timings):
+        raise UserError("nothing to report: give --runs, --metrics, --submission, --embeddings, "
+                        "--recognition_submission or --timings")
     fileio.makedirs(cfg.output_dir)
     sections = [_results(cfg), _settings(cfg), _timings(cfg)]
     images, marks = [], {}

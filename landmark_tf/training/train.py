@@ -15,6 +15,7 @@ learning_rate, val_accuracy (when a validation split exists), ...
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -154,16 +155,37 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, retrieval_val=None) -> dict[
                             "backend only (not yet under --backend=jax)")
         from landmark_tf.training import jax_train
 
-        return jax_train.train(model_cfg, cfg)
+        with _out_of_memory_is_a_user_error(cfg, model_cfg.image_size):
+            return jax_train.train(model_cfg, cfg)
     plan = make_plan(cfg)
     loss_weights(cfg, plan)  # a dataset that cannot be weighted fails before any model is built
     model_cfg = dataclasses.replace(model_cfg, num_classes=plan.num_classes).validate()
     strategy = distribute.resolve_strategy(cfg.strategy, cfg.tpu)
     previous = keras.mixed_precision.global_policy()
     try:
-        return Trainer(model_cfg, cfg, plan, strategy, retrieval_val).run()
+        with _out_of_memory_is_a_user_error(cfg, model_cfg.image_size):
+            return Trainer(model_cfg, cfg, plan, strategy, retrieval_val).run()
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+@contextlib.contextmanager
+def _out_of_memory_is_a_user_error(cfg: TrainConfig, image_size: int):
+    """An accelerator or host out-of-memory (TF ResourceExhaustedError, XLA/JAX
+    RESOURCE_EXHAUSTED) becomes one line naming the settings that size the step; the last
+    checkpoint stays, so a rerun with other settings of the same run resumes."""
+    try:
+        yield
+    except Exception as e:
+        if not (isinstance(e, tf.errors.ResourceExhaustedError)
+                or "RESOURCE_EXHAUSTED" in str(e)[:300]):
+            raise
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"out of memory with --batch_size={cfg.batch_size}, --grad_accum_steps="
+            f"{cfg.grad_accum_steps}, --image_size={image_size} ({first}); lower the batch or "
+            "image size, raise --grad_accum_steps, or check a setting first with "
+            "--memory_check --tpu_type=...") from None
 
 
 def _check_sync_bn(model_cfg: ModelConfig, cfg: TrainConfig, replicas: int, kind: str,
