@@ -30,13 +30,12 @@ from absl import logging
 
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import losses, model, npz_checkpoint
+from landmark_tf.modeling import model, npz_checkpoint
 from landmark_tf.training import (
     checkpointing,
     distribute,
     input_pipeline,
     jax_step,
-    sampling,
     train_loop,
 )
 from landmark_tf.training import train as tf_train
@@ -217,17 +216,9 @@ class Trainer:
 
     def train_function(self):
         cfg, plan = self.cfg, self.plan
-        weights = (losses.class_weights(plan.class_counts, cfg.class_weighting)
-                   if cfg.class_weighting != "none" else None)
-        factors = (sampling.repeat_factors(plan.class_counts, cfg.sampling)
-                   if cfg.sampling != "uniform" else None)
-        spec = input_pipeline.TrainInput(
-            files=plan.train_files, image_size=self.models.config.image_size,
-            global_batch_size=cfg.batch_size, steps_per_epoch=plan.steps_per_epoch,
-            seed=cfg.seed, start_step=self.start_step, shuffle_buffer=cfg.shuffle_buffer,
-            augment=tuple(cfg.augment), repeat_factors=factors, class_weights=weights,
-            not_clean_weight=cfg.not_clean_weight,
-        )
+        # The TF trainer's own spec: same sampling and loss weights (normalised after the
+        # not-clean factor) under both backends.
+        spec = tf_train.train_input(cfg, plan, self.models.config.image_size, self.start_step)
         batches = input_pipeline.train_dataset(spec, self._input_context()).as_numpy_iterator()
         step = jax.jit(jax_step.make_train_step(
             self.models.train_model, self.optimizer, global_batch=cfg.batch_size,

@@ -169,6 +169,20 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, retrieval_val=None) -> dict[
         keras.mixed_precision.set_global_policy(previous)
 
 
+def train_input(cfg: TrainConfig, plan: Plan, image_size: int,
+                start_step: int) -> input_pipeline.TrainInput:
+    """The training input of a run (both backends): files, sampling, loss weights, position."""
+    factors = None
+    if cfg.sampling != "uniform":
+        factors = sampling.repeat_factors(plan.class_counts, cfg.sampling)
+    return input_pipeline.TrainInput(
+        files=plan.train_files, image_size=image_size, global_batch_size=cfg.batch_size,
+        steps_per_epoch=plan.steps_per_epoch, seed=cfg.seed, start_step=start_step,
+        shuffle_buffer=cfg.shuffle_buffer, augment=tuple(cfg.augment), repeat_factors=factors,
+        class_weights=loss_weights(cfg, plan), not_clean_weight=cfg.not_clean_weight,
+    )
+
+
 @contextlib.contextmanager
 def _out_of_memory_is_a_user_error(cfg: TrainConfig, image_size: int):
     """An accelerator or host out-of-memory (TF ResourceExhaustedError, XLA/JAX
@@ -284,17 +298,7 @@ class Trainer:
 
     def train_function(self):
         cfg, plan = self.cfg, self.plan
-        weights = loss_weights(cfg, plan)
-        factors = None
-        if cfg.sampling != "uniform":
-            factors = sampling.repeat_factors(plan.class_counts, cfg.sampling)
-        spec = input_pipeline.TrainInput(
-            files=plan.train_files, image_size=self.models.config.image_size,
-            global_batch_size=cfg.batch_size, steps_per_epoch=plan.steps_per_epoch,
-            seed=cfg.seed, start_step=self.start_step, shuffle_buffer=cfg.shuffle_buffer,
-            augment=tuple(cfg.augment), repeat_factors=factors, class_weights=weights,
-            not_clean_weight=cfg.not_clean_weight,
-        )
+        spec = train_input(cfg, plan, self.models.config.image_size, self.start_step)
         iterator = iter(input_pipeline.distribute(self.strategy, spec))
         replica_fn = train_step.make_train_step(
             self.models, self.optimizer, global_batch=cfg.batch_size, replicas=self.replicas,
