@@ -7,7 +7,7 @@ from tiny_dataset import make_dataset
 
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import heads, model
+from landmark_tf.modeling import lever_heads, model
 from landmark_tf.training import train
 
 
@@ -39,7 +39,7 @@ def test_levers_train_and_report_head_memory(data, tmp_path, capsys):
 def test_dynamic_margins_come_from_the_train_counts(data):
     cfg = ModelConfig(image_size=32, embedding_dim=16, head="dynamic_arcface", num_classes=4)
     models = model.build_models(cfg, class_counts=[16, 8, 8, 4])
-    np.testing.assert_allclose(models.head.margins, heads.dynamic_margins([16, 8, 8, 4]))
+    np.testing.assert_allclose(models.head.margins, lever_heads.dynamic_margins([16, 8, 8, 4]))
     assert models.head.margins[3] == pytest.approx(0.5)  # the rarest class: a + b
 
 
