@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 
 from landmark_tf.cli import native_log
 
@@ -18,41 +19,23 @@ def launch(module: str) -> None:
     importlib.import_module(module).run()
 
 
-def synth() -> None:
-    launch("landmark_tf.cli.synth")
+def _entry(name: str) -> Callable[[], None]:
+    """The console-script function for landmark_tf/cli/<name>.py."""
+
+    def run() -> None:
+        launch(f"landmark_tf.cli.{name}")
+
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
-def tfrecords() -> None:
-    launch("landmark_tf.cli.tfrecords")
-
-
-def train() -> None:
-    launch("landmark_tf.cli.train")
-
-
-def export() -> None:
-    launch("landmark_tf.cli.export")
-
-
-def ensemble() -> None:
-    launch("landmark_tf.cli.ensemble")
-
-
-def embed() -> None:
-    launch("landmark_tf.cli.embed")
-
-
-def evaluate() -> None:
-    launch("landmark_tf.cli.evaluate")
-
-
-def clean() -> None:
-    launch("landmark_tf.cli.clean")
-
-
-def pseudolabel() -> None:
-    launch("landmark_tf.cli.pseudolabel")
-
-
-def report() -> None:
-    launch("landmark_tf.cli.report")
+synth = _entry("synth")
+tfrecords = _entry("tfrecords")
+train = _entry("train")
+export = _entry("export")
+ensemble = _entry("ensemble")
+embed = _entry("embed")
+evaluate = _entry("evaluate")
+clean = _entry("clean")
+pseudolabel = _entry("pseudolabel")
+report = _entry("report")
