@@ -2,7 +2,7 @@
 
   .venv/bin/python bench/train_bench.py [--image_size 128] [--batch 16] [--steps 20]
 
-1. Train step: `train_step.make_train_step` run through `distribute.multi_step_function` (what
+1. Train step: `tf_step.make_train_step` run through `distribute.multi_step_function` (what
    landmark-train executes) vs a bare `tf.function` doing forward, float32 cross-entropy,
    backward and the same SGD update on the same model and the same in-memory batch.
    Target: ours >= 0.9x the bare images/s (overhead at most 10%).
@@ -95,7 +95,7 @@ def bench_step(args) -> dict:
 
     from landmark_tf.config import ModelConfig
     from landmark_tf.modeling import model
-    from landmark_tf.training import distribute, train_step
+    from landmark_tf.training import distribute, tf_step
 
     cfg = ModelConfig(backbone=args.backbones.split(",")[0], image_size=args.image_size,
                       embedding_dim=512, num_classes=args.classes)
@@ -118,9 +118,9 @@ def bench_step(args) -> dict:
         return loss
 
     strategy = tf.distribute.get_strategy()
-    replica_fn = train_step.make_train_step(models, our_opt, global_batch=args.batch, replicas=1,
+    replica_fn = tf_step.make_train_step(models, our_opt, global_batch=args.batch, replicas=1,
                                             accum_steps=1, jit=False)
-    ours = distribute.multi_step_function(strategy, replica_fn, train_step.TRAIN_KEYS)
+    ours = distribute.multi_step_function(strategy, replica_fn, tf_step.TRAIN_KEYS)
     data = strategy.distribute_datasets_from_function(
         lambda ctx: tf.data.Dataset.from_tensors(batch).repeat())
     iterator = iter(data)

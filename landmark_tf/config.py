@@ -112,10 +112,14 @@ SAMPLINGS = ("uniform", "class_balanced", "log")
 # log: 1 / ln(1 + n); log_unshifted: 1 / ln(n) (the GLR2020 winner's clean stage; needs n >= 2).
 CLASS_WEIGHTINGS = ("none", "inverse", "inverse_sqrt", "log", "log_unshifted")
 AUGMENTATIONS = ("flip", "crop", "color")
+# Which examples a BatchNormalization's batch statistics cover on several replicas (see
+# training/batch_stats.py): each replica's own micro-batch, or all replicas' together.
+BN_STATISTICS = ("replica", "global")
 # TrainConfig keys that may change between runs into one workdir: they do not change the math.
+# The backend is one of them: both write the same checkpoints and compute the same steps.
 RESUME_SAFE = frozenset(
     {"strategy", "tpu", "steps_per_execution", "checkpoint_every", "keep_checkpoints",
-     "eval_every", "jit_compile", "workdir"}
+     "eval_every", "jit_compile", "workdir", "backend"}
 )
 
 
@@ -143,6 +147,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     bn_momentum: float = 0.99
+    bn_statistics: str = "replica"
     schedule: str = "cosine"
     warmup_steps: int = 0
     lr_decay: float = 0.0
@@ -170,7 +175,7 @@ class TrainConfig:
         """Raises UserError naming the first bad setting (as its flag); returns self."""
         choices = [("schedule", SCHEDULES), ("sampling", SAMPLINGS),
                    ("class_weighting", CLASS_WEIGHTINGS), ("strategy", STRATEGIES),
-                   ("backend", BACKENDS),
+                   ("backend", BACKENDS), ("bn_statistics", BN_STATISTICS),
                    ("mixed_precision", PRECISIONS), ("jit_compile", JIT_MODES)]
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -32,8 +32,8 @@ def main(data: str, out: str) -> None:
     reference, resumed = os.path.join(out, "reference"), os.path.join(out, "resumed")
     results = {"reference": train.train(MODEL, config(data, reference))}
     shutil.copytree(reference, resumed)
-    for path in glob.glob(os.path.join(resumed, "checkpoints", "ckpt-4.npz")):
-        os.remove(path)
+    for path in glob.glob(os.path.join(resumed, "checkpoints", "ckpt-4")):
+        shutil.rmtree(path)
     shutil.rmtree(os.path.join(resumed, "logs"))
     results["resumed"] = train.train(MODEL, config(data, resumed))
     embedding_model, _ = model.restore_embedding_model(reference)

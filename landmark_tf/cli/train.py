@@ -62,6 +62,13 @@ flags.DEFINE_float("bn_momentum", _T.bn_momentum, "Momentum of the moving mean/v
                    "every BatchNorm (backbone and neck), used at inference. 0.99 (Keras's) "
                    "averages ~100 steps: runs of a few hundred steps want 0.9, else inference "
                    "uses statistics of earlier weights.")
+_define_choice("bn_statistics", _T.bn_statistics, config.BN_STATISTICS, "Batch statistics of "
+               "every BatchNorm on several replicas, the same under both backends. replica: "
+               "each replica (TPU core, GPU) normalises with its own micro-batch, the moving "
+               "statistics are the replicas' mean after each step (tf.keras's TPU behaviour; "
+               "no communication in the forward pass). global: statistics over all replicas' "
+               "micro-batch (sync BatchNorm: one all-reduce per layer; under TensorFlow not "
+               "with --grad_accum_steps > 1).")
 _define_choice("schedule", _T.schedule, config.SCHEDULES, "Learning-rate schedule after "
                   "warmup: constant, cosine decay to 0 at the last step, or inverse_time: "
                   "lr / (1 + lr_decay * step), Keras 2's optimizer decay.")
@@ -190,7 +197,7 @@ def train_config() -> TrainConfig:
              "class_weighting", "not_clean_weight", "shuffle_buffer", "seed", "strategy", "tpu",
              "mixed_precision", "jit_compile", "backend", "steps_per_execution", "checkpoint_every",
              "keep_checkpoints", "eval_every", "init_from", "pretrained_weights",
-             "bn_momentum")
+             "bn_momentum", "bn_statistics")
     return TrainConfig(
         data_dir=FLAGS.data_dir or "", workdir=FLAGS.workdir or "",
         train_steps=FLAGS.train_steps or 0, epochs=FLAGS.epochs or 0.0,

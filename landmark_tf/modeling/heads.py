@@ -144,8 +144,13 @@ class AdaCos(_CosineHead):
     s starts at sqrt(2) * ln(C - 1) (or `scale`) and each training call sets
     s <- ln(B_avg) / cos(min(pi/4, median target angle)), B_avg the batch mean of
     sum over non-target classes of exp(s * cos). The scale is a non-trainable variable; under a
-    distribution strategy each replica adapts its own copy and reads outside replicas average them.
+    distribution strategy each replica adapts its own copy from its own batch, and the trainer
+    sets the copies to their mean after each step (training/batch_stats.py). `batch_groups`
+    (set by the trainer, not saved) > 1 computes one scale per equal slice of the batch rows,
+    the replicas' slices of a batch that JAX sees as one array, and keeps their mean.
     """
+
+    batch_groups = 1
 
     def build(self, embeddings_shape, labels_shape=None):
         super().build(embeddings_shape)
@@ -163,23 +168,40 @@ class AdaCos(_CosineHead):
     def call(self, embeddings, labels=None, training=None):
         cos = self.cosine(embeddings)
         if training and labels is not None:
-            self.dynamic_scale.assign(ops.stop_gradient(self.next_scale(cos, labels)))
+            scales = ops.stop_gradient(self.next_scale(*_groups(cos, labels, self.batch_groups)))
+            self.dynamic_scale.assign(ops.mean(scales))
+            return _scaled_by_group(cos, scales)
         return cos * ops.cast(self.dynamic_scale, "float32")
 
     def next_scale(self, cos, labels):
-        """The AdaCos scale update from one batch: float32 [B, C], int [B] -> float32 []."""
-        labels = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
-        is_target = ops.equal(ops.arange(self.num_classes, dtype="int32")[None, :], labels)
+        """The AdaCos scale update from each group of rows: float32 [G, b, C] cosines, int
+        [G, b] labels -> float32 [G]."""
+        labels = ops.cast(labels, "int32")[..., None]
+        is_target = ops.equal(ops.arange(self.num_classes, dtype="int32")[None, None, :],
+                              labels)
         s = ops.cast(self.dynamic_scale, "float32")
         # log(B_avg) as a logsumexp: exp(s * cos) summed over 200k classes overflows float32
         # once s passes ~70.
         others = ops.where(is_target, -math.inf, s * cos)
-        log_b_avg = ops.logsumexp(ops.logsumexp(others, axis=1), axis=0) - ops.log(
-            ops.cast(ops.shape(cos)[0], "float32")
+        log_b_avg = ops.logsumexp(ops.logsumexp(others, axis=-1), axis=-1) - ops.log(
+            ops.cast(ops.shape(cos)[1], "float32")
         )
-        theta = ops.arccos(ops.take_along_axis(cos, labels, axis=1)[:, 0])
-        theta_med = ops.median(theta)
+        theta = ops.arccos(ops.take_along_axis(cos, labels, axis=-1)[..., 0])
+        theta_med = ops.median(theta, axis=-1)
         return log_b_avg / ops.cos(ops.minimum(math.pi / 4, theta_med))
+
+
+def _groups(cos, labels, groups: int):
+    """[B, C], [B] -> [G, B / G, C], [G, B / G]: the rows cut into `groups` equal slices."""
+    return (ops.reshape(cos, (groups, -1, ops.shape(cos)[-1])),
+            ops.reshape(ops.cast(labels, "int32"), (groups, -1)))
+
+
+def _scaled_by_group(cos, scales):
+    """cos [B, C] times scales [G], slice g of the rows by scales[g] -> [B, C]."""
+    groups = ops.shape(scales)[0]
+    grouped = ops.reshape(cos, (groups, -1, ops.shape(cos)[-1])) * scales[:, None, None]
+    return ops.reshape(grouped, ops.shape(cos))
 
 
 @keras.saving.register_keras_serializable(package="landmark_tf")
@@ -201,29 +223,36 @@ class PerBatchAdaCos(_CosineHead):
     accumulation) under a tf.distribute strategy, as in the released TPU loop (8 or 4 per core);
     the whole global batch when a JAX data-parallel step sees it as one array.
     Without labels, or outside training, the logits are s0 * cos (the argmax is scale-free).
-    `scale` overrides s0; `margin` is not used.
+    `scale` overrides s0; `margin` is not used. `batch_groups` (set by the trainer) > 1: one
+    scale per equal slice of the rows, each replica's batch of one JAX array, as on TF replicas.
     """
+
+    batch_groups = 1
 
     def call(self, embeddings, labels=None, training=None):
         cos = self.cosine(embeddings)
         if training and labels is not None:
-            return cos * ops.stop_gradient(self.batch_scale(cos, labels))
+            scales = self.batch_scale(*_groups(cos, labels, self.batch_groups))
+            return _scaled_by_group(cos, ops.stop_gradient(scales))
         return cos * self.effective_scale
 
     def batch_scale(self, cos, labels):
-        """The scale for one batch: float32 [B, C] cosines, int [B] labels -> float32 []."""
-        labels = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
-        is_target = ops.equal(ops.arange(self.num_classes, dtype="int32")[None, :], labels)
-        # ln(B_avg) as a logsumexp over all (row, non-target class) pairs minus ln(B): the same
+        """The scale of each group of rows: float32 [G, b, C] cosines, int [G, b] labels ->
+        float32 [G]."""
+        labels = ops.cast(labels, "int32")[..., None]
+        is_target = ops.equal(ops.arange(self.num_classes, dtype="int32")[None, None, :],
+                              labels)
+        # ln(B_avg) as a logsumexp over all (row, non-target class) pairs minus ln(b): the same
         # number as the released log(mean(sum(exp))), without float32 overflow for large s0.
         others = ops.where(is_target, -math.inf, self.effective_scale * cos)
-        batch = ops.cast(ops.shape(cos)[0], "float32")
-        log_b_avg = ops.logsumexp(ops.reshape(others, (-1,))) - ops.log(batch)
-        target = ops.take_along_axis(cos, labels, axis=1)[:, 0]
-        theta = ops.sort(ops.arccos(ops.clip(target, -1.0 + _EPS, 1.0 - _EPS)))
+        batch = ops.cast(ops.shape(cos)[1], "float32")
+        log_b_avg = ops.logsumexp(ops.reshape(others, (ops.shape(cos)[0], -1)),
+                                  axis=-1) - ops.log(batch)
+        target = ops.take_along_axis(cos, labels, axis=-1)[..., 0]
+        theta = ops.sort(ops.arccos(ops.clip(target, -1.0 + _EPS, 1.0 - _EPS)), axis=-1)
         # keras.ops.round and tf.round both round half to even, as TFP's "nearest" does.
         middle = ops.cast(ops.round((batch - 1.0) / 2.0), "int32")
-        theta_med = ops.take(theta, middle)
+        theta_med = ops.take(theta, middle, axis=-1)
         return log_b_avg / ops.cos(ops.minimum(math.pi / 4, theta_med))
 
 

@@ -1,32 +1,26 @@
-"""The landmark models and their one checkpoint layout.
+"""The landmark models, and restoring them from a workdir's checkpoints.
 
 backbone (EfficientNet) -> neck (pool -> Dense [-> BN]) -> head (cosine classifier) for training;
 backbone -> neck -> L2 normalisation for the product, the embedding model. Both share layers.
-A training workdir holds `config.json` ({"model": ModelConfig.to_dict(), ...}) and
-`checkpoints/` written either by a tf.train.CheckpointManager over `make_checkpoint(...)` (the
-TensorFlow trainer) or as `ckpt-<step>.npz` files (`npz_checkpoint`, the JAX trainer). Every
-reader here takes both, under either Keras backend; a TensorFlow checkpoint read under JAX goes
-through a TensorFlow-backend subprocess that rewrites it as npz.
+Checkpoints are modeling/checkpoint's format, the same under both Keras backends; workdirs of
+earlier versions (tf.train.Checkpoint or npz files) are read through legacy_checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-import tempfile
 from typing import Any
 
 import keras
 
+from landmark_tf import workdir as workdir_lib
 from landmark_tf.config import ModelConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import backbones, lever_heads, npz_checkpoint
+from landmark_tf.modeling import backbones, checkpoint, legacy_checkpoints, lever_heads
 from landmark_tf.modeling.pooling import EmbeddingNeck
+from landmark_tf.workdir import CHECKPOINT_DIR, CONFIG_FILE, read_model_config  # noqa: F401
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
+PARTS = checkpoint.PARTS
 
 
 @dataclasses.dataclass
@@ -89,7 +83,8 @@ def build_models(
 
 
 def make_checkpoint(models: LandmarkModels, **extra: Any):
-    """The TF checkpoint layout: backbone=, neck=, head= plus `extra` (optimizer=, step=, ...)."""
+    """The tf.train.Checkpoint layout of earlier versions (backbone=, neck=, head= plus `extra`):
+    what their workdirs hold; tests build such workdirs with it to check they still load."""
     import tensorflow as tf
 
     parts = {"backbone": models.backbone, "neck": models.neck}
@@ -98,68 +93,32 @@ def make_checkpoint(models: LandmarkModels, **extra: Any):
     return tf.train.Checkpoint(**parts, **extra)
 
 
-def read_model_config(workdir: str) -> ModelConfig:
-    """The ModelConfig saved under "model" in workdir/config.json."""
-    from landmark_tf import fileio
-
-    path = fileio.join(workdir, CONFIG_FILE)
-    if not fileio.exists(path):
-        raise UserError(f"{path}: not found; is {workdir} a landmark-train workdir?")
-    config = fileio.read_json(path)
-    if not isinstance(config, dict) or "model" not in config:
-        raise UserError(f"{path}: has no \"model\" section")
-    return ModelConfig.from_dict(config["model"])
+def latest_checkpoint(workdir: str) -> checkpoint.Found:
+    """The newest checkpoint in workdir/checkpoints, any format; UserError when none."""
+    return workdir_lib.latest_checkpoint(workdir)
 
 
-def latest_checkpoint(workdir: str) -> str:
-    """The newest checkpoint in workdir/checkpoints: a TF path prefix or an npz file path
-    (`is_npz`); UserError when none."""
-    import tensorflow as tf
-
-    directory = os.path.join(workdir, CHECKPOINT_DIR)
-    path = npz_checkpoint.latest(directory) or tf.train.latest_checkpoint(directory)
-    if path is None:
-        raise UserError(f"no checkpoint in {directory}")
-    return path
-
-
-def is_npz(checkpoint: str) -> bool:
-    """Whether a `latest_checkpoint` path is the JAX trainer's npz format."""
-    return checkpoint.endswith(".npz")
-
-
-def restore_parts(models: LandmarkModels, path: str, parts: list[str]) -> None:
-    """Restores `parts` (of backbone, neck, head) from a TF or npz checkpoint `path`."""
-    if not is_npz(path) and keras.backend.backend() != "tensorflow":
-        with tempfile.TemporaryDirectory(prefix="landmark_tf_convert_") as tmp:
-            converted = os.path.join(tmp, "ckpt.npz")
-            convert_to_npz(path, converted, models.config, with_head="head" in parts)
-            restore_parts(models, converted, parts)
+def restore_parts(models: LandmarkModels, found: checkpoint.Found, parts: list[str]) -> None:
+    """Restores `parts` (of backbone, neck, head) from a checkpoint of any format."""
+    if found.kind != "keras":
+        legacy_checkpoints.restore_parts(models, found, parts, models.config)
         return
-    if is_npz(path):
-        with npz_checkpoint.Reader(path) as reader:
-            for part in parts:
-                reader.restore(part, getattr(models, part).variables)
-        backbones.refresh_normalization(models.backbone)
-        return
-    import tensorflow as tf
-
-    _restore(tf.train.Checkpoint(**{p: getattr(models, p) for p in parts}), path, models)
+    for part in parts:
+        checkpoint.load_part(found.path, part, getattr(models, part))
+    backbones.refresh_normalization(models.backbone)
 
 
-def convert_to_npz(checkpoint: str, output: str, cfg: ModelConfig, with_head: bool) -> None:
-    """Rewrites a TF checkpoint of `cfg`'s model as npz, in a TensorFlow-backend subprocess
-    (the Keras backend is fixed per process; a JAX process cannot build TF variables)."""
-    import json
-
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "landmark_tf.modeling.model", checkpoint, output,
-               json.dumps(cfg.to_dict()), "1" if with_head else "0"]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        raise UserError(f"cannot read TensorFlow checkpoint {checkpoint} for the JAX backend: "
-                        f"{lines[-1] if lines else 'exit ' + str(proc.returncode)}")
+def restore_train_state(models: LandmarkModels, found: checkpoint.Found, optimizer,
+                        seeds: list) -> int:
+    """Resumes a run: every part, the optimizer's variables and the dropout seed states from
+    `found`; returns its step. Either backend reads what either wrote."""
+    if found.kind != "keras":
+        return legacy_checkpoints.restore_train_state(found, models, optimizer, seeds)
+    state = checkpoint.read_state(found.path)
+    restore_parts(models, found, list(PARTS))
+    checkpoint.load_part(found.path, checkpoint.OPTIMIZER, optimizer)
+    checkpoint.restore_seeds(found.path, state, seeds)
+    return int(state["step"])
 
 
 def restore_embedding_model(workdir: str) -> tuple[keras.Model, ModelConfig]:
@@ -168,9 +127,9 @@ def restore_embedding_model(workdir: str) -> tuple[keras.Model, ModelConfig]:
     The head (C x D, large) is neither built nor read.
     """
     cfg = read_model_config(workdir)
-    path = latest_checkpoint(workdir)
+    found = latest_checkpoint(workdir)
     models = build_models(cfg, with_head=False)
-    restore_parts(models, path, ["backbone", "neck"])
+    restore_parts(models, found, ["backbone", "neck"])
     return models.embedding_model, cfg
 
 
@@ -180,6 +139,7 @@ def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, An
     Restores backbone and neck (their architecture must match), and the head only when head type,
     class count and sub-centres match. The image size may differ: the backbone takes any size.
     Returns {"checkpoint": path, "restored": [part names], "skipped": {part: reason}}.
+    The caller checks that a kept head's classes mean the same landmarks (label maps).
     """
     source, mine = read_model_config(workdir_from), models.config
     for field in ("backbone", "pooling", "embedding_dim", "neck_activation", "neck"):
@@ -190,7 +150,7 @@ def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, An
                 f"cannot start from {workdir_from}: its {field} is {getattr(source, field)!r}, "
                 f"this run's is {getattr(mine, field)!r}"
             )
-    path = latest_checkpoint(workdir_from)
+    found = latest_checkpoint(workdir_from)
     parts = ["backbone", "neck"]
     skipped = {}
     reason = _head_mismatch(source, mine) if models.head is not None else "no head built"
@@ -198,14 +158,11 @@ def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, An
         skipped["head"] = reason
     else:
         parts.append("head")
-    if not is_npz(path) and keras.backend.backend() != "tensorflow":
-        with tempfile.TemporaryDirectory(prefix="landmark_tf_convert_") as tmp:
-            converted = os.path.join(tmp, "ckpt.npz")
-            convert_to_npz(path, converted, source, with_head="head" in parts)
-            restore_parts(models, converted, parts)
+    if found.kind == "tensorflow":  # a legacy checkpoint holds the source's model
+        legacy_checkpoints.restore_parts(models, found, parts, source)
     else:
-        restore_parts(models, path, parts)
-    return {"checkpoint": path, "restored": sorted(parts), "skipped": skipped}
+        restore_parts(models, found, parts)
+    return {"checkpoint": found.path, "restored": sorted(parts), "skipped": skipped}
 
 
 def _head_mismatch(source: ModelConfig, mine: ModelConfig) -> str | None:
@@ -215,33 +172,3 @@ def _head_mismatch(source: ModelConfig, mine: ModelConfig) -> str | None:
         if getattr(source, field) != getattr(mine, field):
             return f"{field} differs: {getattr(source, field)!r} -> {getattr(mine, field)!r}"
     return None
-
-
-def _restore(checkpoint, path: str, models: LandmarkModels) -> None:
-    status = checkpoint.restore(path).expect_partial()
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise UserError(f"checkpoint {path} does not match the model config: {e}") from e
-    backbones.refresh_normalization(models.backbone)
-
-
-def _convert_main(argv: list[str]) -> None:
-    """`python -m landmark_tf.modeling.model CHECKPOINT OUTPUT CONFIG_JSON WITH_HEAD`."""
-    import json
-
-    checkpoint, output, config_json, with_head = argv
-    cfg = ModelConfig.from_dict(json.loads(config_json))
-    models = build_models(cfg, with_head=with_head == "1")
-    parts = ["backbone", "neck"] + (["head"] if with_head == "1" else [])
-    restore_parts(models, checkpoint, parts)
-    npz_checkpoint.save(output, {p: getattr(models, p).variables for p in parts},
-                        {"step": 0, "backend": "tensorflow", "converted_from": checkpoint})
-
-
-if __name__ == "__main__":
-    try:
-        _convert_main(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

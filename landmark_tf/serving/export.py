@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -22,13 +21,13 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from landmark_tf import fileio
+from landmark_tf import fileio, workdir
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import model as model_lib
 from landmark_tf.serving import signatures
 
 FORMAT = "landmark-tf/savedmodel/v1"
-METADATA_FILE = "metadata.json"
+METADATA_FILE = workdir.METADATA_FILE
 MIN_IMAGE_SIZE = 32  # EfficientNet's total stride: smaller inputs fail inside the backbone.
 # Kaggle's GLR2020 limit could not be confirmed from a primary source here; we warn at 1 GB
 # (10^9 bytes), the conservative reading of the limit reported for the competition: the winning
@@ -75,8 +74,8 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     """Exports the latest checkpoint of `cfg.workdir`; returns the closing-JSON facts.
 
     The SavedModel is traced by TensorFlow: in a process whose Keras runs on JAX (a notebook
-    that trained with JAX) the export runs in a TensorFlow-backend subprocess, which reads the
-    JAX trainer's npz checkpoint like any other.
+    that trained with JAX) the export runs in a TensorFlow-backend subprocess; checkpoints of
+    either backend read the same there.
     """
     if "keras" in sys.modules and sys.modules["keras"].backend.backend() != "tensorflow":
         return _export_in_tensorflow_process(cfg)
@@ -87,7 +86,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     if image_size < MIN_IMAGE_SIZE:
         raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     sizes = scaled_sizes(image_size, cfg.scales)  # before the slow part: fail fast
-    checkpoint = model_lib.latest_checkpoint(cfg.workdir)
+    found = model_lib.latest_checkpoint(cfg.workdir)
     embedding_model, mcfg = model_lib.restore_embedding_model(cfg.workdir)
     branch = signatures.KerasBranch(embedding_model, sizes, name="embedding")
     module = signatures.DescriptorModule([branch], [1.0])
@@ -102,8 +101,8 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         "input_sizes": sizes,
         "embedding_dim": mcfg.embedding_dim,
         "config_sha256": hashlib.sha256(fileio.read_bytes(config_path)).hexdigest(),
-        "checkpoint": checkpoint,
-        "step": checkpoint_step(checkpoint),
+        "checkpoint": found.path,
+        "step": found.step,
         "signatures": list(signatures.SIGNATURES),
     }
     size = write_savedmodel(module, cfg.export_dir, metadata, cfg.overwrite)
@@ -126,23 +125,6 @@ def summary(export_dir: str, metadata: dict[str, Any], size: int) -> dict[str, A
         "kaggle_limit_bytes": KAGGLE_GLR2020_LIMIT_BYTES,
         "exceeds_kaggle_limit": too_big,
     }
-
-
-def checkpoint_step(checkpoint: str) -> int | None:
-    """The `step` variable saved in the checkpoint, else the ckpt-N number, else None.
-
-    A JAX-trained workdir's npz checkpoint stores its step in its metadata."""
-    if model_lib.is_npz(checkpoint):
-        from landmark_tf.modeling import npz_checkpoint
-
-        with npz_checkpoint.Reader(checkpoint) as npz:
-            return npz.step
-    reader = tf.train.load_checkpoint(checkpoint)
-    key = "step/.ATTRIBUTES/VARIABLE_VALUE"
-    if reader.has_tensor(key):
-        return int(reader.get_tensor(key))
-    match = re.search(r"-(\d+)$", checkpoint)
-    return int(match.group(1)) if match else None
 
 
 def check_target(export_dir: str, overwrite: bool) -> None:

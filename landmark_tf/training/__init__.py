@@ -1,9 +1,11 @@
-"""Training on TPU / GPUs / CPU with step-exact resume (the `landmark-train` stage).
+"""Training on TPU / GPUs / CPU with step-exact resume (the `landmark-train` stage), on the
+TensorFlow or the JAX Keras backend.
 
 Reads: TFRecords from `landmark-tfrecords` (+ `dataset_info.json`), a ModelConfig and TrainConfig.
-Writes: a workdir with `config.json`, `checkpoints/` (tf.train.CheckpointManager) and `logs/`.
-Entry: `train.train(ModelConfig, TrainConfig)`. `input_pipeline`, `augment`, `sampling` feed it;
-`distribute` resolves the strategy; `train_step`/`train_loop` run it; `schedules` and
-`checkpointing` hold the learning-rate schedules and the resume logic; `retrieval_validation`
-scores held-out retrieval mAP@100 during training.
+Writes: a workdir (landmark_tf/workdir.py) with `config.json`, `checkpoints/` and `logs/`.
+Entry: `train.train(ModelConfig, TrainConfig)`: a `train.Run` hands a backend trainer
+(`trainer.BackendTrainer`: `tf_trainer` / `jax_trainer`, their steps `tf_step` / `jax_step`
+around the shared `step_math`) to `train_loop`. `input_pipeline`, `augment`, `sampling` feed it;
+`batch_stats` fixes what BatchNorm statistics mean on several replicas; `checkpointing` holds
+config.json and the checkpoint manager; `retrieval_validation` scores held-out mAP@100.
 """

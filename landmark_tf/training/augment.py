@@ -1,10 +1,10 @@
 """Decoding and augmentation of training images, with stateless (seeded) randomness.
 
 Per example (needs the JPEG): parse, decode (or decode a random crop: "crop", a random-resized
-crop covering 25-100% of the area), resize with `preprocess.resize_for_model`. Per batch
-(vectorised): "color" (brightness +-32, contrast x0.8-1.25, per image) and the draws of "flip"
-(horizontal, p = 0.5; the default and the GLR2020 winner's only augmentation), which the train
-step applies on the accelerator. All draws are functions of the seed passed in.
+crop covering 25-100% of the area), resize with `preprocess.resize_for_model`, and the draws of
+"color" and "flip". Per batch (vectorised): "color" (brightness +-32, contrast x0.8-1.25, per
+image); "flip" (horizontal, p = 0.5; the default and the GLR2020 winner's only augmentation) is
+applied by the train step on the accelerator. All draws are functions of the seed passed in.
 """
 
 from __future__ import annotations
@@ -44,25 +44,21 @@ def decode_example(
     return image, label, tf.cast(ex["image/is_clean"], tf.int32)
 
 
-def color_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """float32[B, S, S, 3] 0..255 -> same with per-image random brightness and contrast."""
-    shape = [tf.shape(images)[0], 1, 1, 1]
-    delta = tf.random.stateless_uniform(shape, fold(seed, 2), -32.0, 32.0)
-    factor = tf.random.stateless_uniform(shape, fold(seed, 3), 0.8, 1.25)
+def example_draws(seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    """One example's random draws from its own seed: "flip" (bool, p = 0.5), "delta"
+    (brightness, float32 in +-32) and "factor" (contrast, float32 in 0.8-1.25).
+
+    Per example, not per batch: the draws then do not depend on how a global batch is cut into
+    per-replica or per-host batches, so both backends and any device count see the same data.
+    """
+    return {"flip": tf.random.stateless_uniform([], seed=fold(seed, 1)) < 0.5,
+            "delta": tf.random.stateless_uniform([], fold(seed, 2), -32.0, 32.0),
+            "factor": tf.random.stateless_uniform([], fold(seed, 3), 0.8, 1.25)}
+
+
+def color_batch(images: tf.Tensor, delta: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
+    """float32[B, S, S, 3] 0..255 -> the same with brightness delta[B] and contrast factor[B]
+    (example_draws), vectorised over the batch."""
+    delta, factor = delta[:, None, None, None], factor[:, None, None, None]
     mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
     return tf.clip_by_value((images - mean) * factor + mean + delta, 0.0, 255.0)
-
-
-def flip_decisions(batch_size: int, seed: tf.Tensor) -> tf.Tensor:
-    """bool[B]: which images of a batch to mirror (p = 0.5 each)."""
-    return tf.random.stateless_uniform([batch_size], seed=fold(seed, 1)) < 0.5
-
-
-def apply_flips(images: tf.Tensor, flips: tf.Tensor) -> tf.Tensor:
-    """Mirrors images[i] (float[B, S, S, 3]) where flips[i] (bool[B]).
-
-    Runs inside the train step, on the accelerator: a CPU reverse + select costs about a third
-    of a JPEG decode per image (measured in bench/train_bench.py), and host CPU time is what
-    feeds a TPU.
-    """
-    return tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)

@@ -1,7 +1,7 @@
 """Which Keras backend trains: TensorFlow (tf.distribute) or JAX (keras.distribution).
 
-  tensorflow  the TF trainer (train.py): TPUStrategy, MirroredStrategy, CPU
-  jax         the JAX trainer (jax_train.py): data parallel over all local JAX devices
+  tensorflow  the TF trainer (tf_trainer.py): TPUStrategy, MirroredStrategy, CPU
+  jax         the JAX trainer (jax_trainer.py): data parallel over all local JAX devices
   auto        TensorFlow when a tf.distribute --strategy is named (tpu, mirrored, multi_worker,
               cpu: they exist only there); else TensorFlow where its TPU strategy resolves
               (tried in a subprocess, so a failed attempt cannot hold the TPU) or where

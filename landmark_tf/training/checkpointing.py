@@ -1,15 +1,9 @@
-"""The training workdir: its layout, the config conflict check, checkpoints and the run summary.
+"""A run's bookkeeping in its workdir (layout: landmark_tf/workdir.py): config.json and the
+conflict check on reruns, the label-map check of `--init_from`, and the checkpoint manager.
 
-  WORKDIR/config.json       {"model": ModelConfig, "train": TrainConfig, "data": {...}}
-  WORKDIR/checkpoints/      tf.train.CheckpointManager over model.make_checkpoint(
-                            models, optimizer=..., step=...): ckpt-<step>.index/.data-*, checkpoint
-  WORKDIR/logs/train/       TensorBoard: loss, accuracy, learning_rate, images_per_second
-  WORKDIR/logs/val/         TensorBoard: accuracy (top-1, cosine head without margin)
-  WORKDIR/summary.json      the closing JSON of the latest finished run or checkpoint
-
-CheckpointManager writes the checkpoint files first and the `checkpoint` index file last, so a
-kill -9 mid-save leaves the previous checkpoint as the latest one. Saves are synchronous (see
-`save_options` for why not async).
+Checkpoints (modeling/checkpoint) are written synchronously: a kill -9 mid-save leaves the
+previous checkpoint as the latest one. TF's async checkpointing is not used: it needs
+tf.train.Checkpoint, and with Keras 3 variables it failed on the second save anyway.
 """
 
 from __future__ import annotations
@@ -20,18 +14,14 @@ import io
 import json
 from typing import Any
 
-import tensorflow as tf
 from absl import logging
 
-from landmark_tf import fileio
+from landmark_tf import fileio, workdir
 from landmark_tf.config import RESUME_SAFE, ModelConfig, TrainConfig
 from landmark_tf.data import records
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import backbones
-from landmark_tf.modeling.model import CHECKPOINT_DIR, CONFIG_FILE, LandmarkModels
-
-LOGS_DIR = "logs"
-SUMMARY_FILE = "summary.json"
+from landmark_tf.modeling import checkpoint
+from landmark_tf.workdir import CONFIG_FILE
 
 
 def workdir_config(model_cfg: ModelConfig, cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -98,14 +88,10 @@ def conflicts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     defaults = {"model": ModelConfig().to_dict(), "train": TrainConfig().to_dict()}
     for section in ("model", "data", "train"):
         a, b = old.get(section) or {}, new.get(section) or {}
-        # backend: stored resolved ("tensorflow"/"jax"); a workdir without it ran TensorFlow.
-        a = {**_roundtrip({k: v for k, v in defaults.get(section, {}).items()
-                           if k in b and k != "backend"}), **a}
+        a = {**_roundtrip({k: v for k, v in defaults.get(section, {}).items() if k in b}), **a}
         for key in sorted(set(a) | set(b)):
             if section == "train" and key in RESUME_SAFE:
                 continue
-            if section == "train" and key == "backend":  # older workdirs: TensorFlow ran
-                a, b = {**a, key: a.get(key, "tensorflow")}, {**b, key: b.get(key, "tensorflow")}
             if section == "data" and key == LABEL_MAP_KEY and key not in a:
                 continue  # a workdir from before the digest was recorded
             if a.get(key) == b.get(key):
@@ -155,53 +141,28 @@ def _roundtrip(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config))
 
 
-def manager(
-    checkpoint: tf.train.Checkpoint, workdir: str, keep: int, chief: bool, task_id: int = 0
-) -> tf.train.CheckpointManager:
-    """CheckpointManager on workdir/checkpoints; non-chief workers write to a scratch folder
-    (MultiWorkerMirroredStrategy needs every worker to take part in saving)."""
-    directory = fileio.join(workdir, CHECKPOINT_DIR)
-    if not chief:
-        directory = fileio.join(workdir, "tmp", f"worker-{task_id}")
-    return tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+class CheckpointManager:
+    """Saves (chief only), prunes and finds a run's checkpoints, for either backend.
 
-
-def save_options(strategy: tf.distribute.Strategy) -> tf.train.CheckpointOptions:
-    """Synchronous saves, for now.
-
-    TF's async checkpointing (CheckpointOptions(experimental_enable_async_checkpoint=True)) would
-    let training go on while the files are written, but with Keras 3.15 variables it fails on
-    the second save on TF 2.20 and 2.21: `KerasVariable._copy_trackable_to_cpu` creates a new
-    tf.Variable on every call, inside AsyncCheckpointHelper's tf.function, which allows variables
-    on the first call only (tests/test_train.py pins this). Kept as one switch for when it works.
+    trainer: the BackendTrainer (its `sync` runs before each save); models / optimizer / seeds:
+    what a checkpoint holds; meta: facts for state.json (backend, seed).
     """
-    del strategy  # async would also be off under MultiWorkerMirroredStrategy (collective saves)
-    return tf.train.CheckpointOptions(experimental_enable_async_checkpoint=ASYNC_CHECKPOINTS)
 
+    def __init__(self, run_workdir: str, keep: int, trainer, models, optimizer, seeds: list,
+                 meta: dict[str, Any]):
+        self.directory = workdir.checkpoints_dir(run_workdir)
+        self.keep, self.trainer = keep, trainer
+        self.models, self.optimizer, self.seeds, self.meta = models, optimizer, seeds, meta
+        self.latest = checkpoint.find(self.directory)
 
-ASYNC_CHECKPOINTS = False
-
-
-def restore_latest(
-    checkpoint: tf.train.Checkpoint, workdir: str, models: LandmarkModels
-) -> str | None:
-    """Restores workdir's newest checkpoint into `checkpoint`; returns its path (None if none)."""
-    path = tf.train.latest_checkpoint(fileio.join(workdir, CHECKPOINT_DIR))
-    if path is None:
-        return None
-    status = checkpoint.restore(path)
-    try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
-        raise UserError(f"checkpoint {path} does not match this run's model: {e}") from e
-    backbones.refresh_normalization(models.backbone)
-    return path
-
-
-def write_summary(workdir: str, summary: dict[str, Any]) -> None:
-    fileio.write_json_atomic(fileio.join(workdir, SUMMARY_FILE), summary)
-
-
-def read_summary(workdir: str) -> dict[str, Any]:
-    path = fileio.join(workdir, SUMMARY_FILE)
-    return fileio.read_json(path) if fileio.exists(path) else {}
+    def save(self, step: int) -> str:
+        """Writes ckpt-<step>; returns its path."""
+        self.trainer.sync()
+        parts = {p: getattr(self.models, p) for p in checkpoint.PARTS}
+        # The data order is a function of (seed, step): the step is the data position.
+        meta = {**self.meta, "data_position": {"step": int(step), "seed": self.meta.get("seed")}}
+        path = checkpoint.save(self.directory, step, parts, self.optimizer, self.seeds, meta,
+                               self.trainer.chief)
+        checkpoint.prune(self.directory, self.keep, self.trainer.chief)
+        self.latest = checkpoint.Found(path, "keras", int(step))
+        return path

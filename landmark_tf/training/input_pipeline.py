@@ -3,7 +3,7 @@
 Each host reads its own files (`InputContext.input_pipeline_id`), interleaved in parallel, and
 emits batches of the per-replica size with static shapes (`drop_remainder=True`):
   {"image": uint8[b, S, S, 3], "label": int32[b], "weight": float32[b],
-   "flip": bool[b]}   # images to mirror; the train step applies it (see augment.apply_flips)
+   "flip": bool[b]}   # images to mirror; the train step applies it (step_math.prepare_images)
 Images cross host -> device as uint8 (`infeed_dtype`), a quarter of float32's bytes (403 MB ->
 101 MB per step at 128 x 512^2); the resized pixels are rounded to integers on the host and the
 step casts them to float32 on the device. infeed_dtype="float32" keeps the unrounded floats.
@@ -17,7 +17,8 @@ steps_per_epoch * host_batch records (passing over the files again if resampling
 short). Resuming at step s rebuilds epoch s // steps_per_epoch and skips the records of its
 first s % steps_per_epoch steps *before* parsing and decoding, so a resume costs reading, not
 decoding, at most one epoch of records. Augmentation draws are stateless functions of
-(seed, e, position in epoch). Batches never straddle epochs.
+(seed, e, position in epoch) of each example, whatever the batch split. Batches never straddle
+epochs.
 
 Evaluation reads the files in listed order without shuffling and pads with label -1 / weight 0
 examples up to a fixed number of steps, so every host runs the same number of steps.
@@ -168,21 +169,21 @@ def train_dataset(spec: TrainInput, ctx: tf.distribute.InputContext) -> tf.data.
         image, label, clean = augment.decode_example(serialized, spec.image_size, crop, crop_seed)
         if "color" not in spec.augment:  # else rounded once, after colour (finish_batch)
             image = to_infeed(image, spec.infeed_dtype)
-        return {"image": image, "label": label, "clean": clean, "epoch": e, "index": index}
+        # (epoch, index in epoch) names each example the same way after a resume, and on any
+        # split of the global batch over replicas and hosts.
+        draws = augment.example_draws(augment.fold(_fold(base, e), index))
+        if "flip" not in spec.augment:
+            draws["flip"] = tf.zeros_like(draws["flip"])
+        return {"image": image, "label": label, "clean": clean, **draws}
 
     def finish_batch(b: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        # Batches start at multiples of per_replica within an epoch, so (epoch, first index)
-        # names each batch uniquely and the same way after a resume.
-        seed = augment.fold(augment.fold(_fold(base, b["epoch"][0]), b["index"][0]), -1)
         image = b["image"]
         if "color" in spec.augment:
-            image = to_infeed(augment.color_batch(image, seed), spec.infeed_dtype)
-        flip = augment.flip_decisions(per_replica, seed)
-        if "flip" not in spec.augment:
-            flip = tf.zeros_like(flip)
+            image = to_infeed(augment.color_batch(image, b["delta"], b["factor"]),
+                              spec.infeed_dtype)
         index = b["label"] if weighted else tf.zeros_like(b["label"])
         w = losses.example_weights(index, b["clean"], table, spec.not_clean_weight)
-        return {"image": image, "label": b["label"], "weight": w, "flip": flip}
+        return {"image": image, "label": b["label"], "weight": w, "flip": b["flip"]}
 
     ds = tf.data.Dataset.range(start_epoch, _FOREVER).flat_map(epoch)
     # Serialized records read ahead in the background: a new epoch or shuffle block must be

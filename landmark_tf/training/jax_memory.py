@@ -26,8 +26,7 @@ import numpy as np
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import model
-from landmark_tf.training import distribute, jax_step, jax_train
-from landmark_tf.training import train as tf_train
+from landmark_tf.training import distribute, jax_step, jax_trainer, train
 
 GIB = 1 << 30
 # generation: (GiB of HBM per JAX device, TensorCores per device, whether "-N" counts cores)
@@ -56,13 +55,13 @@ def check(model_cfg: ModelConfig, cfg: TrainConfig, tpu_type: str) -> dict[str, 
     replicas, hbm_gib = parse_tpu_type(tpu_type)
     micro = distribute.per_replica_batch(cfg.batch_size, replicas, cfg.grad_accum_steps)
     per_step = micro * cfg.grad_accum_steps
-    policy = jax_train.precision_policy(cfg.mixed_precision, "tpu")
+    policy = jax_trainer.precision_policy(cfg.mixed_precision, "tpu")
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
     try:
         models = model.build_models(model_cfg.validate())
         net = models.train_model
-        optimizer = tf_train.make_optimizer(cfg, max(cfg.train_steps, 1),
+        optimizer = train.make_optimizer(cfg, max(cfg.train_steps, 1),
                                             net.trainable_variables, policy)
         step = jax_step.make_train_step(net, optimizer, global_batch=cfg.batch_size,
                                         accum_steps=cfg.grad_accum_steps)

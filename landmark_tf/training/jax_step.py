@@ -7,7 +7,9 @@ the AdaCos scale, dropout seed states) and `optimizer.variables`. A step runs fo
 gradient sums: memory of one micro-batch), then one `optimizer.stateless_apply`. The batch is
 sharded over the devices on its first axis and the weights replicated (keras.distribution
 DataParallel), so XLA (GSPMD) inserts the gradient all-reduce: the loss is the global mean, as the
-TF trainer's sum over replicas of sum(ce * w) / global_batch.
+TF trainer's sum over replicas of sum(ce * w) / global_batch. What a micro-batch computes is
+step_math's, shared with the TensorFlow step; micro-batch j holds rows j*micro..(j+1)*micro-1
+of each device's share, the rows TensorFlow's replica r takes for its micro-step j.
 """
 
 from __future__ import annotations
@@ -18,55 +20,49 @@ import jax
 import jax.numpy as jnp
 from keras import ops
 
-from landmark_tf.modeling import losses
-
-TRAIN_KEYS = ("loss", "correct", "count")
-
-
-def apply_flips(images, flips):
-    """Mirrors images[i] (float [B, S, S, 3]) where flips[i] (bool [B]), on the device."""
-    return ops.where(flips[:, None, None, None], ops.flip(images, axis=2), images)
+from landmark_tf.training import step_math
+from landmark_tf.training.step_math import TRAIN_KEYS  # noqa: F401
 
 
-def make_train_step(net, optimizer, *, global_batch: int, accum_steps: int) -> Callable:
+def make_train_step(net, optimizer, *, global_batch: int, accum_steps: int,
+                    replicas: int = 1) -> Callable:
     """step(state, batch) -> (state, {"loss", "correct", "count"} float32 scalars).
 
     batch: {"image": [B, S, S, 3] float32 or uint8 0..255, "label": int32 [B],
     "weight": float32 [B], optional "flip": bool [B]}, B the global batch. "loss" is the mean
     weighted loss of the global batch, "correct" / "count" top-1 hits of the margin logits.
+    replicas: the devices the batch is sharded over (in order), for the micro-batch split.
     """
 
     def forward(trainable, non_trainable, image, label, weight):
         logits, non_trainable, extra = net.stateless_call(
             trainable, non_trainable, {"image": image, "label": label}, training=True,
             return_losses=True)
-        loss = losses.weighted_cross_entropy(label, logits, weight, global_batch)
-        if extra:  # layer regularisers, once per optimizer step
-            loss = loss + sum(extra) / float(accum_steps)
-        hits = jnp.sum(jnp.argmax(logits, axis=-1).astype(jnp.int32) == label)
-        return loss, (non_trainable, hits.astype(jnp.float32))
+        # Layer regularisers, once per optimizer step.
+        loss = step_math.micro_loss(label, logits, weight, global_batch, extra,
+                                    1.0 / float(accum_steps))
+        return loss, (non_trainable, step_math.top1_hits(label, logits))
 
     grad_fn = jax.value_and_grad(forward, has_aux=True)
 
     def step(state, batch):
         trainable, non_trainable, opt_vars = state
-        image = ops.cast(batch["image"], "float32")
-        if "flip" in batch:
-            image = apply_flips(image, batch["flip"])
+        image = step_math.prepare_images(batch)
         label, weight = batch["label"].astype(jnp.int32), batch["weight"]
         if accum_steps == 1:
             (loss, (non_trainable, hits)), grads = grad_fn(
                 trainable, non_trainable, image, label, weight)
         else:
-            # [accum * m] -> [m, accum]: micro-batch j is column j, so each device keeps the
-            # rows it already holds (no resharding).
-            split = lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps, *x.shape[1:]))
+            # [R * accum * m] -> [R, accum, m]: device r's rows stay on device r (no
+            # resharding); micro-batch j is [:, j] flattened back to [R * m].
+            split = lambda x: x.reshape((replicas, accum_steps, -1, *x.shape[1:]))
             micro = [split(x) for x in (image, label, weight)]
 
             def body(j, carry):
                 grads, loss, hits, non_trainable = carry
                 parts = [jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False)
                          for x in micro]
+                parts = [p.reshape((-1, *p.shape[2:])) for p in parts]
                 (l_j, (non_trainable, h_j)), g_j = grad_fn(trainable, non_trainable, *parts)
                 grads = jax.tree_util.tree_map(jnp.add, grads, g_j)
                 return grads, loss + l_j, hits + h_j, non_trainable
@@ -88,18 +84,24 @@ def make_eval_step(eval_model, train_model) -> Callable:
     `state` is the train state (train_model's variable order); eval_model shares its variables.
     Examples with weight 0 (padding) count in neither.
     """
-    index = {id(v): i for i, v in enumerate(train_model.trainable_variables)}
-    t_pick = [index[id(v)] for v in eval_model.trainable_variables]
-    index = {id(v): i for i, v in enumerate(train_model.non_trainable_variables)}
-    n_pick = [index[id(v)] for v in eval_model.non_trainable_variables]
+    t_pick, n_pick = subset_indices(train_model, eval_model)
 
     def step(state, batch):
         trainable, non_trainable, _ = state
         logits, _ = eval_model.stateless_call(
             [trainable[i] for i in t_pick], [non_trainable[i] for i in n_pick],
             ops.cast(batch["image"], "float32"), training=False)
-        hits = jnp.argmax(logits, axis=-1).astype(jnp.int32) == batch["label"]
-        valid = (batch["weight"] > 0).astype(jnp.float32)
-        return {"correct": jnp.sum(hits.astype(jnp.float32) * valid), "count": jnp.sum(valid)}
+        return step_math.eval_counts(batch["label"], logits, batch["weight"])
 
     return step
+
+
+def subset_indices(net, part) -> tuple[list[int], list[int]]:
+    """Where `part`'s trainable and non-trainable variables (a model sharing `net`'s layers)
+    sit in `net`'s lists: to run `part` on `net`'s state."""
+    picks = []
+    for mine, theirs in ((net.trainable_variables, part.trainable_variables),
+                         (net.non_trainable_variables, part.non_trainable_variables)):
+        index = {id(v): i for i, v in enumerate(mine)}
+        picks.append([index[id(v)] for v in theirs])
+    return picks[0], picks[1]

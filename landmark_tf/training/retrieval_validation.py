@@ -2,9 +2,10 @@
 
 Classification accuracy of the head says little about retrieval of landmarks the head has never
 seen; this embeds two labelled TFRecord sets (e.g. `landmark-tfrecords --csv/--split` on a slice
-of GLDv2 or of landmark-synth's index/test) with the model being trained, under the trainer's
-strategy, every `every` steps, ranks the index for each query (faiss, exact) and scores Kaggle
-mAP@100 with "same landmark" as relevance (queries without a landmark in the index are left out).
+of GLDv2 or of landmark-synth's index/test) with the model being trained, on the trainer's
+devices (either backend), every `every` steps, ranks the index for each query (faiss, exact)
+and scores Kaggle mAP@100 with "same landmark" as relevance (queries without a landmark in the
+index are left out).
 
 Preprocessing is the SavedModel's (decode -> resize_for_model), so the figure is what
 landmark-export + landmark-embed + landmark-evaluate would report on the same records.
@@ -23,7 +24,6 @@ from absl import logging
 from landmark_tf.data import records
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import knn, metrics, solutions
-from landmark_tf.serving.embed_accel import StrategyEmbedder
 
 
 @dataclasses.dataclass
@@ -77,13 +77,13 @@ def retrieval_map(q_vecs, q_labels, x_vecs, x_labels, x_ids, q_ids) -> float:
 class Hook:
     """Called by the training loop after each execution; returns closing-JSON facts."""
 
-    def __init__(self, cfg: RetrievalValConfig, trainer):
-        self.cfg, self.every = cfg, cfg.every or trainer.cfg.eval_every or (
-            trainer.plan.steps_per_epoch)
+    def __init__(self, cfg: RetrievalValConfig, run):
+        """run: the train.Run; its backend trainer embeds (under either backend)."""
+        self.cfg, self.every = cfg, cfg.every or run.cfg.eval_every or (
+            run.plan.steps_per_epoch)
         self.queries = _RecordSet(cfg.queries, "--retrieval_queries")
         self.index = _RecordSet(cfg.index, "--retrieval_index")
-        self.embedder = StrategyEmbedder(trainer.models.embedding_model, trainer.strategy,
-                                         [trainer.models.config.image_size], cfg.batch_size)
+        self.embedder = run.trainer.embedder([run.models.config.image_size], cfg.batch_size)
         self.last: dict = {}
 
     def due(self, step: int, n: int, total: int) -> bool:

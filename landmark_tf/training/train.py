@@ -1,13 +1,17 @@
-"""Training: a hand-written `strategy.run` loop inside a tf.function, not `Model.fit`.
+"""A training run, the same for both Keras backends: `train(model_cfg, cfg)`.
 
-Why: (1) step-exact resume — model, optimizer and a step counter form one tf.train.Checkpoint
-and the data order is a function of (seed, step) (see input_pipeline), whereas fit's
-BackupAndRestore resumes at epoch starts only; (2) steps_per_execution is our own `tf.range` loop
-of `strategy.run` (the TF custom-loop pattern that TPUStrategy compiles), not Keras's multi-step
-loop that breaks with several replicas (keras-team/keras#19246), and it is still probed
-(distribute.multi_step_supported) with a fallback to 1; (3) gradient accumulation is a loop over
-micro-batches inside the (XLA-compiled) step with one optimizer update; (4) the same loop runs on
-CPU, GPUs and TPUs with TF 2.20 and 2.21.
+The run (`Run`, orbit's Controller) owns what does not depend on the backend: the data plan from
+dataset_info.json, the input spec, loss weights, the optimizer and its schedule, BatchNorm
+momentum and statistics, the head-memory report, config.json, the restore-or-init policy (resume
+from the workdir's checkpoint, else `--init_from` with its label-map check), checkpoints
+(modeling/checkpoint: one format for both backends) and the loop (train_loop). The backend
+trainer it is handed (trainer.BackendTrainer: tf_trainer or jax_trainer) owns the placement of
+variables, the compiled steps and their state.
+
+Not `Model.fit`: step-exact resume (data order is a function of (seed, step), see
+input_pipeline; fit's BackupAndRestore resumes at epoch starts), our own multi-step loop
+(keras-team/keras#19246 breaks Keras's with several replicas), and gradient accumulation inside
+the compiled step.
 
 `train(model_cfg, cfg)` returns the closing JSON dict: step, loss, accuracy, images_per_second,
 learning_rate, val_accuracy (when a validation split exists), ...
@@ -21,28 +25,26 @@ import math
 from typing import Any
 
 import keras
-import tensorflow as tf
-from absl import logging
 
 from landmark_tf import fileio
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.data import records
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import lever_heads, losses, model
+from landmark_tf.modeling import checkpoint, lever_heads, losses, model
 from landmark_tf.training import (
+    batch_stats,
     checkpointing,
     distribute,
     input_pipeline,
-    retrieval_validation,
     sampling,
     train_loop,
-    train_step,
 )
 from landmark_tf.training.schedules import WarmupSchedule
+from landmark_tf.training.trainer import BackendTrainer
 
 
 @dataclasses.dataclass
-class Plan:
+class DataPlan:
     """Facts about the data that fix the run: read from dataset_info.json."""
 
     train_files: tuple[str, ...]
@@ -57,7 +59,7 @@ class Plan:
     not_clean_counts: list[int] | None = None
 
 
-def make_plan(cfg: TrainConfig) -> Plan:
+def make_plan(cfg: TrainConfig) -> DataPlan:
     """Reads dataset_info.json of cfg.data_dir; UserError for anything that cannot train."""
     info = records.load_dataset_info(cfg.data_dir)
     num_classes = int(info["num_classes"])
@@ -83,12 +85,12 @@ def make_plan(cfg: TrainConfig) -> Plan:
     if not_clean is not None and len(not_clean) != num_classes:
         raise UserError(f"{where}: {len(not_clean)} not_clean_class_counts for {num_classes} "
                         "classes")
-    return Plan(train_files, val_files, val_examples, num_classes, [int(c) for c in counts],
+    return DataPlan(train_files, val_files, val_examples, num_classes, [int(c) for c in counts],
                 steps_per_epoch, train_steps,
                 None if not_clean is None else [int(c) for c in not_clean])
 
 
-def loss_weights(cfg: TrainConfig, plan: Plan):
+def loss_weights(cfg: TrainConfig, plan: DataPlan):
     """float32[C] class weights (see losses.class_weights), or None when every weight is 1."""
     if cfg.class_weighting == "none" and cfg.not_clean_weight == 1.0:
         return None
@@ -128,48 +130,41 @@ def set_bn_momentum(net: keras.Model, momentum: float) -> None:
             layer.momentum = momentum
 
 
-def seed_states(net: keras.Model) -> list:
-    """The state variables of the model's Keras SeedGenerators (dropout / stochastic depth).
-
-    They are model variables but not children in the tf.train.Checkpoint object graph, so they
-    are checkpointed explicitly: without them a resumed run draws other dropout masks.
-    """
-    return [g.state for layer in net._flatten_layers() for g in getattr(
-        layer, "_seed_generators", [])]
-
-
 def train(model_cfg: ModelConfig, cfg: TrainConfig, retrieval_val=None) -> dict[str, Any]:
-    """Trains (or resumes) into cfg.workdir; returns the closing JSON dict.
+    """Trains (or resumes) into cfg.workdir on cfg.backend; returns the closing JSON dict.
 
     retrieval_val: optional retrieval_validation.RetrievalValConfig (held-out mAP@100).
-    cfg.backend "jax" (or "auto" resolving to it, see training/backend.py) hands the run to
-    jax_train.train; the Keras backend of this process must match (KERAS_BACKEND).
+    cfg.backend "auto" resolves first (training/backend.py); the Keras backend of this process
+    must be the one chosen (KERAS_BACKEND, fixed when Keras is first imported).
     """
     from landmark_tf.training import backend
 
     cfg = dataclasses.replace(cfg.validate(), backend=backend.select(cfg.backend, cfg.tpu,
                                                                 cfg.strategy))
-    if cfg.backend == "jax":
-        if retrieval_val is not None:
-            raise UserError("--retrieval_queries/--retrieval_index run under the TensorFlow "
-                            "backend only (not yet under --backend=jax)")
-        from landmark_tf.training import jax_train
-
-        with _out_of_memory_is_a_user_error(cfg, model_cfg.image_size):
-            return jax_train.train(model_cfg, cfg)
     plan = make_plan(cfg)
     loss_weights(cfg, plan)  # a dataset that cannot be weighted fails before any model is built
     model_cfg = dataclasses.replace(model_cfg, num_classes=plan.num_classes).validate()
-    strategy = distribute.resolve_strategy(cfg.strategy, cfg.tpu)
     previous = keras.mixed_precision.global_policy()
     try:
         with _out_of_memory_is_a_user_error(cfg, model_cfg.image_size):
-            return Trainer(model_cfg, cfg, plan, strategy, retrieval_val).run()
+            return Run(model_cfg, cfg, plan, retrieval_val=retrieval_val).run()
     finally:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def train_input(cfg: TrainConfig, plan: Plan, image_size: int,
+def make_trainer(cfg: TrainConfig, strategy=None) -> BackendTrainer:
+    """The backend trainer for cfg.backend ("tensorflow" or "jax", resolved); `strategy`: a
+    tf.distribute strategy to use instead of resolving cfg.strategy (TensorFlow only)."""
+    if cfg.backend == "jax":
+        from landmark_tf.training.jax_trainer import JaxTrainer
+
+        return JaxTrainer(cfg)
+    from landmark_tf.training.tf_trainer import TFTrainer
+
+    return TFTrainer(cfg, strategy)
+
+
+def train_input(cfg: TrainConfig, plan: DataPlan, image_size: int,
                 start_step: int) -> input_pipeline.TrainInput:
     """The training input of a run (both backends): files, sampling, loss weights, position."""
     factors = None
@@ -191,7 +186,7 @@ def _out_of_memory_is_a_user_error(cfg: TrainConfig, image_size: int):
     try:
         yield
     except Exception as e:
-        if not (isinstance(e, tf.errors.ResourceExhaustedError)
+        if not (type(e).__name__ == "ResourceExhaustedError"
                 or "RESOURCE_EXHAUSTED" in str(e)[:300]):
             raise
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -200,22 +195,6 @@ def _out_of_memory_is_a_user_error(cfg: TrainConfig, image_size: int):
             f"{cfg.grad_accum_steps}, --image_size={image_size} ({first}); lower the batch or "
             "image size, raise --grad_accum_steps, or check a setting first with "
             "--memory_check --tpu_type=...") from None
-
-
-def _check_sync_bn(model_cfg: ModelConfig, cfg: TrainConfig, replicas: int, kind: str,
-                   jit: str) -> None:
-    """--neck=dense_syncbn all-reduces batch statistics inside the forward pass. TensorFlow
-    cannot do that inside the accumulation loop, nor inside the nested XLA function on CPU
-    replicas (merge_call in a nested graph; GPUs and TPUs reduce without merge_call)."""
-    if model_cfg.neck != "dense_syncbn" or replicas == 1:
-        return
-    if cfg.grad_accum_steps > 1:
-        raise UserError(f"--neck=dense_syncbn with --grad_accum_steps={cfg.grad_accum_steps} "
-                        f"over {replicas} replicas: the statistics cannot be synchronised "
-                        "inside the accumulation loop; use --grad_accum_steps=1 or dense_bn")
-    if kind == "cpu" and jit == "on":
-        raise UserError("--neck=dense_syncbn with --jit_compile=on on CPU replicas: TensorFlow "
-                        "cannot all-reduce there inside XLA; use --jit_compile=off")
 
 
 def report_head_memory(model_cfg: ModelConfig) -> dict[str, int]:
@@ -238,49 +217,82 @@ def report_head_memory(model_cfg: ModelConfig) -> dict[str, int]:
     return size
 
 
-class Trainer:
-    """One run: builds models, optimizer, checkpoint and pipelines, then loops."""
+def eval_input(plan: DataPlan, image_size: int, eval_batch: int,
+               hosts: int) -> input_pipeline.EvalInput | None:
+    """The validation input (None without a validation split): enough steps of `eval_batch`
+    for every example; with several hosts, each reading its own shards, one spare step absorbs
+    uneven shards."""
+    if not plan.val_files:
+        return None
+    steps = math.ceil(plan.val_examples / eval_batch) + (1 if hosts > 1 else 0)
+    return input_pipeline.EvalInput(plan.val_files, image_size, eval_batch, steps)
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, plan: Plan, strategy,
+
+class Run:
+    """One training run: a backend trainer, the models, checkpoints and the loop.
+
+    Args:
+      model_cfg: the model, num_classes already the data's.
+      cfg: the run's TrainConfig, backend resolved ("tensorflow" or "jax").
+      plan: make_plan(cfg).
+      strategy: a tf.distribute strategy for the TensorFlow trainer (default: cfg.strategy).
+      retrieval_val: optional retrieval_validation.RetrievalValConfig.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, plan: DataPlan, strategy=None,
                  retrieval_val=None):
-        self.cfg, self.plan, self.strategy = cfg, plan, strategy
-        self.kind = distribute.device_kind(strategy)
-        self.replicas = strategy.num_replicas_in_sync
-        self.micro = distribute.per_replica_batch(
-            cfg.batch_size, self.replicas, cfg.grad_accum_steps)
-        self.chief = distribute.is_chief(strategy)
-        _check_sync_bn(model_cfg, cfg, self.replicas, self.kind, cfg.jit_compile)
+        self.cfg, self.plan = cfg, plan
+        self.trainer = make_trainer(cfg, strategy)
+        try:
+            self._build(model_cfg, retrieval_val)
+        except BaseException:
+            self.trainer.close()
+            raise
+
+    def _build(self, model_cfg: ModelConfig, retrieval_val) -> None:
+        cfg, plan, t = self.cfg, self.plan, self.trainer
+        self.micro = distribute.per_replica_batch(cfg.batch_size, t.replicas,
+                                                  cfg.grad_accum_steps)
+        t.check(model_cfg)
         config = checkpointing.workdir_config(model_cfg, cfg, plan.num_classes)
-        checkpointing.check_and_write_config(cfg.workdir, config, self.chief)
-        self.policy = distribute.precision_policy(cfg.mixed_precision, self.kind)
-        self.jit = distribute.use_jit(cfg.jit_compile, self.kind)
-        keras.mixed_precision.set_global_policy(self.policy)
+        checkpointing.check_and_write_config(cfg.workdir, config, t.chief)
+        keras.mixed_precision.set_global_policy(t.policy)
         keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed
-        with strategy.scope():
+        with t.placement():
             self.models = model.build_models(model_cfg, cfg.pretrained_weights or None,
                                              class_counts=plan.class_counts)
-            set_bn_momentum(self.models.train_model, cfg.bn_momentum)
-            variables = self.models.train_model.trainable_variables
-            self.optimizer = make_optimizer(cfg, plan.train_steps, variables, self.policy)
-        with tf.device("/cpu:0"):
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.checkpoint = model.make_checkpoint(
-            self.models, optimizer=self.optimizer, step=self.step,
-            rng=seed_states(self.models.train_model))
-        self.manager = checkpointing.manager(
-            self.checkpoint, cfg.workdir, cfg.keep_checkpoints, self.chief,
-            getattr(getattr(strategy, "cluster_resolver", None), "task_id", 0) or 0)
-        self.start_info = {**self._restore_or_init(), **report_head_memory(model_cfg)}
-        self.start_step = int(self.step.numpy())
-        self.steps_per_execution = self._steps_per_execution()
-        # Called after each execution as hook(step, n, total, writer) -> closing-JSON facts.
-        self.step_hooks = [] if retrieval_val is None else [
-            retrieval_validation.Hook(retrieval_val, self)]
+            net = self.models.train_model
+            set_bn_momentum(net, cfg.bn_momentum)
+            batch_stats.configure(net, cfg.bn_statistics, t.replicas, t.backend)
+            self.optimizer = make_optimizer(cfg, plan.train_steps, net.trainable_variables,
+                                            t.policy)
+        self.seeds = checkpoint.seed_states(net)
+        self.checkpoints = checkpointing.CheckpointManager(
+            cfg.workdir, cfg.keep_checkpoints, t, self.models, self.optimizer, self.seeds,
+            {"backend": t.backend, "seed": cfg.seed})
+        self.start_info = {"backend": t.backend, **self._restore_or_init(),
+                           **report_head_memory(model_cfg)}
+        self.start_step = t.step
+        replica_mean = (batch_stats.replica_mean_state(net, self.seeds)
+                        if cfg.bn_statistics == "replica" else [])
+        t.start(self.models, self.optimizer, self.start_step,
+                train_input(cfg, plan, model_cfg.image_size, self.start_step),
+                eval_input(plan, model_cfg.image_size, self.micro * t.replicas, t.hosts),
+                replica_mean)
+        self.step_hooks = []  # hook(step, n, total, writer) -> closing-JSON facts
+        if retrieval_val is not None:
+            from landmark_tf.training import retrieval_validation
+
+            self.step_hooks.append(retrieval_validation.Hook(retrieval_val, self))
 
     def _restore_or_init(self) -> dict[str, Any]:
-        path = checkpointing.restore_latest(self.checkpoint, self.cfg.workdir, self.models)
-        if path:
-            return {"resumed_from": path}
+        """Resume from this workdir's checkpoint; else start from --init_from (a kept head only
+        when its label map is this data's); else the initialisation."""
+        found = self.checkpoints.latest
+        if found is not None:
+            step = model.restore_train_state(self.models, found, self.optimizer, self.seeds)
+            self.trainer.set_step(step)
+            return {"resumed_from": found.path}
         if self.cfg.init_from:
             info = model.restore_for_stage(self.models, self.cfg.init_from)
             if "head" in info["restored"]:
@@ -289,54 +301,10 @@ class Trainer:
             return {"init_from": info}
         return {}
 
-    def _steps_per_execution(self) -> int:
-        n = self.cfg.steps_per_execution
-        if n > 1 and self.replicas > 1 and not distribute.multi_step_supported(self.strategy):
-            logging.warning("steps_per_execution=%d fails with %d replicas here; using 1",
-                            n, self.replicas)
-            return 1
-        return n
-
-    def train_function(self):
-        cfg, plan = self.cfg, self.plan
-        spec = train_input(cfg, plan, self.models.config.image_size, self.start_step)
-        iterator = iter(input_pipeline.distribute(self.strategy, spec))
-        replica_fn = train_step.make_train_step(
-            self.models, self.optimizer, global_batch=cfg.batch_size, replicas=self.replicas,
-            accum_steps=cfg.grad_accum_steps,
-            jit=self.jit and self.kind != "tpu")  # TPUStrategy compiles the whole step anyway
-        multi = distribute.multi_step_function(
-            self.strategy, replica_fn, train_step.TRAIN_KEYS, self.steps_per_execution)
-
-        @tf.function
-        def run(iterator, n):
-            totals = multi(iterator, n)
-            self.step.assign_add(tf.cast(n, tf.int64))
-            return totals
-
-        return lambda n: run(iterator, n)
-
-    def eval_function(self):
-        if not self.plan.val_files:
-            return None
-        eval_batch = self.micro * self.replicas
-        # With several hosts each reads its own shards; one spare step absorbs uneven shards.
-        spare = 1 if distribute.num_hosts(self.strategy) > 1 else 0
-        steps = math.ceil(self.plan.val_examples / eval_batch) + spare
-        spec = input_pipeline.EvalInput(self.plan.val_files, self.models.config.image_size,
-                                        eval_batch, steps)
-        dataset = input_pipeline.distribute(self.strategy, spec)
-        replica_fn = train_step.make_eval_step(self.models)
-        multi = distribute.multi_step_function(self.strategy, replica_fn, train_step.EVAL_KEYS)
-        return lambda: multi(iter(dataset), tf.constant(steps))
-
     def run(self) -> dict[str, Any]:
-        """Trains to plan.train_steps; SIGTERM / Ctrl-C save a checkpoint, then re-raise."""
-        loop = train_loop.Loop(self)
-        with train_loop.sigterm_as_interrupt():
-            try:
-                loop.run()
-            except KeyboardInterrupt:
-                loop.save(int(self.step.numpy()), wait=True)
-                raise
-        return loop.result()
+        """Trains to plan.train_steps; SIGTERM / Ctrl-C save a checkpoint after the current
+        execution, then raise KeyboardInterrupt."""
+        try:
+            return train_loop.Loop(self).run()
+        finally:
+            self.trainer.close()

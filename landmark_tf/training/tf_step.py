@@ -1,10 +1,11 @@
-"""Per-replica train and eval steps, run by `distribute.multi_step_function`.
+"""The TensorFlow train and eval steps (per replica), run by `distribute.multi_step_function`.
 
 A train step takes this replica's batch of `accum_steps * micro` examples, runs forward and
 backward on each micro-batch (a `tf.range` loop carrying the gradient sums, so memory is that of
 one micro-batch), then makes one optimizer update; the optimizer sums gradients over replicas.
 Forward/backward is XLA-compiled when `jit` is set (GPU); the update stays outside XLA because it
 contains the cross-replica all-reduce. On TPU the whole step is compiled by TPUStrategy anyway.
+What a micro-batch computes is step_math's, shared with the JAX step.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from landmark_tf.modeling import losses
 from landmark_tf.modeling.model import LandmarkModels
-from landmark_tf.training import augment
-
-TRAIN_KEYS = ("loss", "correct", "count")
-EVAL_KEYS = ("correct", "count")
+from landmark_tf.training import step_math
+from landmark_tf.training.step_math import EVAL_KEYS, TRAIN_KEYS  # noqa: F401
 
 
 def make_train_step(
@@ -30,6 +28,7 @@ def make_train_step(
     replicas: int,
     accum_steps: int,
     jit: bool,
+    replica_mean: list | None = None,
 ) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
     """Returns replica_fn(batch) -> {"loss", "correct", "count"} float32 scalars of this replica.
 
@@ -37,6 +36,8 @@ def make_train_step(
     "weight": float32[...], optionally "flip": bool[...]} (input_pipeline.train_dataset's batches).
     "loss" is this replica's share of the global mean weighted loss (sums to the mean over
     replicas), "correct"/"count" count top-1 hits of the margin logits.
+    replica_mean: variables set to their mean over replicas after the update (batch_stats'
+    `replica` setting: BatchNorm moving statistics, the AdaCos scale).
     """
     model = models.train_model
     variables = model.trainable_variables
@@ -44,18 +45,15 @@ def make_train_step(
     def grads_of(image, label, weight):
         with tf.GradientTape() as tape:
             logits = model({"image": image, "label": label}, training=True)
-            loss = losses.weighted_cross_entropy(label, logits, weight, global_batch)
-            if model.losses:  # layer regularisers, split over replicas and micro-steps
-                loss += tf.add_n(model.losses) / float(replicas * accum_steps)
+            # Layer regularisers, split over replicas and micro-steps.
+            loss = step_math.micro_loss(label, logits, weight, global_batch, model.losses,
+                                        1.0 / float(replicas * accum_steps))
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), label)
-        return loss, tf.reduce_sum(tf.cast(hits, tf.float32)), grads
+        return loss, step_math.top1_hits(label, logits), grads
 
     def accumulate(batch):
-        if "flip" in batch:
-            batch = {**batch, "image": augment.apply_flips(batch["image"], batch["flip"])}
-        batch = {**batch, "image": tf.cast(batch["image"], tf.float32)}  # uint8 infeed
+        batch = {**batch, "image": step_math.prepare_images(batch)}
         if accum_steps == 1:
             return grads_of(batch["image"], batch["label"], batch["weight"])
         micro = {k: _split(v, accum_steps) for k, v in batch.items()}
@@ -74,6 +72,8 @@ def make_train_step(
         if agree:
             grads = finite_everywhere_or_poisoned(grads)
         optimizer.apply(grads, variables)
+        if replica_mean:
+            _set_to_replica_mean(replica_mean)
         count = tf.cast(tf.shape(batch["label"])[0], tf.float32)
         return {"loss": tf.cast(loss, tf.float32), "correct": correct, "count": count}
 
@@ -97,6 +97,14 @@ def finite_everywhere_or_poisoned(grads: list[tf.Tensor]) -> list[tf.Tensor]:
     return [grads[0] + poison, *grads[1:]]
 
 
+def _set_to_replica_mean(variables: list) -> None:
+    """Assigns each variable its mean over the replicas (one all-reduce; replica context)."""
+    context = tf.distribute.get_replica_context()
+    means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in variables])
+    for v, m in zip(variables, means, strict=True):
+        v.assign(m)
+
+
 def make_eval_step(models: LandmarkModels) -> Callable[[dict[str, tf.Tensor]], dict]:
     """replica_fn(batch) -> {"correct", "count"}: top-1 of the cosine head without margin.
 
@@ -106,10 +114,7 @@ def make_eval_step(models: LandmarkModels) -> Callable[[dict[str, tf.Tensor]], d
 
     def replica_fn(batch):
         logits = model(tf.cast(batch["image"], tf.float32), training=False)
-        hits = tf.equal(tf.argmax(logits, axis=-1, output_type=tf.int32), batch["label"])
-        valid = tf.cast(batch["weight"] > 0, tf.float32)
-        return {"correct": tf.reduce_sum(tf.cast(hits, tf.float32) * valid),
-                "count": tf.reduce_sum(valid)}
+        return step_math.eval_counts(batch["label"], logits, batch["weight"])
 
     return replica_fn
 

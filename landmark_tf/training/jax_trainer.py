@@ -1,0 +1,180 @@
+"""The JAX backend trainer (Keras 3 on JAX): `landmark-train --backend=jax`, for TPU runtimes
+without TensorFlow (Colab's since 2025, Kaggle's v5e-8, newer Cloud TPU generations) and
+JAX-only GPU hosts.
+
+Weights are replicated and the batch sharded over all local devices by
+`keras.distribution.DataParallel` (TPU cores, GPUs, CPU devices); the step is a jit-compiled
+pure function of (state, batch) (jax_step) whose state lives as device arrays between steps and
+is written back into the Keras variables (`sync`) for checkpoints and validation. tf.data stays
+the host input pipeline; its batches reach the devices as NumPy.
+
+steps_per_execution is the number of steps between two returns to the loop (logs, progress):
+each step is its own jit call, dispatched asynchronously, so the host prepares the next batch
+while the device computes, without stacking n batches in device memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import jax
+import keras
+import numpy as np
+import tensorflow as tf
+
+from landmark_tf.config import ModelConfig, TrainConfig
+from landmark_tf.errors import UserError
+from landmark_tf.training import distribute, input_pipeline, jax_step
+from landmark_tf.training.embedder import JaxEmbedder
+
+
+def precision_policy(setting: str, kind: str) -> str:
+    """auto: bfloat16 on TPU and GPU (no loss scaling needed), float32 on CPU."""
+    if setting == "float16":
+        raise UserError("--mixed_precision=float16 needs loss scaling, which the JAX trainer "
+                        "does not do: use bfloat16 (or --backend=tensorflow)")
+    if setting == "auto":
+        setting = "bfloat16" if kind in ("tpu", "gpu") else "float32"
+    return distribute.precision_policy(setting, kind)
+
+
+class JaxTrainer:
+    """trainer.BackendTrainer on JAX (data parallel over jax.devices())."""
+
+    backend = "jax"
+
+    def __init__(self, cfg: TrainConfig):
+        if keras.backend.backend() != "jax":
+            raise UserError(f"the JAX trainer needs KERAS_BACKEND=jax; Keras runs on "
+                            f"{keras.backend.backend()}")
+        # The host pipeline's TensorFlow must not take GPU memory from JAX (RuntimeError: TF's
+        # devices are already initialised, as in a test process; harmless there).
+        with contextlib.suppress(RuntimeError):
+            tf.config.set_visible_devices([], "GPU")
+        self.cfg = cfg
+        self.devices = jax.devices()
+        platform = self.devices[0].platform
+        self.kind = platform if platform in ("tpu", "gpu") else "cpu"
+        self.replicas = len(self.devices)
+        self.hosts = jax.process_count()
+        self.chief = jax.process_index() == 0
+        self.policy = precision_policy(cfg.mixed_precision, self.kind)
+        self.jit = True
+        self.steps_per_execution = cfg.steps_per_execution
+        self.data_sharding = jax.sharding.NamedSharding(
+            jax.sharding.Mesh(np.array(self.devices), ("batch",)),
+            jax.sharding.PartitionSpec("batch"))
+        self._step = 0
+
+    def check(self, model_cfg: ModelConfig) -> None:
+        if model_cfg.neck == "dense_syncbn":
+            raise UserError("--neck=dense_syncbn is TensorFlow's synchronised BatchNorm; under "
+                            "JAX use --neck=dense_bn with --bn_statistics=global (the same "
+                            "statistics)")
+
+    @contextlib.contextmanager
+    def placement(self):
+        """keras.distribution.DataParallel over the devices while variables are created (and
+        kept for the run: the step's sharding follows it)."""
+        mesh = keras.distribution.DeviceMesh((self.replicas,), ["batch"], self.devices)
+        self._previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(device_mesh=mesh))
+        yield
+
+    def set_step(self, step: int) -> None:
+        self._step = int(step)
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def _input_context(self) -> tf.distribute.InputContext:
+        # One "replica" per host: each host's pipeline yields its whole share of the global
+        # batch, which to_device shards over its devices.
+        n = jax.process_count()
+        return tf.distribute.InputContext(num_input_pipelines=n,
+                                          input_pipeline_id=jax.process_index(),
+                                          num_replicas_in_sync=n)
+
+    def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.data_sharding, v)
+                for k, v in batch.items()}
+
+    def start(self, models, optimizer, start_step, train_input, eval_input,
+              replica_mean) -> None:
+        # replica_mean is done inside the step: batch_stats' per-replica BatchNorm already
+        # moves the one copy of the moving statistics by the replicas' mean.
+        del replica_mean, start_step
+        self.models, self.optimizer = models, optimizer
+        net = models.train_model
+        self.state = self._read_variables()
+        self._batches = input_pipeline.train_dataset(
+            train_input, self._input_context()).as_numpy_iterator()
+        self._train_step = jax.jit(jax_step.make_train_step(
+            net, optimizer, global_batch=self.cfg.batch_size,
+            accum_steps=self.cfg.grad_accum_steps, replicas=self.replicas), donate_argnums=(0,))
+        self._eval = None
+        if eval_input is not None:
+            self._eval_dataset = input_pipeline.eval_dataset(eval_input, self._input_context())
+            self._eval = jax.jit(jax_step.make_eval_step(models.eval_logits_model, net))
+
+    def _read_variables(self):
+        net = self.models.train_model
+        return ([v.value for v in net.trainable_variables],
+                [v.value for v in net.non_trainable_variables],
+                [v.value for v in self.optimizer.variables])
+
+    def train(self, n: int, should_stop: Callable[[], bool]) -> dict[str, float]:
+        totals = None
+        for _ in range(int(n)):
+            batch = self.to_device(next(self._batches))
+            # Buffers of the old state are donated: state and step change together, and a
+            # signal only sets the flag that should_stop reads.
+            self.state, metrics = self._train_step(self.state, batch)
+            self._step += 1
+            totals = metrics if totals is None else jax.tree_util.tree_map(
+                lambda a, b: a + b, totals, metrics)
+            if should_stop():
+                break
+        return {k: float(v) for k, v in totals.items()}
+
+    def evaluate(self) -> dict[str, float] | None:
+        if self._eval is None:
+            return None
+        totals = {"correct": 0.0, "count": 0.0}
+        for batch in self._eval_dataset.as_numpy_iterator():
+            out = self._eval(self.state, self.to_device(batch))
+            totals = {k: totals[k] + out[k] for k in totals}
+        return {k: float(v) for k, v in totals.items()}
+
+    def sync(self) -> None:
+        """Writes the jit state back into the Keras variables."""
+        net = self.models.train_model
+        trainable, non_trainable, opt_vars = self.state
+        for group, values in ((net.trainable_variables, trainable),
+                              (net.non_trainable_variables, non_trainable),
+                              (self.optimizer.variables, opt_vars)):
+            for v, value in zip(group, values, strict=True):
+                v.assign(value)
+
+    def learning_rate(self) -> float:
+        # The Keras optimizer's iteration count is written back only by sync: ask the
+        # schedule at the trainer's step (as TensorFlow's, read after the step).
+        rate = self.optimizer._learning_rate
+        value = rate(self._step) if callable(rate) else rate
+        return float(keras.ops.convert_to_numpy(value))
+
+    def embedder(self, sizes: list[int], batch_size: int) -> JaxEmbedder:
+        net, part = self.models.train_model, self.models.embedding_model
+        t_pick, n_pick = jax_step.subset_indices(net, part)
+
+        def state():
+            trainable, non_trainable, _ = self.state
+            return [trainable[i] for i in t_pick], [non_trainable[i] for i in n_pick]
+
+        return JaxEmbedder(part, state, self.to_device, sizes, batch_size, self.replicas)
+
+    def close(self) -> None:
+        """Restores the distribution that was set before `placement`."""
+        keras.distribution.set_distribution(getattr(self, "_previous", None))

@@ -1,0 +1,48 @@
+"""The arithmetic of a training and an evaluation step that both backends share (keras.ops).
+
+Only gradients, the optimizer update and the accumulation primitive differ per backend
+(tf_step: GradientTape and a tf.range loop under tf.distribute; jax_step: value_and_grad and
+a fori_loop under GSPMD); what a micro-batch computes is written here once.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+from landmark_tf.modeling import losses
+
+TRAIN_KEYS = ("loss", "correct", "count")
+EVAL_KEYS = ("correct", "count")
+
+
+def prepare_images(batch: dict):
+    """float32 [B, S, S, 3] images of a batch (uint8 or float32 infeed, 0..255), mirrored where
+    batch["flip"] (bool [B], drawn on the host) says so: flips run on the device."""
+    image = ops.cast(batch["image"], "float32")
+    if "flip" in batch:
+        image = ops.where(batch["flip"][:, None, None, None], ops.flip(image, axis=2), image)
+    return image
+
+
+def micro_loss(label, logits, weight, global_batch: int, extra_losses, share: float):
+    """A micro-batch's share of the step's loss (float32 scalar): its part of the global mean
+    weighted cross-entropy plus `share` of the layer regularisers (`extra_losses`, a list of
+    scalars: a replica's and micro-step's part, so that they count once per optimizer step)."""
+    loss = losses.weighted_cross_entropy(label, logits, weight, global_batch)
+    if extra_losses:
+        loss = loss + ops.sum(ops.stack([ops.cast(x, "float32") for x in extra_losses])) * share
+    return loss
+
+
+def top1_hits(label, logits):
+    """float32 scalar: how many rows of logits [B, C] have their maximum at label int32 [B]."""
+    hits = ops.equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), ops.cast(label, "int32"))
+    return ops.sum(ops.cast(hits, "float32"))
+
+
+def eval_counts(label, logits, weight) -> dict:
+    """{"correct", "count"} float32 scalars: top-1 hits and examples, padding (weight 0) left
+    out of both."""
+    hits = ops.equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), ops.cast(label, "int32"))
+    valid = ops.cast(ops.greater(weight, 0), "float32")
+    return {"correct": ops.sum(ops.cast(hits, "float32") * valid), "count": ops.sum(valid)}
