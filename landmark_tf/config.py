@@ -33,7 +33,7 @@ class ModelConfig:
 
     `scale=None` means "auto": the fixed AdaCos scale sqrt(2) * ln(C - 1). `neck` (NECKS) and
     `neck_activation` (NECK_ACTIVATIONS, the Dense's activation) choose the embedding layer.
-    Levers (issue 14): `head="dynamic_arcface"` takes per-class margins
+    Head variants: `head="dynamic_arcface"` takes per-class margins
     dynamic_margin_a * minmax(n_c^(-1/4)) + dynamic_margin_b from the train counts;
     `head_rank` > 0 factorises the class matrix into D x r and r x C; `npairs_weight` > 0 adds
     the n-pairs loss of the embeddings (with `npairs_l2_reg`) to the head's cross-entropy.

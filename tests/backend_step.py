@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from landmark_tf.config import HEADS
-from landmark_tf.modeling import lever_heads, losses
+from landmark_tf.modeling import head_variants, losses
 from landmark_tf.modeling.pooling import EmbeddingNeck
 
 B, H, F, D, C = 6, 4, 16, 8, 5
@@ -25,7 +25,7 @@ def build(head_name: str) -> keras.Model:
     features = keras.Input((H, H, F), name="features")
     label = keras.Input((), dtype="int32", name="label")
     neck = EmbeddingNeck("gem", 3.0, D, name="neck")
-    head = lever_heads.build_lever_head(head_name, C, scale=None, margin=0.2, subcenters=2,
+    head = head_variants.build_training_head(head_name, C, scale=None, margin=0.2, subcenters=2,
                                   class_counts=[9, 4, 2, 7, 1], name="head")
     net = keras.Model({"features": features, "label": label}, head(neck(features), label))
     rng = np.random.default_rng(0)

@@ -116,7 +116,7 @@ def test_train_notebook_runs_in_local_mode_under_jax(tmp_path, monkeypatch):
     summary = json.loads((work / "runs" / "b0" / "summary.json").read_text())
     assert summary["step"] == 5 and summary["backend"] == "jax" and summary["replicas"] == 2
     metadata = json.loads((work / "exports" / "b0" / "metadata.json").read_text())
-    assert metadata["step"] == 5 and metadata["checkpoint"].endswith("ckpt-5.npz")
+    assert metadata["step"] == 5 and metadata["checkpoint"].endswith("ckpt-5")
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

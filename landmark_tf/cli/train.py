@@ -138,7 +138,7 @@ flags.DEFINE_string("scale", "auto", "Logit scale: a float, or auto = sqrt(2) * 
 flags.DEFINE_float("margin", _M.margin, "Margin of CosFace/ArcFace heads.")
 flags.DEFINE_integer("subcenters", _M.subcenters, "Sub-centres per class (subcenter_arcface, "
                      "dynamic_arcface).")
-# Levers (issue 14).
+# Head variants (modeling/head_variants.py).
 flags.DEFINE_integer("head_rank", _M.head_rank, "Factorised class matrix: D x r times r x C "
                      "(Cookpad GLR2019); 0 = full D x C. Not for adacos/softmax.")
 flags.DEFINE_float("dynamic_margin_a", _M.dynamic_margin_a, "dynamic_arcface: margin "

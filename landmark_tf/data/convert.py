@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from landmark_tf import fileio
 from landmark_tf.data import images, output_dir, planning, records
-from landmark_tf.data.planning import Plan
+from landmark_tf.data.planning import ConversionPlan
 from landmark_tf.data.shards import ImageOptions, ShardTask, write_shard
 from landmark_tf.data.workers import Workers
 from landmark_tf.errors import UserError
@@ -145,7 +145,7 @@ def _write_local(
         return workers.map(write_shard, [(t,) for t in todo], on_progress=bar.update)
 
 
-def _tasks(cfg: ConvertConfig, plan: Plan, num_shards: dict[str, int]) -> list[ShardTask]:
+def _tasks(cfg: ConvertConfig, plan: ConversionPlan, num_shards: dict[str, int]) -> list[ShardTask]:
     options = ImageOptions(cfg.max_image_side, cfg.jpeg_quality)
     state = fileio.join(cfg.output_dir, output_dir.STATE_DIR)
     tasks = []

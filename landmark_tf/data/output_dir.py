@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from landmark_tf import fileio
 from landmark_tf.data import records
-from landmark_tf.data.planning import Plan
+from landmark_tf.data.planning import ConversionPlan
 from landmark_tf.data.shards import ImageOptions, record_size
 from landmark_tf.data.workers import Workers
 from landmark_tf.errors import UserError
@@ -47,7 +47,7 @@ def shard_counts(
     return out
 
 
-def estimate_example_bytes(plan: Plan, cfg: ConvertConfig, workers: Workers) -> float:
+def estimate_example_bytes(plan: ConversionPlan, cfg: ConvertConfig, workers: Workers) -> float:
     """Mean bytes per written record over a seeded sample of converted images (0 if none of the
     sample converts). Deterministic, so a rerun or another worker count picks the same counts."""
     everything = [ex for split in sorted(plan.splits) for ex in plan.splits[split]]
@@ -60,7 +60,7 @@ def estimate_example_bytes(plan: Plan, cfg: ConvertConfig, workers: Workers) -> 
     return sum(sizes) / len(sizes) if sizes else 0.0
 
 
-def prepare(cfg: ConvertConfig, source: dict, plan: Plan, workers: Workers) -> dict:
+def prepare(cfg: ConvertConfig, source: dict, plan: ConversionPlan, workers: Workers) -> dict:
     """Checks the output folder against `source`; writes the manifest on a fresh start."""
     out, state = cfg.output_dir, fileio.join(cfg.output_dir, STATE_DIR)
     manifest_path = fileio.join(state, MANIFEST)
@@ -127,7 +127,7 @@ def finished_shards(out: str) -> set[str]:
     return {n for n in shards & reports if records.parse_shard_name(n)}
 
 
-def dataset_info(plan: Plan, source: dict, reports: list[dict]) -> dict:
+def dataset_info(plan: ConversionPlan, source: dict, reports: list[dict]) -> dict:
     num_classes = len(plan.label_map)
     splits: dict[str, dict] = {}
     skipped = []
@@ -164,7 +164,7 @@ def dataset_info(plan: Plan, source: dict, reports: list[dict]) -> dict:
     }
 
 
-def write_label_map(out: str, plan: Plan, train_counts: list[int]) -> None:
+def write_label_map(out: str, plan: ConversionPlan, train_counts: list[int]) -> None:
     lines = ["label,landmark_id,count"]
     for landmark, label in sorted(plan.label_map.items(), key=lambda kv: kv[1]):
         lines.append(f"{label},{landmark},{train_counts[label]}")

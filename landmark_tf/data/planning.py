@@ -96,7 +96,7 @@ def assign_shards(examples: list[Example], num_shards: int, seed: int, split: st
 
 
 @dataclasses.dataclass
-class Plan:
+class ConversionPlan:
     """What to write: examples per split (each sorted by id), the label map, input statistics."""
 
     splits: dict[str, list[Example]]
@@ -125,7 +125,7 @@ def build_plan(
     min_images_per_class: int = 1,
     val_fraction: float = 0.0,
     seed: int = 0,
-) -> Plan:
+) -> ConversionPlan:
     """Reads the CSV(s) and plans the splits. `train_csv`: labelled train (+ val) splits;
     `csv`: one split named `split` with label -1. Raises UserError for any bad input."""
     path = train_csv or csv
@@ -137,7 +137,7 @@ def build_plan(
         flags, stats["clean_ids_not_in_csv"] = _clean(rows, clean_csv)
         stats["clean_rows"] = sum(flags)
     if not train_csv:
-        return Plan({split: sorted(unlabelled_examples(rows, flags))}, {}, stats)
+        return ConversionPlan({split: sorted(unlabelled_examples(rows, flags))}, {}, stats)
     labels = label_map(rows, min_images_per_class)
     if not labels:
         raise UserError(f"{path}: no landmark has at least {min_images_per_class} images")
@@ -145,7 +145,7 @@ def build_plan(
     stats["classes_dropped"] = len(landmark_counts(rows)) - len(labels)
     stats["rows_dropped"] = len(rows) - len(examples)
     train, val = stratified_split(examples, val_fraction, seed)
-    return Plan({"train": train, "val": val} if val else {"train": train}, labels, stats)
+    return ConversionPlan({"train": train, "val": val} if val else {"train": train}, labels, stats)
 
 
 def _clean(rows: list[Row], clean_csv: str) -> tuple[list[bool], int]:

@@ -85,6 +85,12 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return tf.io.parse_single_example(serialized, FEATURE_SPEC)
 
 
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+    """A stored image (`image/encoded` bytes, JPEG by the schema) -> uint8 [H, W, 3]; the one
+    decoder of record images for training, validation and embedding (graph-safe)."""
+    return tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+
+
 def load_dataset_info(data_dir: str) -> dict[str, Any]:
     """Reads `data_dir/dataset_info.json`; UserError when not a landmark-tfrecords output."""
     path = fileio.join(data_dir, DATASET_INFO)

@@ -1,5 +1,5 @@
 """Classification heads for metric learning: CosFace, ArcFace, Sub-center ArcFace, AdaCos (dynamic
-and the GLR2020 winner's per-batch variant), softmax. lever_heads.py adds dynamic margins, a
+and the GLR2020 winner's per-batch variant), softmax. head_variants.py adds dynamic margins, a
 factorised class matrix and the n-pairs loss.
 
 Every head is a Keras layer called as `head(embeddings, labels, training=...)`:
@@ -295,4 +295,4 @@ def build_head(head: str, num_classes: int, scale: float | None = None, margin: 
     return margin_heads[head](num_classes, scale=scale, margin=margin, name=name)
 
 
-# --- Training-data levers (issue 14): dynamic margins, factorised class matrix, n-pairs. ---
+# --- Head variants (head_variants.py): dynamic margins, factorised class matrix, n-pairs. ---

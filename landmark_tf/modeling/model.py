@@ -16,7 +16,7 @@ import keras
 from landmark_tf import workdir as workdir_lib
 from landmark_tf.config import ModelConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import backbones, checkpoint, legacy_checkpoints, lever_heads
+from landmark_tf.modeling import backbones, checkpoint, head_variants, legacy_checkpoints
 from landmark_tf.modeling.pooling import EmbeddingNeck
 from landmark_tf.workdir import CHECKPOINT_DIR, CONFIG_FILE, read_model_config  # noqa: F401
 
@@ -63,7 +63,7 @@ def build_models(
     embedding_model = keras.Model(image, normalized, name="embedding_model")
     if not with_head:
         return LandmarkModels(cfg, backbone, neck, None, embedding_model, None, None)
-    head = lever_heads.build_lever_head(
+    head = head_variants.build_training_head(
         cfg.head, cfg.num_classes, scale=cfg.scale, margin=cfg.margin,
         subcenters=cfg.subcenters, rank=cfg.head_rank, class_counts=class_counts,
         margin_a=cfg.dynamic_margin_a, margin_b=cfg.dynamic_margin_b, name="head",
@@ -71,7 +71,7 @@ def build_models(
     label = keras.Input(shape=(), dtype="int32", name="label")
     train_features = features
     if cfg.npairs_weight > 0:  # adds its loss to train_model.losses in training
-        train_features = lever_heads.NPairsLoss(cfg.npairs_weight, cfg.npairs_l2_reg,
+        train_features = head_variants.NPairsLoss(cfg.npairs_weight, cfg.npairs_l2_reg,
                                           name="npairs")(features, label)
     train_model = keras.Model(
         {"image": image, "label": label}, head(train_features, label), name="train_model"

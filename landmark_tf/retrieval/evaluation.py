@@ -33,8 +33,6 @@ from landmark_tf.retrieval.embeddings import EmbeddingFile, load_embeddings, ope
 from landmark_tf.retrieval.eval_report import Report, check_coverage, score
 from landmark_tf.retrieval.recognition_eval import recognize
 
-_Report = Report  # the name this module used before the split
-
 # alpha-QE / DBA, each optionally followed by two-stage discriminative re-ranking (needs --train).
 RERANK_METHODS = rerank.METHODS + tuple(
     discriminative.NAME if m == "none" else f"{discriminative.NAME}+{m}" for m in rerank.METHODS

@@ -303,17 +303,6 @@ def sample_rows(chunks: Chunks, n: int, count: int, seed: int = 0) -> np.ndarray
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def build_ivf(database: np.ndarray, nlist: int, seed: int = 0,
-              spherical: bool = True) -> faiss.IndexIVFFlat:
-    """Trains an inner-product IVF index on a sample of `database` and adds all of it."""
-    database = np.asarray(database)
-    chunks = lambda: array_chunks(database)  # noqa: E731
-    index = train_ivf(chunks, len(database), database.shape[1], nlist, seed, spherical)
-    for _, c in chunks():
-        index.add(c)
-    return index
-
-
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean over queries of |approx top-k & exact top-k| / k, for int[Q, k] index arrays."""
     if approx_ids.shape != exact_ids.shape:

@@ -263,11 +263,6 @@ def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     fileio.write_bytes_atomic(path, buf.getvalue())
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-    with tf.io.gfile.GFile(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
 def _merge(parts_dir, names, output, labelled, dim, dtype="float32") -> dict[str, Any]:
     """Streams the parts into `output`: one part's rows in memory at a time (ids and labels,
     small, are gathered first); rows are checked (finite, non-zero) as they pass."""

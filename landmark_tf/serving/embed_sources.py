@@ -205,8 +205,7 @@ def load_image(item: Item) -> np.ndarray | str:
             data = fileio.read_bytes(item.path)
             if item.canonical:
                 data = images.canonical_jpeg(data)
-        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-        image = image.numpy()
+        image = records.decode_image(data).numpy()
     except tf.errors.NotFoundError:
         return "file not found"
     except images.SkipImage as e:

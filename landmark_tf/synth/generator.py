@@ -37,8 +37,8 @@ from landmark_tf.synth import scenes, views
 from landmark_tf.synth.plan import (
     NOISE_FILE,
     Item,
-    Plan,
     SynthConfig,
+    SynthPlan,
     csv_files,
     make_plan,
     noise_csv,
@@ -55,14 +55,14 @@ def image_path(root: str, split: str, image_id: str) -> str:
     return fileio.join(root, split, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
 
 
-def _scene(cfg: SynthConfig, plan: Plan, index: int) -> scenes.Scene:
+def _scene(cfg: SynthConfig, plan: SynthPlan, index: int) -> scenes.Scene:
     rng = np.random.default_rng([cfg.seed, 1, index])
     if index < plan.num_landmark_scenes:
         return scenes.make_scene(rng)
     return scenes.make_distractor(rng)
 
 
-def render_item(cfg: SynthConfig, plan: Plan, item: Item, cache: dict | None = None) -> bytes:
+def render_item(cfg: SynthConfig, plan: SynthPlan, item: Item, cache: dict | None = None) -> bytes:
     """JPEG bytes of one planned image; depends only on (cfg, item), so reruns are identical."""
     cache = {} if cache is None else cache
     if item.scene not in cache:
@@ -117,7 +117,7 @@ def _remove_temporaries(output_dir: str) -> None:
                 fileio.remove_temporaries(folder)
 
 
-def write_images(cfg: SynthConfig, plan: Plan, output_dir: str, progress: bool = True) -> int:
+def write_images(cfg: SynthConfig, plan: SynthPlan, output_dir: str, progress: bool = True) -> int:
     """Renders every planned image not already on disk; returns how many it wrote."""
     made_dirs, cache, written = set(), {}, 0
     for item in tqdm(plan.items, desc="landmark-synth", unit="img", disable=not progress):

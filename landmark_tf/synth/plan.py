@@ -95,7 +95,7 @@ def zipf_counts(n: int, low: int, high: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class SynthPlan:
     """Everything about the dataset except the pixels; cheap, and identical for one config."""
 
     items: tuple[Item, ...]
@@ -118,7 +118,7 @@ def _unique_ids(rng: np.random.Generator) -> Iterator[str]:
             yield image_id
 
 
-def make_plan(cfg: SynthConfig) -> Plan:
+def make_plan(cfg: SynthConfig) -> SynthPlan:
     """Decides ids, landmark ids, splits, clean subset and scoring usage from `cfg.seed`."""
     rng = np.random.default_rng([cfg.seed, 0])
     n_train, n_all = cfg.num_landmarks, cfg.num_landmarks + cfg.novel_landmarks
@@ -160,7 +160,8 @@ def make_plan(cfg: SynthConfig) -> Plan:
     for _ in range(round(cfg.nonlandmark_images * len(usage))):
         add("nonlandmark", -1, next_scene)
         next_scene += 1
-    return Plan(tuple(items), tuple(lids[:n_train]), tuple(lids[n_train:]), clean, usage, n_all)
+    return SynthPlan(tuple(items), tuple(lids[:n_train]), tuple(lids[n_train:]), clean, usage,
+                     n_all)
 
 
 def _csv(header: list[str], rows: list[list]) -> str:
@@ -171,7 +172,7 @@ def _csv(header: list[str], rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def csv_files(plan: Plan) -> dict[str, str]:
+def csv_files(plan: SynthPlan) -> dict[str, str]:
     """File name -> text of the six GLDv2 CSV files and nonlandmark.csv (id); rows sorted by id
     like the Kaggle files."""
     train = sorted(plan.split("train"), key=lambda it: it.id)
@@ -207,13 +208,13 @@ def csv_files(plan: Plan) -> dict[str, str]:
 NOISE_FILE = "train_noise.csv"
 
 
-def noise_items(plan: Plan) -> list[Item]:
+def noise_items(plan: SynthPlan) -> list[Item]:
     """The train images that are noise: labelled with a landmark but showing an unrelated scene
     (the truth behind train_clean.csv, for measuring landmark-clean)."""
     return [it for it in plan.split("train") if it.scene >= plan.num_landmark_scenes]
 
 
-def noise_csv(plan: Plan) -> str:
+def noise_csv(plan: SynthPlan) -> str:
     """Text of train_noise.csv: id,landmark_id of every noise train image, sorted by id."""
     rows = sorted((it.id, it.landmark_id) for it in noise_items(plan))
     return _csv(["id", "landmark_id"], [list(r) for r in rows])

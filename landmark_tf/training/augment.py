@@ -38,7 +38,7 @@ def decode_example(
         window = tf.stack([box[0], box[1], size[0], size[1]])
         image = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
     else:
-        image = tf.io.decode_jpeg(encoded, channels=3)
+        image = records.decode_image(encoded)
     image = preprocess.resize_for_model(image, image_size)
     label = tf.cast(ex["image/class/label"], tf.int32)
     return image, label, tf.cast(ex["image/is_clean"], tf.int32)

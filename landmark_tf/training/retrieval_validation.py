@@ -56,8 +56,7 @@ class _RecordSet:
         return tf.data.TFRecordDataset(self.files).map(records.parse_example)
 
     def images(self) -> tf.data.Dataset:
-        decode = lambda ex: tf.io.decode_image(  # noqa: E731
-            ex["image/encoded"], channels=3, dtype=tf.uint8, expand_animations=False)
+        decode = lambda ex: records.decode_image(ex["image/encoded"])  # noqa: E731
         return self._records().map(decode, num_parallel_calls=tf.data.AUTOTUNE,
                                    deterministic=True)  # fmt: skip
 

@@ -30,7 +30,7 @@ from landmark_tf import fileio
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.data import records
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import checkpoint, lever_heads, losses, model
+from landmark_tf.modeling import checkpoint, head_variants, losses, model
 from landmark_tf.training import (
     batch_stats,
     checkpointing,
@@ -205,11 +205,11 @@ def report_head_memory(model_cfg: ModelConfig) -> dict[str, int]:
         return {}
     k = model_cfg.subcenters if model_cfg.head in ("subcenter_arcface", "dynamic_arcface") else 1
     size = {}
-    for where, c in (("", model_cfg.num_classes), ("_gldv2", lever_heads.GLDV2_CLASSES)):
+    for where, c in (("", model_cfg.num_classes), ("_gldv2", head_variants.GLDV2_CLASSES)):
         for kind, rank in (("full", 0), ("this", model_cfg.head_rank)):
-            size[f"head_bytes_{kind}{where}"] = 4 * lever_heads.head_parameters(
+            size[f"head_bytes_{kind}{where}"] = 4 * head_variants.head_parameters(
                 c, model_cfg.embedding_dim, k, rank)
-    gldv2 = lever_heads.GLDV2_CLASSES
+    gldv2 = head_variants.GLDV2_CLASSES
     print(f"head memory (float32 weights): {size['head_bytes_this'] / 1e6:.2f} MB here; at "
           f"{gldv2:,} classes {size['head_bytes_full_gldv2'] / 1e6:.1f} MB full, "
           f"{size['head_bytes_this_gldv2'] / 1e6:.1f} MB as configured "

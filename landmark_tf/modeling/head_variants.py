@@ -1,6 +1,6 @@
-"""The levers of issue 14 on top of heads.py: dynamic-margin sub-center ArcFace (GLR2021 1st
-place), a factorised (low-rank) class matrix (Cookpad GLR2019), and the n-pairs loss (Baidu
-GLR2019). `build_lever_head` builds any head, these included.
+"""Head variants on top of heads.py: dynamic-margin sub-center ArcFace (GLR2021 1st place), a
+factorised (low-rank) class matrix (Cookpad GLR2019), and the n-pairs loss (Baidu GLR2019).
+`build_training_head` builds any head, these included.
 
 Shapes as in heads.py: embeddings float32 [B, D], labels int [B] -> logits float32 [B, C].
 """
@@ -152,11 +152,11 @@ def head_parameters(num_classes: int, dim: int, subcenters: int = 1, rank: int =
     return dim * columns if rank <= 0 else dim * rank + rank * columns
 
 
-def build_lever_head(head: str, num_classes: int, *, scale: float | None = None,
+def build_training_head(head: str, num_classes: int, *, scale: float | None = None,
                      margin: float = 0.0, subcenters: int = 1, rank: int = 0,
                      class_counts=None, margin_a: float = 0.45, margin_b: float = 0.05,
                      name: str = "head") -> keras.layers.Layer:
-    """build_head plus the levers: "dynamic_arcface", and `rank` > 0 for a factorised matrix."""
+    """build_head plus the variants: "dynamic_arcface", and `rank` > 0 for a factorised matrix."""
     if rank > 0 and head not in _LOW_RANK:
         raise UserError(f"a factorised head (rank {rank}) is available for "
                         f"{sorted(_LOW_RANK)}, not {head!r}")

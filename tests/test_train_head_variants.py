@@ -1,4 +1,4 @@
-"""The issue-14 training options end to end on tiny records: dynamic margins from the data's
+"""The head-variant training options end to end on tiny records: dynamic margins from the data's
 class counts, the factorised head and the n-pairs loss train, report head memory, and stage."""
 
 import numpy as np
@@ -7,7 +7,7 @@ from tiny_dataset import make_dataset
 
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import lever_heads, model
+from landmark_tf.modeling import head_variants, model
 from landmark_tf.training import train
 
 
@@ -26,7 +26,7 @@ def _run(data, workdir, steps=12, **model_kw):
     return train.train(cfg, tcfg)
 
 
-def test_levers_train_and_report_head_memory(data, tmp_path, capsys):
+def test_head_variants_train_and_report_head_memory(data, tmp_path, capsys):
     r = _run(data, str(tmp_path / "a"), head="dynamic_arcface", subcenters=3, scale=45.0,
              head_rank=4, npairs_weight=0.5)
     assert r["step"] == 12 and np.isfinite(r["loss"])
@@ -39,7 +39,7 @@ def test_levers_train_and_report_head_memory(data, tmp_path, capsys):
 def test_dynamic_margins_come_from_the_train_counts(data):
     cfg = ModelConfig(image_size=32, embedding_dim=16, head="dynamic_arcface", num_classes=4)
     models = model.build_models(cfg, class_counts=[16, 8, 8, 4])
-    np.testing.assert_allclose(models.head.margins, lever_heads.dynamic_margins([16, 8, 8, 4]))
+    np.testing.assert_allclose(models.head.margins, head_variants.dynamic_margins([16, 8, 8, 4]))
     assert models.head.margins[3] == pytest.approx(0.5)  # the rarest class: a + b
 
 
@@ -54,7 +54,7 @@ def test_npairs_loss_enters_the_train_model_losses():
     assert not models.train_model.losses
 
 
-def test_bad_lever_settings_are_user_errors(data, tmp_path):
+def test_bad_head_variant_settings_are_user_errors(data, tmp_path):
     with pytest.raises(UserError, match="head_rank"):
         _run(data, str(tmp_path / "x"), head="adacos", head_rank=4)
     with pytest.raises(UserError, match="npairs_weight"):
