@@ -25,7 +25,10 @@ MODEL = ModelConfig(image_size=32, embedding_dim=16, margin=0.1, head="adacos")
 def config(data: str, workdir: str) -> TrainConfig:
     return TrainConfig(data_dir=data, workdir=workdir, train_steps=4, batch_size=8,
                        learning_rate=0.05, schedule="cosine", checkpoint_every=2, val_split="",
-                       steps_per_execution=2, grad_accum_steps=2, backend="jax")
+                       steps_per_execution=2, grad_accum_steps=2, backend="jax",
+                       # 2 images per device and micro-step: per-replica statistics of 2 images
+                       # at B0's 1x1 last stages blow the step up; statistics over all 4.
+                       bn_statistics="global")
 
 
 def main(data: str, out: str) -> None:

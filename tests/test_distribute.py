@@ -85,7 +85,7 @@ def test_cli_tpu_off_google_cloud_is_one_line_and_exit_2(tmp_path):
            "GCE_METADATA_IP": "127.0.0.1:9"}
     proc = subprocess.run(
         [os.path.join(os.path.dirname(sys.executable), "landmark-train"),
-         f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'w'}", "--tf_steps=1",
+         f"--data_dir={tmp_path / 'data'}", f"--workdir={tmp_path / 'w'}", "--train_steps=1",
          "--batch_size=4", "--strategy=tpu", "--tpu=nonexistent"],
         capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -133,7 +133,7 @@ _STEP_MATH = textwrap.dedent("""
             net = keras.Model({"image": image, "label": label}, keras.layers.Dense(4)(x))
             opt = keras.optimizers.SGD(0.5, momentum=0.9)
             opt.build(net.trainable_variables)
-        step = tf_step.make_tf_step(
+        step = tf_step.make_train_step(
             types.SimpleNamespace(train_model=net), opt, global_batch=8,
             replicas=strategy.num_replicas_in_sync, accum_steps=accum, jit=False)
         multi = distribute.multi_step_function(strategy, step, tf_step.TRAIN_KEYS)
@@ -190,7 +190,7 @@ _MIRRORED = textwrap.dedent("""
     model_cfg = ModelConfig(image_size=32, embedding_dim=16, num_classes=4)
     for strategy, accum in (("cpu", 2), ("mirrored", 1)):
         # Two micro-batches of 4 on one device see the batch-norm statistics of two replicas.
-        cfg = TrainConfig(data_dir=data, workdir=f"{out}/{strategy}", tf_steps=4,
+        cfg = TrainConfig(data_dir=data, workdir=f"{out}/{strategy}", train_steps=4,
                           batch_size=8, learning_rate=0.05, val_split="", augment=[],
                           strategy=strategy, steps_per_execution=2, grad_accum_steps=accum)
         result[strategy] = train.train(model_cfg, cfg)
@@ -252,7 +252,7 @@ _OVERFLOW_ON_REPLICA_1 = textwrap.dedent("""
         net = keras.Model({"image": image, "label": label}, keras.layers.Dense(3)(x))
         opt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
         opt.build(net.trainable_variables)
-    step = tf_step.make_tf_step(types.SimpleNamespace(train_model=net), opt,
+    step = tf_step.make_train_step(types.SimpleNamespace(train_model=net), opt,
                                       global_batch=4, replicas=2, accum_steps=1, jit=False)
 
 
@@ -322,7 +322,7 @@ _TPU_PROXY = textwrap.dedent("""
     strategy = distribute.resolve_strategy("mirrored")
     results = {}
     for head in HEADS:
-        cfg = TrainConfig(data_dir=data, workdir=f"{out}/{head}", tf_steps=8, batch_size=8,
+        cfg = TrainConfig(data_dir=data, workdir=f"{out}/{head}", train_steps=8, batch_size=8,
                           learning_rate=0.05, val_split="val", augment=["flip"],
                           strategy="mirrored", jit_compile="on", mixed_precision="bfloat16",
                           steps_per_execution=4, checkpoint_every=8, eval_every=8)

@@ -76,6 +76,7 @@ def test_tensorflow_export_of_a_jax_workdir_gives_the_jax_descriptors(jax_runs, 
     loaded = tf.saved_model.load(result["export_dir"])
     images = np.load(out / "images.npy")
     expected = np.load(out / "embeddings.npy")
+    assert np.all(np.isfinite(expected))  # assert_allclose takes NaN == NaN
     for image, want in zip(images, expected, strict=True):  # integer images: uint8 is exact
         got = loaded.signatures["serving_default"](
             input_image=tf.constant(image.astype(np.uint8)))["global_descriptor"].numpy()

@@ -169,6 +169,33 @@ def test_killed_run_resumes_to_the_same_weights(data, reference, tmp_path):
                                rtol=1e-3)
 
 
+def test_sigterm_saves_a_checkpoint_of_the_step_reached_then_resumes(data, tmp_path):
+    """A preemption notice (SIGTERM) mid-run: the run checkpoints the step it reached (no
+    periodic checkpoint is due), says how to resume and exits 130; a rerun resumes there."""
+    workdir = str(tmp_path / "run")
+    flagfile = tmp_path / "train.flags"
+    flagfile.write_text(_flags(data, workdir).replace(f"--checkpoint_every={EVERY}",
+                                                      "--checkpoint_every=1000"))
+    command = [LANDMARK_TRAIN, f"--flagfile={flagfile}", "--steps_per_execution=1"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 600
+    while not glob.glob(os.path.join(workdir, "logs", "train", "*")) and first.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.1)  # the first step has run once its loss is logged
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 130, err[-2000:]
+    assert "rerun the same command to resume" in err
+    stopped_at = _latest_step(workdir)
+    assert 1 <= stopped_at < STEPS
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    result = json.loads(second.stdout.strip().splitlines()[-1])
+    assert result["start_step"] == stopped_at and result["step"] == STEPS
+
+
 def test_rerun_with_conflicting_config_is_an_error(data, reference):
     workdir, _ = reference
     with pytest.raises(UserError, match=r"train.learning_rate: 0.05 -> 0.2.*new --workdir"):

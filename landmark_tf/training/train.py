@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 import keras
+from absl import logging
 
 from landmark_tf import fileio
 from landmark_tf.config import ModelConfig, TrainConfig
@@ -254,6 +255,12 @@ class Run:
         self.micro = distribute.per_replica_batch(cfg.batch_size, t.replicas,
                                                   cfg.grad_accum_steps)
         t.check(model_cfg)
+        if cfg.bn_statistics == "replica" and t.replicas > 1 and self.micro < 4:
+            logging.warning(
+                "BatchNorm statistics over %d image(s) per replica and micro-step "
+                "(--bn_statistics=replica): noisy, and at the last, 1x1 stages of a small input "
+                "they can blow training up; consider --bn_statistics=global or a larger "
+                "per-replica batch", self.micro)
         config = checkpointing.workdir_config(model_cfg, cfg, plan.num_classes)
         checkpointing.check_and_write_config(cfg.workdir, config, t.chief)
         keras.mixed_precision.set_global_policy(t.policy)
