@@ -151,3 +151,93 @@ def test_winner_neck_and_head_build_and_embed():
         built.train_model({"image": IMAGES, "label": LABELS}, training=True))
     assert out.shape == (3, 5) and np.isfinite(out).all()
     np.testing.assert_allclose(np.linalg.norm(embed(built), axis=1), 1.0, rtol=1e-5)
+
+
+def _keras_workdir(path, models, optimizer=None, step=3):
+    """A workdir in the current checkpoint format (both backends write it)."""
+    from landmark_tf.modeling import checkpoint
+
+    (path / "config.json").write_text(json.dumps({"model": models.config.to_dict(),
+                                                  "train": {}, "data": {}}))
+    parts = {p: getattr(models, p) for p in checkpoint.PARTS}
+    seeds = checkpoint.seed_states(models.train_model)
+    checkpoint.save(str(path / "checkpoints"), step, parts, optimizer, seeds, {"backend": "x"})
+    return str(path)
+
+
+def test_keras_weights_checkpoint_round_trip_with_optimizer_and_seeds(models, tmp_path):
+    from landmark_tf.modeling import checkpoint
+
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(models.train_model.trainable_variables)
+    optimizer.variables[-1].assign(np.full(optimizer.variables[-1].shape, 0.5, "float32"))
+    seeds = checkpoint.seed_states(models.train_model)
+    seeds[0].assign(np.array([11, 12], dtype=seeds[0].dtype))
+    workdir = _keras_workdir(tmp_path, models, optimizer)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["ckpt-3"]
+    fresh = model_lib.build_models(ModelConfig(**CFG))
+    fresh_opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    fresh_opt.build(fresh.train_model.trainable_variables)
+    fresh_seeds = checkpoint.seed_states(fresh.train_model)
+    found = model_lib.latest_checkpoint(workdir)
+    assert (found.kind, found.step) == ("keras", 3)
+    assert model_lib.restore_train_state(fresh, found, fresh_opt, fresh_seeds) == 3
+    for a, b in zip(models.train_model.weights, fresh.train_model.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    np.testing.assert_array_equal(fresh_opt.variables[-1].numpy(), 0.5)
+    np.testing.assert_array_equal(fresh_seeds[0].numpy(), [11, 12])
+    np.testing.assert_allclose(embed(fresh), embed(models), atol=1e-6)
+
+
+def test_a_changed_model_fails_loudly_instead_of_loading_shuffled_weights(models, tmp_path):
+    workdir = _keras_workdir(tmp_path, models)
+    other = model_lib.build_models(ModelConfig(**{**CFG, "embedding_dim": 16}), with_head=False)
+    with pytest.raises(UserError, match="neck does not fit this run's model"):
+        model_lib.restore_parts(other, model_lib.latest_checkpoint(workdir), ["neck"])
+
+
+def test_a_half_written_checkpoint_is_ignored(models, tmp_path):
+    workdir = _keras_workdir(tmp_path, models, step=3)
+    partial = tmp_path / "checkpoints" / "ckpt-9"
+    partial.mkdir()  # a kill -9 on an object store before state.json was copied
+    (partial / "backbone.weights.h5").write_bytes(b"truncated")
+    assert model_lib.latest_checkpoint(workdir).step == 3
+
+
+def test_an_earlier_versions_npz_checkpoint_still_exports(models, tmp_path):
+    """Workdirs of the JAX trainer before the one format: every variable by position."""
+    from landmark_tf.modeling import npz_checkpoint
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": models.config.to_dict()}))
+    npz_checkpoint.save(str(tmp_path / "checkpoints" / "ckpt-5.npz"),
+                        {p: getattr(models, p).variables for p in ("backbone", "neck", "head")},
+                        {"step": 5, "backend": "jax"})
+    found = model_lib.latest_checkpoint(str(tmp_path))
+    assert (found.kind, found.step) == ("npz", 5)
+    restored, _ = model_lib.restore_embedding_model(str(tmp_path))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(restored(IMAGES)), embed(models),
+                               atol=1e-6)
+
+
+def test_an_earlier_versions_tensorflow_checkpoint_still_resumes(models, tmp_path):
+    """What the TensorFlow trainer wrote before the one format: tf.train.Checkpoint of the
+    parts, the optimizer, the step and the seed states."""
+    from landmark_tf.modeling import checkpoint
+
+    optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    optimizer.build(models.train_model.trainable_variables)
+    optimizer.variables[-1].assign(np.full(optimizer.variables[-1].shape, 0.25, "float32"))
+    ckpt = model_lib.make_checkpoint(models, optimizer=optimizer,
+                                     step=tf.Variable(12, dtype=tf.int64),
+                                     rng=checkpoint.seed_states(models.train_model))
+    tf.train.CheckpointManager(ckpt, str(tmp_path / "checkpoints"), 1).save(checkpoint_number=12)
+    fresh = model_lib.build_models(ModelConfig(**CFG))
+    fresh_opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    fresh_opt.build(fresh.train_model.trainable_variables)
+    found = model_lib.latest_checkpoint(str(tmp_path))
+    assert (found.kind, found.step) == ("tensorflow", 12)
+    step = model_lib.restore_train_state(fresh, found, fresh_opt,
+                                         checkpoint.seed_states(fresh.train_model))
+    assert step == 12
+    np.testing.assert_array_equal(fresh_opt.variables[-1].numpy(), 0.25)
+    np.testing.assert_allclose(embed(fresh), embed(models), atol=1e-6)
