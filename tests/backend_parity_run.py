@@ -85,7 +85,7 @@ def strategy():
 def main(data: str, out: str, tf_out: str | None) -> None:
     from landmark_tf.training.retrieval_validation import RetrievalValConfig
 
-    results, shared = {}, strategy()
+    results, shared = {"runs": RUNS}, strategy()
     # Held-out mAP@100 during training, once per backend (batches of 3: padded over 2 devices).
     retrieval = RetrievalValConfig(os.path.join(data, "val-*"), os.path.join(data, "train-*"),
                                    every=2, batch_size=3)

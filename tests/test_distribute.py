@@ -297,11 +297,11 @@ def test_loss_scaling_skips_a_step_when_any_replica_overflows():
 
 _TPU_PROXY = textwrap.dedent("""
     import keras
-    from landmark_tf.config import HEADS, ModelConfig, TrainConfig
+    from landmark_tf.config import ModelConfig, TrainConfig
     from landmark_tf.modeling import model
     from landmark_tf.training import distribute, train
 
-    data, out = sys.argv[1], sys.argv[2]
+    data, out, heads = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 
 
     def tiny_backbone(name, weights_path=None):
@@ -321,7 +321,7 @@ _TPU_PROXY = textwrap.dedent("""
     # process reuse collective instance keys, and one run's all-reduce meets another's.
     strategy = distribute.resolve_strategy("mirrored")
     results = {}
-    for head in HEADS:
+    for head in heads:
         cfg = TrainConfig(data_dir=data, workdir=f"{out}/{head}", train_steps=8, batch_size=8,
                           learning_rate=0.05, val_split="val", augment=["flip"],
                           strategy="mirrored", jit_compile="on", mixed_precision="bfloat16",
@@ -337,15 +337,24 @@ _TPU_PROXY = textwrap.dedent("""
 """)
 
 
-def test_tpu_proxy_every_head_with_xla_bfloat16_and_multi_step_on_two_replicas(tmp_path):
-    """The closest CPU stand-in for what TPUStrategy compiles: the real trainer (train.Trainer:
+# Heads whose step differs most under XLA: a margin, state averaged over replicas after the
+# step (AdaCos), per-class margins from the data. Every head trains on 2 replicas (float32, no
+# XLA) in test_backend_parity; all of them under XLA + bfloat16 in the slow variant.
+_PROXY_HEADS = ("arcface", "adacos", "dynamic_arcface")
+
+
+@pytest.mark.parametrize("heads", [
+    _PROXY_HEADS, pytest.param(config.HEADS, marks=pytest.mark.slow, id="every_head")])
+def test_tpu_proxy_heads_with_xla_bfloat16_and_multi_step_on_two_replicas(tmp_path, heads):
+    """The closest CPU stand-in for what TPUStrategy compiles: the real trainer (train.Run:
     input pipeline, train step, heads, losses, multi-step loop, eval, checkpoint) with XLA,
-    mixed bfloat16 and 4 steps per execution on 2 replicas, for each head. Only the backbone is
-    a small stand-in (EfficientNet's step takes minutes to compile on XLA:CPU)."""
+    mixed bfloat16 and 4 steps per execution on 2 replicas. Only the backbone is a small
+    stand-in (EfficientNet's step takes minutes to compile on XLA:CPU)."""
     make_dataset(str(tmp_path / "data"), train_counts=(8, 8, 8, 8), val_counts=(2, 2, 2, 2),
                  size=32)
-    r = _run_two_cpu_script(_TPU_PROXY, str(tmp_path / "data"), str(tmp_path / "out"))
-    assert sorted(r) == sorted(config.HEADS)
+    r = _run_two_cpu_script(_TPU_PROXY, str(tmp_path / "data"), str(tmp_path / "out"),
+                            ",".join(heads))
+    assert sorted(r) == sorted(heads)
     for head, got in r.items():
         assert got["step"] == 8 and got["replicas"] == 2, (head, got)
         assert got["jit_compile"] and got["mixed_precision"] == "mixed_bfloat16", (head, got)
