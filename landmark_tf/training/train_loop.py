@@ -35,7 +35,7 @@ class Loop:
     """The Python side of training: chunks of steps, logging, checkpoints, evaluation."""
 
     def __init__(self, run):
-        self.run_, self.t, self.cfg, self.plan = run, run.trainer, run.cfg, run.plan
+        self.training_run, self.t, self.cfg, self.plan = run, run.trainer, run.cfg, run.plan
         self.has_eval = run.plan.val_files != ()
         self.eval_every = self.cfg.eval_every or run.plan.steps_per_epoch
         self.writers: dict[str, Any] = {}
@@ -83,7 +83,7 @@ class Loop:
                 step = self.execute(step, total, bar)
                 if self.stop_requested:
                     raise KeyboardInterrupt("signal")
-        if step >= total and self.run_.checkpoints.latest is None:
+        if step >= total and self.training_run.checkpoints.latest is None:
             # Nothing to train (train_steps=0): the initialisation is the run's checkpoint.
             if self.has_eval:
                 self.evaluate(step)
@@ -104,7 +104,7 @@ class Loop:
         evaluate = self.has_eval and (step % self.eval_every == 0 or step == total)
         if evaluate:
             self.evaluate(step)
-        for hook in self.run_.step_hooks:
+        for hook in self.training_run.step_hooks:
             self.hooked.update(hook(step, n, total, self.writer))
         if evaluate or step % self.cfg.checkpoint_every == 0 or step == total:
             self.save(step)
@@ -151,7 +151,7 @@ class Loop:
     def save(self, step: int) -> None:
         """Writes the checkpoint of `step` (once) and the summary beside it."""
         if step != self.saved_step:
-            self.saved_path = self.run_.checkpoints.save(step)
+            self.saved_path = self.training_run.checkpoints.save(step)
             self.saved_step = step
             self.write_summary()
 
@@ -162,7 +162,7 @@ class Loop:
             workdir.write_summary(self.cfg.workdir, self.result())
 
     def result(self) -> dict[str, Any]:
-        t, run = self.t, self.run_
+        t, run = self.t, self.training_run
         step = t.step
         previous = {} if self.window else workdir.read_summary(self.cfg.workdir)
         if previous:  # nothing trained in this process: report the finished run
