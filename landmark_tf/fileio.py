@@ -2,17 +2,26 @@
 
 Writes are atomic: the bytes go to a temporary name beside the target, then are renamed.
 On GCS a rename is copy + delete, so readers must treat "final name exists" as "complete";
-the temporary name never matches a final name's pattern.
+the temporary name never matches a final name's pattern; a failed write removes it.
+
+Reads raise `errors.BadFile` naming the path when the path is not what it should be (a folder,
+binary bytes where text belongs, not JSON), so every CLI prints one line instead of a traceback.
+A missing file still raises `tf.errors.NotFoundError`: callers that skip missing images rely on
+it, and most check `exists` first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import tensorflow as tf
+
+from landmark_tf.errors import BadFile, bad_input_errors, reason
 
 
 def join(*parts: str) -> str:
@@ -34,11 +43,47 @@ def tmp_name(path: str) -> str:
     return os.path.join(head, f".tmp-{uuid.uuid4().hex[:12]}-{tail}")
 
 
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Turns the errors that mean "this path is not what it should be" into `BadFile(path)`.
+
+    NotFoundError passes through unchanged (see the module docstring)."""
+    try:
+        yield
+    except tf.errors.NotFoundError:
+        raise
+    except bad_input_errors() as e:
+        raise BadFile(path, reason(e)) from e
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: str) -> Iterator[str]:
+    """Yields `tmp`; deletes it if the block fails, whatever the failure (the rename onto a
+    folder, a full disk, Ctrl-C), so no `.tmp-*` file is left beside the target."""
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(tf.errors.OpError, OSError):
+            if tf.io.gfile.exists(tmp) and not tf.io.gfile.isdir(tmp):
+                tf.io.gfile.remove(tmp)
+        raise
+
+
 def write_bytes_atomic(path: str, data: bytes) -> None:
-    tmp = tmp_name(path)
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    with removed_on_failure(tmp_name(path)) as tmp, writing(path):
+        with tf.io.gfile.GFile(tmp, "wb") as f:
+            f.write(data)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """As `reading`, for a target path: a folder where the file should go, a file where a
+    folder should be. NotFoundError (a parent that does not exist) is bad input here too."""
+    try:
+        yield
+    except bad_input_errors() as e:
+        raise BadFile(path, reason(e)) from e
 
 
 def write_text_atomic(path: str, text: str) -> None:
@@ -50,17 +95,21 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def read_text(path: str) -> str:
-    with tf.io.gfile.GFile(path, "r") as f:
-        return f.read()
+    """The file as UTF-8 text; BadFile for a folder or bytes that are not UTF-8."""
+    with reading(path), tf.io.gfile.GFile(path, "rb") as f:
+        return f.read().decode("utf-8")
 
 
 def read_bytes(path: str) -> bytes:
-    with tf.io.gfile.GFile(path, "rb") as f:
+    with reading(path), tf.io.gfile.GFile(path, "rb") as f:
         return f.read()
 
 
 def read_json(path: str) -> Any:
-    return json.loads(read_text(path))
+    """BadFile when the file is not UTF-8 JSON."""
+    text = read_text(path)
+    with reading(path):
+        return json.loads(text)
 
 
 def remove_temporaries(folder: str) -> int:

@@ -260,6 +260,7 @@ def write_grouped_shard(item, table: dict[int, tuple[str, str, int]]) -> str:
         "label_counts": {str(k): v for k, v in sorted(counts.items())},
         "not_clean_label_counts": {str(k): v for k, v in sorted(not_clean.items()) if v},
         "skipped": skipped,
+        "tail_crc32": shards.tail_crc32(tmp, size),
     }
     fileio.write_json_atomic(report_path, report)
     tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -54,7 +54,7 @@ def read_csv(path: str) -> tuple[str, list[Row]]:
     """
     if not fileio.exists(path):
         raise UserError(f"{path}: file not found")
-    with tf.io.gfile.GFile(path, "r") as f:
+    with fileio.reading(path), tf.io.gfile.GFile(path, "r") as f:
         reader = csv.reader(f)
         header = [h.strip().lstrip("\ufeff").lower() for h in next(reader, [])]
         kind = _kind(path, header)

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from landmark_tf import fileio
 from landmark_tf.data import images, records
-from landmark_tf.errors import UserError
+from landmark_tf.errors import BadFile, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _records_total(files: list[str]) -> int | None:
         return None
     try:
         splits = fileio.read_json(info_path).get("splits", {})
-    except ValueError:
+    except (UserError, AttributeError):  # not ours: the count is only a progress-bar nicety
         return None
     names = {os.path.basename(f) for f in files}
     used = [s for s in splits.values() if names & set(s.get("shards", []))]
@@ -209,6 +209,8 @@ def load_image(item: Item) -> np.ndarray | str:
         image = image.numpy()
     except tf.errors.NotFoundError:
         return "file not found"
+    except BadFile as e:
+        return e.reason
     except images.SkipImage as e:
         return f"cannot decode: {e.reason}"
     except (tf.errors.OpError, ValueError) as e:
