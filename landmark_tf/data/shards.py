@@ -102,10 +102,14 @@ def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> 
              (examples with is_clean 0; labels without any left out),
              "skipped": [{"id", "path", "reason"}]}
     """
+    with fileio.removed_on_failure(fileio.tmp_name(task.path)) as tmp:
+        return _write_shard_as(task, tmp, on_image)
+
+
+def _write_shard_as(task: ShardTask, tmp: str, on_image: Callable[[], None] | None) -> dict:
     counts: collections.Counter = collections.Counter()
     not_clean: collections.Counter = collections.Counter()
     skipped, size = [], 0
-    tmp = fileio.tmp_name(task.path)
     with tf.io.TFRecordWriter(tmp) as writer:
         for ex in task.examples:
             try:
