@@ -41,6 +41,19 @@ _STDLIB_BAD_INPUT = (
 )
 
 
+# Optional dependencies by top-level module: the pyproject extra that installs each.
+EXTRAS = {"matplotlib": "report", "apache_beam": "beam", "jax": "jax"}
+
+
+def missing_extra(error: ModuleNotFoundError) -> str | None:
+    """The line to print for an optional dependency that is not installed; None for any other
+    missing module (a broken install or a bug, which keeps its traceback)."""
+    top = (error.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    return f"{top} is not installed; it comes with pip install 'landmark-tf[{EXTRAS[top]}]'"
+
+
 def bad_input_errors() -> tuple[type[BaseException], ...]:
     """The exception kinds that mean "this file is not what it should be".
 

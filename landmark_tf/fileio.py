@@ -94,6 +94,15 @@ def write_json_atomic(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def require_file(path: str) -> None:
+    """BadFile unless `path` is a file. Needed before streaming reads: iterating over a
+    GFile opened on a folder yields no lines instead of failing."""
+    if not tf.io.gfile.exists(path):
+        raise BadFile(path, "not found")
+    if tf.io.gfile.isdir(path):
+        raise BadFile(path, "is a folder, expected a file")
+
+
 def read_text(path: str) -> str:
     """The file as UTF-8 text; BadFile for a folder or bytes that are not UTF-8."""
     with reading(path), tf.io.gfile.GFile(path, "rb") as f:

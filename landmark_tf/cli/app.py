@@ -66,6 +66,10 @@ def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
             result = main(argv)
         except UserError as e:
             _fail(prog, str(e))
+        except ModuleNotFoundError as e:
+            if errors.missing_extra(e) is None:
+                raise
+            _fail(prog, errors.missing_extra(e))
         except errors.bad_input_errors() as e:
             # A reader that does not name its path yet: still one line, not a traceback.
             _fail(prog, errors.describe(e))

@@ -52,8 +52,7 @@ def read_csv(path: str) -> tuple[str, list[Row]]:
     Raises UserError naming the file and line for a missing file, an unknown header, a row with
     the wrong number of fields, a bad id or landmark id, a duplicate id, or no rows at all.
     """
-    if not fileio.exists(path):
-        raise UserError(f"{path}: file not found")
+    fileio.require_file(path)
     with fileio.reading(path), tf.io.gfile.GFile(path, "r") as f:
         reader = csv.reader(f)
         header = [h.strip().lstrip("\ufeff").lower() for h in next(reader, [])]
