@@ -37,6 +37,18 @@ def makedirs(path: str) -> None:
     tf.io.gfile.makedirs(path)
 
 
+def check_output_file(path: str, flag: str) -> None:
+    """BadFile when no file can be written at `path` (a folder is there, or a parent is a
+    file): checked before the work whose result goes there."""
+    if tf.io.gfile.isdir(path):
+        raise BadFile(f"{flag} {path}", "is a folder, expected a file")
+    parent = os.path.dirname(path)
+    while parent and parent != os.path.dirname(parent) and not tf.io.gfile.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and tf.io.gfile.exists(parent) and not tf.io.gfile.isdir(parent):
+        raise BadFile(f"{flag} {path}", f"{parent} is a file, expected a folder")
+
+
 def tmp_name(path: str) -> str:
     """A unique temporary name in the same folder, so the final rename stays on one filesystem."""
     head, tail = os.path.split(path)

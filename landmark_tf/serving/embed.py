@@ -128,6 +128,7 @@ def _check_config(cfg: EmbedConfig) -> None:
         raise UserError(f"--dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if not cfg.output.endswith(".npz"):
         raise UserError(f"--output {cfg.output}: must end with .npz")
+    fileio.check_output_file(cfg.output, "--output")
     for name in ("batch_size", "chunk_size", "max_batch_pixels", "num_threads"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
