@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -133,11 +134,21 @@ def read_json(path: str) -> Any:
         return json.loads(text)
 
 
-def remove_temporaries(folder: str) -> int:
-    """Deletes leftovers of interrupted atomic writes in `folder`; returns how many."""
+def remove_temporaries(folder: str, of: str | None = None) -> int:
+    """Deletes leftovers of interrupted atomic writes in `folder` (files, and folders such as a
+    half-written SavedModel); `of`: only those of that target name. Returns how many.
+
+    A process killed with SIGKILL cannot clean up after itself: the rerun calls this."""
     if not tf.io.gfile.isdir(folder):
         return 0
-    stale = [n for n in tf.io.gfile.listdir(folder) if n.startswith(".tmp-")]
+    names = [n.rstrip("/") for n in tf.io.gfile.listdir(folder)]
+    # `.tmp-<hex or pid>-NAME` exactly: another target's temporaries are not this one's.
+    mine = re.compile(r"\.tmp-[0-9a-f]+-" + re.escape(of) + "$") if of else None
+    stale = [n for n in names if n.startswith(".tmp-") and (mine is None or mine.match(n))]
     for name in stale:
-        tf.io.gfile.remove(os.path.join(folder, name))
+        path = os.path.join(folder, name)
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        else:
+            tf.io.gfile.remove(path)
     return len(stale)
