@@ -57,7 +57,8 @@ def id_problem(image_id: str) -> str | None:
 def image_path(image_dir: str, image_id: str) -> str:
     """`image_dir/a/b/c/abc….jpg`, the GLDv2 layout. ValueError for an id `id_problem` refuses:
     callers skip those first, so this only stops a caller that forgot from escaping the root."""
-    return fileio.join(image_dir, image_id[0], image_id[1], image_id[2], image_name(image_id))
+    name = image_name(image_id)  # first: it refuses ids too short for a/b/c
+    return fileio.join(image_dir, image_id[0], image_id[1], image_id[2], name)
 
 
 def image_name(image_id: str) -> str:
