@@ -317,10 +317,11 @@ def test_atomic_write_onto_a_folder_leaves_no_temporary(tmp_path):
 # --- resume: a damaged kept shard is rewritten --------------------------------------------
 
 
-def test_resume_rewrites_a_truncated_or_altered_shard(tmp_path):
+def _tiny_conversion(tmp_path, n=12):
+    """A GLDv2 train.csv + image tree of `n` images in two classes, converted into 3 shards."""
     from landmark_tf.data import convert, gldv2
 
-    ids = [f"{i:02x}c0ffee{i:04d}" for i in range(12)]
+    ids = [f"{i:02x}c0ffee{i:04d}" for i in range(n)]
     for i, image_id in enumerate(ids):
         path = Path(gldv2.image_path(str(tmp_path / "img"), image_id))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +332,26 @@ def test_resume_rewrites_a_truncated_or_altered_shard(tmp_path):
                                 image_dir=str(tmp_path / "img"), output_dir=str(tmp_path / "out"),
                                 val_fraction=0.0, num_shards=3)
     convert.convert_dataset(cfg, progress=False)
+    return cfg
+
+
+def test_another_conversion_is_refused_naming_flags(tmp_path):
+    import dataclasses
+
+    from landmark_tf.data import convert
+    from landmark_tf.errors import UserError
+
+    cfg = _tiny_conversion(tmp_path)
+    with pytest.raises(UserError) as e:
+        convert.convert_dataset(dataclasses.replace(cfg, jpeg_quality=50), progress=False)
+    assert str(e.value).startswith(f"--output_dir {cfg.output_dir} holds a conversion")
+    assert f"--jpeg_quality {cfg.jpeg_quality} -> 50" in str(e.value)
+
+
+def test_resume_rewrites_a_truncated_or_altered_shard(tmp_path):
+    from landmark_tf.data import convert
+
+    cfg = _tiny_conversion(tmp_path)
     shards = sorted(p for p in (tmp_path / "out").iterdir() if p.suffix == ".tfrec")
     original = {p.name: p.read_bytes() for p in shards}
     shards[0].write_bytes(original[shards[0].name][:-100])  # cut short

@@ -98,13 +98,20 @@ def check_folder(out: str) -> None:
             raise UserError(f"--output_dir {out}: is a file, expected a folder")
 
 
+# Manifest keys that are not flags of landmark-tfrecords, as the refusal names them.
+_NOT_FLAGS = {"plan_sha256": "the CSV rows", "pillow_version": "the Pillow version"}
+
+
 def _check_same_source(out: str, old: dict, new: dict) -> None:
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            name = _NOT_FLAGS.get(k, f"--{k}")
+            diff.append(name if k == "plan_sha256" else f"{name} {old.get(k)!r} -> {new.get(k)!r}")
     if diff:
         raise UserError(
-            f"{out} holds a conversion with other settings or input ({'; '.join(diff)}); "
-            "use another --output_dir, or --overwrite to replace it"
+            f"--output_dir {out} holds a conversion of other input or settings "
+            f"({'; '.join(diff)}); use another --output_dir, or --overwrite to replace it"
         )
 
 
