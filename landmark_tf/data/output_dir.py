@@ -110,7 +110,7 @@ def _check_same_source(out: str, old: dict, new: dict) -> None:
             diff.append(name if k == "plan_sha256" else f"{name} {old.get(k)!r} -> {new.get(k)!r}")
     if diff:
         raise UserError(
-            f"--output_dir {out} holds a conversion of other input or settings "
+            f"--output_dir {out} holds a conversion with other settings or input "
             f"({'; '.join(diff)}); use another --output_dir, or --overwrite to replace it"
         )
 
