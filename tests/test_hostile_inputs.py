@@ -183,6 +183,16 @@ def test_latin1_solution_names_the_file(bad):
     assert str(e.value).startswith(bad["latin1_solution"] + ": ")
 
 
+def test_report_refusing_an_input_creates_no_output_folder(bad, tmp_path):
+    from landmark_tf.errors import UserError
+    from landmark_tf.report import page
+
+    out = tmp_path / "report"
+    with pytest.raises(UserError, match="not UTF-8"):
+        page.write_report(page.ReportConfig(output_dir=str(out), metrics={"m": bad["binary"]}))
+    assert not out.exists()
+
+
 # --- ids that would escape their root: skipped and listed, never read ---------------------
 
 

@@ -63,7 +63,6 @@ def write_report(cfg: ReportConfig) -> dict[str, Any]:
             or cfg.recognition_submission or cfg.timings):
         raise UserError("nothing to report: give --runs, --metrics, --submission, --embeddings, "
                         "--recognition_submission or --timings")
-    fileio.makedirs(cfg.output_dir)
     sections = [_results(cfg), _settings(cfg), _timings(cfg)]
     images, marks, skipped = [], {}, {}
     if cfg.runs:
@@ -84,6 +83,7 @@ def write_report(cfg: ReportConfig) -> dict[str, Any]:
             "Recognition: predicted landmark per query", "recognition.png",
             "Top: the query. Bottom: the first train image of the predicted landmark, with the "
             "confidence; green = right landmark, red = wrong or the query shows none."))
+    fileio.makedirs(cfg.output_dir)
     fileio.write_json_atomic(fileio.join(cfg.output_dir, "marks.json"), marks)
     page = _HTML.format(body="\n".join(s for s in sections if s))
     index = fileio.join(cfg.output_dir, "index.html")
@@ -95,6 +95,7 @@ def write_report(cfg: ReportConfig) -> dict[str, Any]:
 
 
 def _write(cfg: ReportConfig, name: str, png: bytes, images: list[str]) -> None:
+    fileio.makedirs(cfg.output_dir)  # only now: a refused input leaves no empty folder
     fileio.write_bytes_atomic(fileio.join(cfg.output_dir, name), png)
     images.append(name)
 
