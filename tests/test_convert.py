@@ -139,7 +139,7 @@ def test_rerun_same_flags_does_nothing_other_flags_error(small, tmp_path):
     again = convert.convert_dataset(_config(small, tmp_path), progress=False)
     assert again["up_to_date"] and again["shards_written"] == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
-    with pytest.raises(UserError, match=r"other settings.*max_image_side: 20 -> 16"):
+    with pytest.raises(UserError, match=r"other settings.*--max_image_side 20 -> 16"):
         convert.convert_dataset(_config(small, tmp_path, max_image_side=16), progress=False)
     changed = convert.convert_dataset(
         _config(small, tmp_path, num_shards=2, overwrite=True), progress=False)

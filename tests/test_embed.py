@@ -74,7 +74,7 @@ def test_embeds_every_readable_image_in_order_with_labels(first_run, image_set):
         skipped = {s["id"]: s["reason"] for s in json.load(f)["skipped"]}
     assert set(skipped) == {BROKEN, MISSING, SHORT}
     assert "decode" in skipped[BROKEN] and "not found" in skipped[MISSING]
-    assert "shorter" in skipped[SHORT]
+    assert "refused" in skipped[SHORT] and "3+ characters" in skipped[SHORT]
 
 
 def test_rows_equal_serving_default_on_the_canonical_images(model, first_run, image_set):

@@ -10,6 +10,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from landmark_tf import errors
 from landmark_tf.errors import UserError
 
 
@@ -39,6 +40,13 @@ def _print_help(module_name: str) -> None:
     print("\n--flagfile=FILE reads flags from a file; --helpfull lists every flag.")
 
 
+def _fail(prog: str, message: str) -> None:
+    """One line on stderr (a message spread over lines is joined), exit 2."""
+    line = " ".join(message.split()) or "bad input"
+    print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
     """Runs an absl `main`; a `UserError` becomes one line on stderr and exit code 2.
 
@@ -57,8 +65,14 @@ def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
         try:
             result = main(argv)
         except UserError as e:
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _fail(prog, str(e))
+        except ModuleNotFoundError as e:
+            if errors.missing_extra(e) is None:
+                raise
+            _fail(prog, errors.missing_extra(e))
+        except errors.bad_input_errors() as e:
+            # A reader that does not name its path yet: still one line, not a traceback.
+            _fail(prog, errors.describe(e))
         except KeyboardInterrupt:
             print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
             sys.exit(130)

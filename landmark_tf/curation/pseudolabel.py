@@ -22,6 +22,7 @@ import dataclasses
 import numpy as np
 
 from landmark_tf.curation.clean import csv_text, positions, write_text
+from landmark_tf.data import gldv2
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import embeddings as embeddings_lib
 from landmark_tf.retrieval import knn
@@ -97,6 +98,10 @@ def pseudolabel(cfg: PseudoLabelConfig) -> dict:
     todo = embeddings_lib.load_embeddings(cfg.unlabelled)
     knn.check_dims(ref.dim, todo.dim, "labelled and unlabelled sets")
     already = positions(ref.ids, todo.ids) >= 0  # never relabel an image that has a label
+    # The output is a train list landmark-tfrecords turns into paths: leave out ids it refuses.
+    problems = {i: p for i in todo.ids.tolist() if (p := gldv2.id_problem(i))}
+    refused = np.isin(todo.ids, list(problems)) if problems else np.zeros(len(todo), bool)
+    already |= refused
     has_label = ref.landmark_ids >= 0
     database, _ = knn.l2_normalize(ref.embeddings[has_label])
     queries, _ = knn.l2_normalize(todo.embeddings[~already])
@@ -113,7 +118,9 @@ def pseudolabel(cfg: PseudoLabelConfig) -> dict:
     write_text(cfg.output, csv_text(HEADER, rows))
     return {
         "labelled": len(rows), "threshold": cfg.threshold, "candidates": int((~already).sum()),
-        "skipped_already_labelled": int(already.sum()), "classes": len(np.unique(lm)),
+        "skipped_already_labelled": int((already & ~refused).sum()),
+        "skipped": [{"id": i, "reason": p} for i, p in sorted(problems.items())],
+        "classes": len(np.unique(lm)),
         "k": cfg.k, "output": cfg.output,
         "mean_confidence": float(conf.mean()) if len(conf) else None,
     }

@@ -197,14 +197,14 @@ def _job_id(result) -> str | None:
 def write_plan(path: str, todo: list[ShardTask]) -> None:
     """One JSON line [shard, position, id, label, landmark_id, is_clean] per planned example,
     written atomically (a rerun replaces it)."""
-    tmp = fileio.tmp_name(path)
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        for k, task in enumerate(todo):
-            # Ids match gldv2's [0-9A-Za-z_-]{3,}, so quoting them needs no escaping (and an
-            # f-string is ~4x faster than json.dumps over 4.1M lines).
-            f.write("".join(f'[{k},{i},"{ex.image_id}",{ex.label},{ex.landmark_id},'
-                            f'{int(ex.is_clean)}]\n' for i, ex in enumerate(task.examples)))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    with fileio.removed_on_failure(fileio.tmp_name(path)) as tmp:
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            for k, task in enumerate(todo):
+                # Ids match gldv2's [0-9A-Za-z_-]{3,}, so quoting them needs no escaping (and an
+                # f-string is ~4x faster than json.dumps over 4.1M lines).
+                f.write("".join(f'[{k},{i},"{ex.image_id}",{ex.label},{ex.landmark_id},'
+                                f'{int(ex.is_clean)}]\n' for i, ex in enumerate(task.examples)))
+        tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def convert_line(line: str, image_dir: str, options: ImageOptions, pillow_version: str):
@@ -239,29 +239,30 @@ def write_grouped_shard(item, table: dict[int, tuple[str, str, int]]) -> str:
     if [v[0] for v in ordered] != list(range(planned)):
         raise RuntimeError(f"{path}: got positions {[v[0] for v in ordered][:10]}..., "
                            f"expected 0..{planned - 1} once each")
-    counts: collections.Counter = collections.Counter()
-    not_clean: collections.Counter = collections.Counter()
-    skipped, size = [], 0
-    tmp = fileio.tmp_name(path)
-    with tf.io.TFRecordWriter(tmp) as writer:
-        for _, label, is_clean, record, skip in ordered:
-            if skip is not None:
-                skipped.append(skip)
-                continue
-            writer.write(record)
-            counts[label] += 1
-            not_clean[label] += 0 if is_clean else 1
-            size += len(record) + _RECORD_FRAMING
-    report = {
-        "shard": os.path.basename(path),
-        "planned": planned,
-        "examples": sum(counts.values()),
-        "bytes": size,
-        "label_counts": {str(k): v for k, v in sorted(counts.items())},
-        "not_clean_label_counts": {str(k): v for k, v in sorted(not_clean.items()) if v},
-        "skipped": skipped,
-    }
-    fileio.write_json_atomic(report_path, report)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    with fileio.removed_on_failure(fileio.tmp_name(path)) as tmp:
+        counts: collections.Counter = collections.Counter()
+        not_clean: collections.Counter = collections.Counter()
+        skipped, size = [], 0
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for _, label, is_clean, record, skip in ordered:
+                if skip is not None:
+                    skipped.append(skip)
+                    continue
+                writer.write(record)
+                counts[label] += 1
+                not_clean[label] += 0 if is_clean else 1
+                size += len(record) + _RECORD_FRAMING
+        report = {
+            "shard": os.path.basename(path),
+            "planned": planned,
+            "examples": sum(counts.values()),
+            "bytes": size,
+            "label_counts": {str(k): v for k, v in sorted(counts.items())},
+            "not_clean_label_counts": {str(k): v for k, v in sorted(not_clean.items()) if v},
+            "skipped": skipped,
+            "tail_crc32": shards.tail_crc32(tmp, size),
+        }
+        fileio.write_json_atomic(report_path, report)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
     Metrics.counter(_METRICS, "shards_written").inc()
     return report["shard"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -107,6 +108,7 @@ def convert_dataset(
     """
     start = time.perf_counter()
     cfg.validate()
+    output_dir.check_folder(cfg.output_dir)  # before the plan, which takes a while at full size
     with Workers(cfg.num_workers) as workers:
         plan = planning.build_plan(
             train_csv=cfg.train_csv, csv=cfg.csv, split=cfg.split, clean_csv=cfg.clean_csv,
@@ -116,11 +118,14 @@ def convert_dataset(
         source = {**cfg.source(), "plan_sha256": plan.digest()}
         manifest = output_dir.prepare(cfg, source, plan, workers)
         tasks = _tasks(cfg, plan, manifest["num_shards"])
-        finished = output_dir.finished_shards(cfg.output_dir)
+        finished, damaged = output_dir.finished_shards(cfg.output_dir)
+        for name, problem in damaged.items():
+            print(f"landmark-tfrecords: warning: rewriting {name}: {problem}", file=sys.stderr)
         todo = [t for t in tasks if os.path.basename(t.path) not in finished]
         info_path = fileio.join(cfg.output_dir, records.DATASET_INFO)
         if not todo and fileio.exists(info_path):
-            return _summary(cfg, fileio.read_json(info_path), start, 0, 0, resumed=len(tasks))
+            summary = _summary(cfg, fileio.read_json(info_path), start, 0, 0, resumed=len(tasks))
+            return {**summary, "shards_damaged": []}
         planned = sum(len(t.examples) for t in todo)
         if write_shards is not None:
             write_shards(todo)
@@ -133,7 +138,8 @@ def convert_dataset(
     info = output_dir.dataset_info(plan, source, reports)
     output_dir.write_label_map(cfg.output_dir, plan, info["class_counts"])
     fileio.write_json_atomic(info_path, info)
-    return _summary(cfg, info, start, len(todo), planned, resumed=len(tasks) - len(todo))
+    summary = _summary(cfg, info, start, len(todo), planned, resumed=len(tasks) - len(todo))
+    return {**summary, "shards_damaged": sorted(damaged)}
 
 
 def _write_local(

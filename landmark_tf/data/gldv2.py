@@ -41,9 +41,32 @@ class Example(NamedTuple):
     is_clean: bool
 
 
+def id_problem(image_id: str) -> str | None:
+    """Why `image_id` cannot name an image file, or None when it can.
+
+    The one check every stage applies before an id becomes a path: GLDv2 ids (hex) and the
+    revisitop names (all_souls_000013) are 3+ characters from [0-9A-Za-z_-], so no accepted id
+    holds a "/", "." or "\\" and the path stays inside its root folder.
+    """
+    if _ID_RE.match(image_id):
+        return None
+    return (f"id {image_id!r} refused: not 3+ characters from [0-9A-Za-z_-], so it names no "
+            "file inside the image folder")
+
+
 def image_path(image_dir: str, image_id: str) -> str:
-    """`image_dir/a/b/c/abc….jpg`, the GLDv2 layout."""
-    return fileio.join(image_dir, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
+    """`image_dir/a/b/c/abc….jpg`, the GLDv2 layout. ValueError for an id `id_problem` refuses:
+    callers skip those first, so this only stops a caller that forgot from escaping the root."""
+    name = image_name(image_id)  # first: it refuses ids too short for a/b/c
+    return fileio.join(image_dir, image_id[0], image_id[1], image_id[2], name)
+
+
+def image_name(image_id: str) -> str:
+    """`<id>.jpg` (revisitop's layout: the file name, no subfolders); ValueError as above."""
+    problem = id_problem(image_id)
+    if problem:
+        raise ValueError(problem)
+    return f"{image_id}.jpg"
 
 
 def read_csv(path: str) -> tuple[str, list[Row]]:
@@ -52,9 +75,8 @@ def read_csv(path: str) -> tuple[str, list[Row]]:
     Raises UserError naming the file and line for a missing file, an unknown header, a row with
     the wrong number of fields, a bad id or landmark id, a duplicate id, or no rows at all.
     """
-    if not fileio.exists(path):
-        raise UserError(f"{path}: file not found")
-    with tf.io.gfile.GFile(path, "r") as f:
+    fileio.require_file(path)
+    with fileio.reading(path), tf.io.gfile.GFile(path, "r") as f:
         reader = csv.reader(f)
         header = [h.strip().lstrip("\ufeff").lower() for h in next(reader, [])]
         kind = _kind(path, header)
@@ -95,7 +117,7 @@ def _numbered(reader, width: int, path: str) -> Iterator[tuple[int, list[str]]]:
 
 def _parse_id(path: str, line: int, value: str) -> str:
     value = value.strip()
-    if not _ID_RE.match(value):
+    if id_problem(value):
         raise UserError(
             f"{path}:{line}: bad image id {value!r} (want 3+ characters from [0-9A-Za-z_-])"
         )

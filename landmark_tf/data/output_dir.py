@@ -17,7 +17,7 @@ import tensorflow as tf
 from landmark_tf import fileio
 from landmark_tf.data import records
 from landmark_tf.data.planning import ConversionPlan
-from landmark_tf.data.shards import ImageOptions, record_size
+from landmark_tf.data.shards import ImageOptions, check_shard, record_size
 from landmark_tf.data.workers import Workers
 from landmark_tf.errors import UserError
 
@@ -64,16 +64,22 @@ def prepare(cfg: ConvertConfig, source: dict, plan: ConversionPlan, workers: Wor
     """Checks the output folder against `source`; writes the manifest on a fresh start."""
     out, state = cfg.output_dir, fileio.join(cfg.output_dir, STATE_DIR)
     manifest_path = fileio.join(state, MANIFEST)
+    check_folder(out)
     if cfg.overwrite:
         _clear(out, state)
-    fileio.makedirs(state)
-    fileio.remove_temporaries(out)
-    fileio.remove_temporaries(state)
     if fileio.exists(manifest_path):
+        fileio.remove_temporaries(out)
+        fileio.remove_temporaries(state)
         manifest = fileio.read_json(manifest_path)
+        if not isinstance(manifest, dict) or "source" not in manifest:
+            raise UserError(f"{manifest_path}: not a landmark-tfrecords manifest; use another "
+                            "--output_dir, or --overwrite to replace it")
         _check_same_source(out, manifest["source"], source)
         return manifest
-    _check_no_foreign_output(out)
+    if tf.io.gfile.isdir(out):
+        _check_no_foreign_output(out)  # before anything is written: a refusal leaves no trace
+        fileio.remove_temporaries(out)
+    fileio.makedirs(state)
     sizes = {split: len(examples) for split, examples in plan.splits.items()}
     example_bytes = 0.0 if cfg.num_shards else estimate_example_bytes(plan, cfg, workers)
     manifest = {
@@ -85,13 +91,27 @@ def prepare(cfg: ConvertConfig, source: dict, plan: ConversionPlan, workers: Wor
     return manifest
 
 
+def check_folder(out: str) -> None:
+    """UserError when --output_dir names a file, or a path through one."""
+    with fileio.writing(out):
+        if fileio.exists(out) and not tf.io.gfile.isdir(out):
+            raise UserError(f"--output_dir {out}: is a file, expected a folder")
+
+
+# Manifest keys that are not flags of landmark-tfrecords, as the refusal names them.
+_NOT_FLAGS = {"plan_sha256": "the CSV rows", "pillow_version": "the Pillow version"}
+
+
 def _check_same_source(out: str, old: dict, new: dict) -> None:
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            name = _NOT_FLAGS.get(k, f"--{k}")
+            diff.append(name if k == "plan_sha256" else f"{name} {old.get(k)!r} -> {new.get(k)!r}")
     if diff:
         raise UserError(
-            f"{out} holds a conversion with other settings or input ({'; '.join(diff)}); "
-            "use another --output_dir, or --overwrite to replace it"
+            f"--output_dir {out} holds a conversion with other settings or input "
+            f"({'; '.join(diff)}); use another --output_dir, or --overwrite to replace it"
         )
 
 
@@ -118,13 +138,31 @@ def _clear(out: str, state: str) -> None:
     fileio.remove_temporaries(out)
 
 
-def finished_shards(out: str) -> set[str]:
-    """Names of complete shards: the final name exists (its report is written before the rename;
-    one listing each instead of an existence check per shard, which is slow on GCS)."""
+def finished_shards(out: str) -> tuple[set[str], dict[str, str]]:
+    """(names of complete shards, {name: why not} for shards to rewrite).
+
+    A shard is complete when its final name exists (its report is written before the rename;
+    one listing each instead of an existence check per shard, which is slow on GCS) and the file
+    still matches its report: byte count, and the CRC of its last bytes (`shards.check_shard`),
+    so a shard cut short or overwritten since is written again instead of kept.
+    """
     state = fileio.join(out, STATE_DIR)
     shards = {n.rstrip("/") for n in tf.io.gfile.listdir(out)}
     reports = {n[: -len(".json")] for n in tf.io.gfile.listdir(state) if n.endswith(".json")}
-    return {n for n in shards & reports if records.parse_shard_name(n)}
+    good, bad = set(), {}
+    for name in sorted(shards & reports):
+        if not records.parse_shard_name(name):
+            continue
+        try:
+            report = fileio.read_json(fileio.join(state, f"{name}.json"))
+            problem = check_shard(fileio.join(out, name), report)
+        except UserError as e:
+            problem = f"its report is unreadable ({e})"
+        if problem:
+            bad[name] = problem
+        else:
+            good.add(name)
+    return good, bad
 
 
 def dataset_info(plan: ConversionPlan, source: dict, reports: list[dict]) -> dict:

@@ -99,6 +99,8 @@ def load_dataset_info(data_dir: str) -> dict[str, Any]:
             f"{path} not found: --data_dir must be a folder written by landmark-tfrecords"
         )
     info = fileio.read_json(path)
+    if not isinstance(info, dict):
+        raise UserError(f"{path}: not a JSON object, so not a landmark-tfrecords dataset_info.json")
     for key in ("num_classes", "splits"):
         if key not in info:
             raise UserError(f"{path} has no '{key}': not a landmark-tfrecords dataset_info.json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import os
+import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,7 +18,9 @@ import tensorflow as tf
 
 from landmark_tf import fileio
 from landmark_tf.data import gldv2, images, records
+from landmark_tf.errors import BadFile
 
+TAIL_BYTES = 1 << 16
 _RECORD_FRAMING = 16  # TFRecord: 8-byte length + 4-byte length CRC + 4-byte data CRC
 
 
@@ -45,8 +48,8 @@ def read_image(path: str) -> bytes:
         return fileio.read_bytes(path)
     except tf.errors.NotFoundError:
         raise images.SkipImage("missing", "no such file") from None
-    except (tf.errors.PermissionDeniedError, tf.errors.FailedPreconditionError) as e:
-        raise images.SkipImage("unreadable", e.message) from None
+    except BadFile as e:  # a folder, no read permission: fileio.reading names these
+        raise images.SkipImage("unreadable", e.reason) from None
 
 
 def serialize(example: gldv2.Example, image_dir: str, options: ImageOptions) -> bytes:
@@ -72,6 +75,25 @@ def record_size(example: gldv2.Example, image_dir: str, options: ImageOptions) -
         return 0
 
 
+def tail_crc32(path: str, size: int) -> int:
+    """CRC32 of a file's last TAIL_BYTES bytes: the last record and its TFRecord CRC, read in
+    one small request, so a resume can check every kept shard even on GCS."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        f.seek(max(0, size - TAIL_BYTES))
+        return zlib.crc32(f.read())
+
+
+def check_shard(path: str, report: dict[str, Any]) -> str | None:
+    """Why the shard at `path` is not the one its report describes, or None when it matches."""
+    size = tf.io.gfile.stat(path).length
+    if size != report.get("bytes"):
+        return f"{size} bytes on disk, {report.get('bytes')} when written"
+    want = report.get("tail_crc32")  # absent in reports written before it was recorded
+    if want is not None and tail_crc32(path, size) != want:
+        return "its last bytes changed since it was written (CRC32 mismatch)"
+    return None
+
+
 def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> dict[str, Any]:
     """Writes one shard (temporary name, report, rename) and returns its report.
 
@@ -80,10 +102,14 @@ def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> 
              (examples with is_clean 0; labels without any left out),
              "skipped": [{"id", "path", "reason"}]}
     """
+    with fileio.removed_on_failure(fileio.tmp_name(task.path)) as tmp:
+        return _write_shard_as(task, tmp, on_image)
+
+
+def _write_shard_as(task: ShardTask, tmp: str, on_image: Callable[[], None] | None) -> dict:
     counts: collections.Counter = collections.Counter()
     not_clean: collections.Counter = collections.Counter()
     skipped, size = [], 0
-    tmp = fileio.tmp_name(task.path)
     with tf.io.TFRecordWriter(tmp) as writer:
         for ex in task.examples:
             try:
@@ -106,6 +132,7 @@ def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> 
         "label_counts": {str(k): v for k, v in sorted(counts.items())},
         "not_clean_label_counts": {str(k): v for k, v in sorted(not_clean.items()) if v},
         "skipped": skipped,
+        "tail_crc32": tail_crc32(tmp, size),
     }
     if task.report_path:
         fileio.write_json_atomic(task.report_path, report)

@@ -96,10 +96,10 @@ def save(path: str, parts: dict[str, Sequence[Any]], meta: dict[str, Any]) -> No
     folder = os.path.dirname(path)
     fileio.makedirs(folder)
     if "://" not in path:
-        tmp = fileio.tmp_name(path)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        with fileio.removed_on_failure(fileio.tmp_name(path)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
         return
     import tensorflow as tf
 
@@ -108,9 +108,9 @@ def save(path: str, parts: dict[str, Sequence[Any]], meta: dict[str, Any]) -> No
         local = os.path.join(local_dir, "ckpt.npz")
         with open(local, "wb") as f:
             np.savez(f, **arrays)
-        tmp = fileio.tmp_name(path)
-        tf.io.gfile.copy(local, tmp, overwrite=True)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        with fileio.removed_on_failure(fileio.tmp_name(path)) as tmp:
+            tf.io.gfile.copy(local, tmp, overwrite=True)
+            tf.io.gfile.rename(tmp, path, overwrite=True)
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)
 

@@ -85,15 +85,27 @@ def top_k_from_embeddings(folder: str, query_ids: list[str], k: int) -> dict[str
     return {q: [str(index.ids[j]) for j in r if j >= 0] for q, r in zip(wanted, ids, strict=True)}
 
 
-def thumbnail(image_dir: str, image_id: str) -> np.ndarray:
-    """uint8 [h, w, 3], longest side THUMB, of ROOT/a/b/c/<id>.jpg; grey with an X if missing."""
-    path = gldv2.image_path(image_dir, image_id)
+def thumbnail(image_dir: str, image_id: str, skipped: dict[str, str] | None = None) -> np.ndarray:
+    """uint8 [h, w, 3], longest side THUMB, of ROOT/a/b/c/<id>.jpg; grey with an X if missing.
+
+    An id that names no file inside ROOT (gldv2.id_problem: a submission is user input) is
+    never read: it gets the grey X and goes into `skipped` {id: reason}."""
+    problem = gldv2.id_problem(image_id)
+    if problem:
+        if skipped is not None:
+            skipped[image_id] = problem
+        return _blank()
     try:
-        image = Image.open(io.BytesIO(fileio.read_bytes(path))).convert("RGB")
+        data = fileio.read_bytes(gldv2.image_path(image_dir, image_id))
+        image = Image.open(io.BytesIO(data)).convert("RGB")
     except Exception:  # noqa: BLE001 - a missing or broken image must not stop the report
-        blank = np.full((THUMB, THUMB, 3), 200, np.uint8)
-        idx = np.arange(THUMB)
-        blank[idx, idx] = blank[idx, THUMB - 1 - idx] = 90
-        return blank
+        return _blank()
     image.thumbnail((THUMB, THUMB))
     return np.asarray(image)
+
+
+def _blank() -> np.ndarray:
+    blank = np.full((THUMB, THUMB, 3), 200, np.uint8)
+    idx = np.arange(THUMB)
+    blank[idx, idx] = blank[idx, THUMB - 1 - idx] = 90
+    return blank

@@ -63,37 +63,39 @@ def write_report(cfg: ReportConfig) -> dict[str, Any]:
             or cfg.recognition_submission or cfg.timings):
         raise UserError("nothing to report: give --runs, --metrics, --submission, --embeddings, "
                         "--recognition_submission or --timings")
-    fileio.makedirs(cfg.output_dir)
     sections = [_results(cfg), _settings(cfg), _timings(cfg)]
-    images, marks = [], {}
+    images, marks, skipped = [], {}, {}
     if cfg.runs:
         runs = {name: curves.read_scalars(w) for name, w in cfg.runs.items()}
         _write(cfg, "curves.png", curves.plot_curves(runs), images)
         sections.append(_figure("Training curves", "curves.png", "From each run's TensorBoard "
                                 "logs (logs/train, logs/val)."))
     if cfg.gldv2_dir and (cfg.submissions or cfg.embeddings):
-        marks["retrieval"] = _retrieval(cfg, images)
+        marks["retrieval"] = _retrieval(cfg, images, skipped)
         sections.append(_figure(
             "Retrieval: top index images per query", "retrieval.png",
             f"{len({r['query'] for r in marks['retrieval']})} test queries (spread evenly over "
             f"the scored ones); per model the top {cfg.top_k}: green = listed for the query by "
             "the solution, red = not; 'distractor' = listed for no query at all."))
     if cfg.gldv2_dir and cfg.recognition_submission:
-        marks["recognition"] = _recognition(cfg, images)
+        marks["recognition"] = _recognition(cfg, images, skipped)
         sections.append(_figure(
             "Recognition: predicted landmark per query", "recognition.png",
             "Top: the query. Bottom: the first train image of the predicted landmark, with the "
             "confidence; green = right landmark, red = wrong or the query shows none."))
+    fileio.makedirs(cfg.output_dir)
     fileio.write_json_atomic(fileio.join(cfg.output_dir, "marks.json"), marks)
     page = _HTML.format(body="\n".join(s for s in sections if s))
     index = fileio.join(cfg.output_dir, "index.html")
     fileio.write_text_atomic(index, page)
     return {"report": index, "images": images, "models": sorted(cfg.metrics),
             "retrieval_rows": len(marks.get("retrieval", [])),
-            "recognition_queries": len(marks.get("recognition", []))}
+            "recognition_queries": len(marks.get("recognition", [])),
+            "skipped": [{"id": i, "reason": r} for i, r in sorted(skipped.items())]}
 
 
 def _write(cfg: ReportConfig, name: str, png: bytes, images: list[str]) -> None:
+    fileio.makedirs(cfg.output_dir)  # only now: a refused input leaves no empty folder
     fileio.write_bytes_atomic(fileio.join(cfg.output_dir, name), png)
     images.append(name)
 
@@ -168,7 +170,7 @@ def _figure(title: str, src: str, caption: str) -> str:
             f'<img src="{html.escape(src)}" alt="{html.escape(title)}">')
 
 
-def _retrieval(cfg: ReportConfig, images: list[str]) -> list[dict]:
+def _retrieval(cfg: ReportConfig, images: list[str], skipped: dict[str, str]) -> list[dict]:
     truth = solutions.read_solution(cfg.retrieval_solution, "retrieval").subset()
     ranked = {name: inputs.read_retrieval_submission(p) for name, p in cfg.submissions.items()}
     usable = set(truth)
@@ -181,13 +183,13 @@ def _retrieval(cfg: ReportConfig, images: list[str]) -> list[dict]:
     rows = gallery.retrieval_marks(queries, ranked, truth, cfg.top_k)
     root = cfg.gldv2_dir
     png = gallery.draw_retrieval(
-        rows, cfg.top_k, lambda i: inputs.thumbnail(fileio.join(root, "test"), i),
-        lambda i: inputs.thumbnail(fileio.join(root, "index"), i))
+        rows, cfg.top_k, lambda i: inputs.thumbnail(fileio.join(root, "test"), i, skipped),
+        lambda i: inputs.thumbnail(fileio.join(root, "index"), i, skipped))
     _write(cfg, "retrieval.png", png, images)
     return rows
 
 
-def _recognition(cfg: ReportConfig, images: list[str]) -> list[dict]:
+def _recognition(cfg: ReportConfig, images: list[str], skipped: dict[str, str]) -> list[dict]:
     sol = solutions.read_solution(cfg.recognition_solution, "recognition")
     truth = sol.subset()
     predictions = inputs.read_recognition_submission(cfg.recognition_submission)
@@ -196,8 +198,8 @@ def _recognition(cfg: ReportConfig, images: list[str]) -> list[dict]:
                                       inputs.first_train_image(cfg.train_csv))
     root = cfg.gldv2_dir
     png = gallery.draw_recognition(
-        marks, lambda i: inputs.thumbnail(fileio.join(root, "test"), i),
-        lambda i: inputs.thumbnail(fileio.join(root, "train"), i))
+        marks, lambda i: inputs.thumbnail(fileio.join(root, "test"), i, skipped),
+        lambda i: inputs.thumbnail(fileio.join(root, "train"), i, skipped))
     _write(cfg, "recognition.png", png, images)
     return marks
 

@@ -98,13 +98,13 @@ def _check_rows(ids: np.ndarray, emb: np.ndarray, source: str) -> None:
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
     if bad.size:
         raise UserError(
-            f"{source}: {bad.size} embeddings contain NaN or Inf (first id {ids[bad[0]]!r})"
+            f"{source}: {bad.size} embeddings contain NaN or Inf (first id {str(ids[bad[0]])!r})"
         )
     zero = np.flatnonzero(~np.any(emb != 0, axis=1))
     if zero.size:
         raise UserError(
             f"{source}: {zero.size} embeddings are all zero and cannot be compared by cosine "
-            f"(first id {ids[zero[0]]!r})"
+            f"(first id {str(ids[zero[0]])!r})"
         )
 
 

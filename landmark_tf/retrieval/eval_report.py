@@ -11,9 +11,12 @@ from landmark_tf.retrieval import solutions
 class Report:
     """Collects the JSON results and the human-readable lines and warnings (to stderr)."""
 
-    def __init__(self):
+    def __init__(self, ground_truth: dict | None = None):
         self.result: dict = {}
         self.rows: list[tuple[str, str]] = []
+        # The ground-truth files by flag name, read before any search so that a bad one fails
+        # in seconds, not after the search, and with nothing printed before its error line.
+        self.ground_truth: dict = ground_truth or {}
 
     def add(self, key: str, value, label: str | None = None) -> None:
         self.result[key] = value

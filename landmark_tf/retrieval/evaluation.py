@@ -14,6 +14,7 @@ retrieved list after it (a method that re-scores shortlists adds its branch ther
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -98,7 +99,10 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig) -> dict:
     """Runs every evaluation `cfg` asks for; returns the closing-JSON dict."""
     cfg.check()
-    report = Report()
+    for flag in ("submission", "recognition_submission"):  # before minutes of search
+        if getattr(cfg, flag):
+            _check_output_file(getattr(cfg, flag), f"--{flag}")
+    report = Report(_read_ground_truth(cfg))
     with open_embeddings(cfg.queries) as queries:
         q_vecs = queries.read_all()
     _warn_renormalised(queries, "queries", report)
@@ -109,6 +113,33 @@ def evaluate(cfg: EvalConfig) -> dict:
         _recognition(cfg, queries, q_vecs, report)
     report.print_table()
     return report.result
+
+
+def _read_ground_truth(cfg: EvalConfig) -> dict:
+    out = {}
+    if cfg.solution and cfg.index:
+        out["solution"] = solutions.read_solution(cfg.solution, "retrieval")
+    if cfg.recognition_solution and cfg.train:
+        out["recognition_solution"] = solutions.read_solution(cfg.recognition_solution,
+                                                              "recognition")
+    if cfg.revisitop_gnd and cfg.index:
+        out["revisitop_gnd"] = revisitop.load_gnd(cfg.revisitop_gnd)
+    return out
+
+
+def _check_output_file(path: str, flag: str) -> None:
+    """UserError when a local file cannot be written at `path` (a folder there, or a file where
+    a parent folder should be); gs:// has no folders to collide with. os.path, not tf.io.gfile:
+    evaluating local files never imports TensorFlow."""
+    if "://" in path:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder, expected a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: {parent} is a file, expected a folder")
 
 
 def _warn_renormalised(es: EmbeddingFile, name: str, report: Report) -> None:
@@ -143,6 +174,10 @@ def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
         q_vecs, searcher, vector_method, cfg.qe_k, cfg.aqe_alpha, in_place=True
     )
     t1 = time.perf_counter()
+    if cfg.k > searcher.size:
+        report.add("k_clamped_to", searcher.size, f"k (--k={cfg.k} > index size)")
+        print(f"landmark-evaluate: note: --k={cfg.k} > the index's {searcher.size} images: "
+              f"{searcher.size} neighbours per query", file=sys.stderr)
     scores, ids = searcher.search(q_final, cfg.k, desc="search")
     t2 = time.perf_counter()
     if searcher.ivf is not None:
@@ -210,7 +245,7 @@ def _ivf_recall(cfg, searcher: knn.Searcher, q_final, ids, report: Report) -> No
 
 def _retrieval_scores(cfg, queries, index, predictions, report: Report) -> None:
     if cfg.solution:
-        sol = solutions.read_solution(cfg.solution, "retrieval")
+        sol = report.ground_truth["solution"]
         source = cfg.solution
     elif queries.landmark_ids is not None and index.landmark_ids is not None:
         sol = solutions.solution_from_labels(
@@ -271,7 +306,7 @@ def _nonlandmark(cfg, queries, q_vecs, confidence, searcher, train, report: Repo
 
 
 def _revisitop(cfg, queries, index, q_final, searcher: knn.Searcher, report: Report) -> None:
-    gnd = revisitop.load_gnd(cfg.revisitop_gnd)
+    gnd = report.ground_truth["revisitop_gnd"]
     db_rows, q_rows, distractors, extra_q = revisitop.align(gnd, index.ids, queries.ids)
     report.add("revisitop_distractors", distractors, "revisitop distractors")
     report.warn("revisitop_queries_ignored", extra_q, "--queries ids are not in qimlist")

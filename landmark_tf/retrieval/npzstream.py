@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from landmark_tf.errors import UserError
+from landmark_tf.errors import BadFile, UserError, reason
 
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # zip local file header, 30 bytes
 
@@ -163,16 +163,20 @@ class NpzReader:
             self._tmpdir = tempfile.mkdtemp(prefix="landmark-npz-")
             local = os.path.join(self._tmpdir, "copy.npz")
             tf.io.gfile.copy(path, local, overwrite=True)
-        self.file = open(local, "rb")  # noqa: SIM115 (closed by close())
+        self.file = None
         try:
+            self.file = open(local, "rb")  # noqa: SIM115 (closed by close())
             self.zip = zipfile.ZipFile(self.file)
             self.members = {
                 i.filename[: -len(".npy")] if i.filename.endswith(".npy") else i.filename:
                 Member(self, i) for i in self.zip.infolist()
             }
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+            self.close()
+            raise BadFile(path, reason(e)) from e
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error) as e:
             self.close()
-            raise UserError(f"{path}: not a readable .npz file ({e})") from e
+            raise BadFile(path, f"not a readable .npz file ({e})") from e
 
     def __enter__(self) -> NpzReader:
         return self
@@ -181,7 +185,8 @@ class NpzReader:
         self.close()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -216,15 +221,26 @@ class NpzWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._zip.close()
         if exc_type is not None:
-            os.remove(self._local)
+            self._discard()
             return
-        if _is_remote(self.path):
-            import tensorflow as tf
+        try:
+            if _is_remote(self.path):
+                import tensorflow as tf
 
-            tf.io.gfile.copy(self._local, self.path, overwrite=True)
+                tf.io.gfile.copy(self._local, self.path, overwrite=True)
+            else:
+                os.replace(self._local, self.path)
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+            raise BadFile(self.path, reason(e)) from e
+        finally:
+            self._discard()
+
+    def _discard(self) -> None:
+        """Removes the local temporary (gone already after a successful replace)."""
+        if _is_remote(self.path):
             shutil.rmtree(os.path.dirname(self._local), ignore_errors=True)
-        else:
-            os.replace(self._local, self.path)
+        elif os.path.exists(self._local):
+            os.remove(self._local)
 
     def write(self, name: str, array: np.ndarray) -> None:
         array = np.asarray(array, order="C")

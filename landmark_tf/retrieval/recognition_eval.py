@@ -41,7 +41,7 @@ def recognize(cfg, queries, q_vecs: np.ndarray, searcher: knn.Searcher,
 
 def _recognition_scores(cfg, queries, predictions, report: Report) -> None:
     if cfg.recognition_solution:
-        sol = solutions.read_solution(cfg.recognition_solution, "recognition")
+        sol = report.ground_truth["recognition_solution"]
         source = cfg.recognition_solution
     elif queries.landmark_ids is not None:
         sol = solutions.solution_from_labels(queries.ids, queries.landmark_ids)

@@ -97,6 +97,10 @@ def embed_set(cfg: EmbedConfig) -> dict[str, Any]:
     else:
         embedder = Embedder(cfg.model)
     parts_dir = cfg.output + ".parts"
+    # What a killed merge left (NpzWriter's and write_text_atomic's temporaries of the output).
+    folder, name = os.path.split(cfg.output)
+    fileio.remove_temporaries(folder or ".", of=name)
+    fileio.remove_temporaries(folder or ".", of=name[: -len(".npz")] + ".skipped.json")
     _start_parts(parts_dir, _manifest(cfg, source, embedder))
     start, done = time.time(), 0
     bar = tqdm(total=source.total, unit="img", desc="embed", file=sys.stderr, mininterval=1.0)
@@ -128,6 +132,7 @@ def _check_config(cfg: EmbedConfig) -> None:
         raise UserError(f"--dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     if not cfg.output.endswith(".npz"):
         raise UserError(f"--output {cfg.output}: must end with .npz")
+    fileio.check_output_file(cfg.output, "--output")
     for name in ("batch_size", "chunk_size", "max_batch_pixels", "num_threads"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")

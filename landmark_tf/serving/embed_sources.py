@@ -17,8 +17,8 @@ import numpy as np
 import tensorflow as tf
 
 from landmark_tf import fileio
-from landmark_tf.data import images, records
-from landmark_tf.errors import UserError
+from landmark_tf.data import gldv2, images, records
+from landmark_tf.errors import BadFile, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Item:
     data: bytes | None = None
     crop: tuple[float, float, float, float] | None = None
     canonical: bool = True
+    refused: str | None = None  # why the id names no file (gldv2.id_problem): skipped, never read
 
 
 @dataclasses.dataclass
@@ -68,11 +69,13 @@ def open_source(records_glob: str | None, csv_path: str | None, image_dir: str |
     return csv_source(csv_path, image_dir)
 
 
-def image_path(image_dir: str, image_id: str) -> str:
-    """GLDv2 layout: IMAGE_DIR/X[0]/X[1]/X[2]/X.jpg; "" when the id is too short for it."""
-    if len(image_id) < 3:
-        return ""
-    return fileio.join(image_dir, image_id[0], image_id[1], image_id[2], f"{image_id}.jpg")
+def _file_item(image_id: str, landmark: int, path_of, **kwargs) -> Item:
+    """An Item read from `path_of(image_id)`, or a refused one (no path) for an id that would
+    name a file outside the image folder or none at all."""
+    problem = gldv2.id_problem(image_id)
+    if problem:
+        return Item(image_id, landmark, "", refused=problem, **kwargs)
+    return Item(image_id, landmark, path_of(image_id), **kwargs)
 
 
 def csv_source(csv_path: str, image_dir: str) -> Source:
@@ -95,7 +98,7 @@ def csv_source(csv_path: str, image_dir: str) -> Source:
             raise UserError(f"{csv_path}:{line}: id {image_id} already on line {seen[image_id]}")
         seen[image_id] = line
         landmark = _landmark_id(row.get("landmark_id"), csv_path, line) if labelled else -1
-        items.append(Item(image_id, landmark, image_path(image_dir, image_id)))
+        items.append(_file_item(image_id, landmark, lambda i: gldv2.image_path(image_dir, i)))
     digest = hashlib.sha256(text.encode("utf-8") + image_dir.encode("utf-8")).hexdigest()
     return Source(items, len(items), labelled, digest)
 
@@ -142,7 +145,7 @@ def _records_total(files: list[str]) -> int | None:
         return None
     try:
         splits = fileio.read_json(info_path).get("splits", {})
-    except ValueError:
+    except (UserError, AttributeError):  # not ours: the count is only a progress-bar nicety
         return None
     names = {os.path.basename(f) for f in files}
     used = [s for s in splits.values() if names & set(s.get("shards", []))]
@@ -172,8 +175,9 @@ def revisitop_source(gnd_path: str, image_dir: str, which: str) -> Source:
             if box is None or len(box) != 4:
                 raise UserError(f"{gnd_path}: gnd[{i}] ({name}) has no bbx [x1, y1, x2, y2]")
             box = tuple(float(v) for v in box)
-        items.append(Item(str(name), -1, fileio.join(image_dir, f"{name}.jpg"), crop=box,
-                          canonical=False))
+        items.append(_file_item(str(name), -1,
+                                lambda n: fileio.join(image_dir, gldv2.image_name(n)),
+                                crop=box, canonical=False))
     text = f"{gnd_path}\n{image_dir}\n{which}\n" + "".join(f"{n}\n" for n in names)
     digest = hashlib.sha256(fileio.read_bytes(gnd_path) + text.encode("utf-8")).hexdigest()
     return Source(items, len(items), False, digest)
@@ -197,8 +201,8 @@ def load_image(item: Item) -> np.ndarray | str:
     (--csv) is first made canonical as the converter does (`images.canonical_jpeg`: EXIF
     orientation, at most 800 px, JPEG), so both sources give the model the same pixels.
     """
-    if not item.path and item.data is None:
-        return "id shorter than 3 characters: no IMAGE_DIR/a/b/c/ folder for it"
+    if item.refused:
+        return item.refused
     try:
         data = item.data
         if data is None:
@@ -208,6 +212,8 @@ def load_image(item: Item) -> np.ndarray | str:
         image = records.decode_image(data).numpy()
     except tf.errors.NotFoundError:
         return "file not found"
+    except BadFile as e:
+        return e.reason
     except images.SkipImage as e:
         return f"cannot decode: {e.reason}"
     except (tf.errors.OpError, ValueError) as e:

@@ -159,6 +159,8 @@ def write_savedmodel(
     metadata.json copied last, so metadata.json present = export complete.
     """
     check_target(export_dir, overwrite)
+    head, name = os.path.split(export_dir.rstrip("/"))
+    fileio.remove_temporaries(head or ".", of=name)  # left by an export killed midway
     tmp = fileio.tmp_name(export_dir.rstrip("/"))
     try:
         signatures.save(module, tmp)

@@ -32,6 +32,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from landmark_tf import fileio
+from landmark_tf.data import gldv2
 from landmark_tf.errors import UserError
 from landmark_tf.synth import scenes, views
 from landmark_tf.synth.plan import (
@@ -52,7 +53,7 @@ SPLITS = ("train", "index", "test", "nonlandmark")
 
 def image_path(root: str, split: str, image_id: str) -> str:
     """`root/split/a/b/c/<id>.jpg`, the GLDv2 tree."""
-    return fileio.join(root, split, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
+    return gldv2.image_path(fileio.join(root, split), image_id)  # refuses ids that escape root
 
 
 def _scene(cfg: SynthConfig, plan: SynthPlan, index: int) -> scenes.Scene:
