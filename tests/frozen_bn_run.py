@@ -4,10 +4,12 @@ process (the test runs it in-process for TensorFlow and as a KERAS_BACKEND=jax s
   start       train mode, 1 step at learning rate 0 with bn_momentum 0: the backbone's moving
               statistics become one batch's (a calibrated start; a random EfficientNet's
               default statistics shrink its features towards 0, where descriptors say nothing)
-  frozen_lr0  --init_from start, backbone_mode frozen_bn, 5 steps at learning rate 0
   train_lr0   --init_from start, backbone_mode train, 5 steps at learning rate 0
+  frozen_lr0  --init_from start, backbone_mode frozen_bn, 5 steps at learning rate 0
   frozen_lr   --init_from start, backbone_mode frozen_bn, 3 steps at learning rate 0.5
 
+start and train_lr0 share every setting that reaches the compiled step, so under JAX the second
+reuses the first's compilation (from JAX_COMPILATION_CACHE_DIR when the caller sets it).
 Writes OUT/results.npz: per run the descriptors of fixed images ("<run>/embeddings") and every
 backbone BatchNorm variable ("<run>/<layer>/<gamma|beta|moving_mean|moving_variance>").
 
@@ -30,11 +32,11 @@ from landmark_tf.training import train
 # The released recipe's neck and head (no BatchNorm outside the backbone), tiny.
 MODEL = ModelConfig(image_size=32, embedding_dim=8, neck="dense", neck_activation="swish",
                     head="adacos_per_batch", margin=0.0)
-RUNS = {  # name: (backbone_mode, steps, learning rate, bn_momentum)
-    "start": ("train", 1, 0.0, 0.0),
-    "frozen_lr0": ("frozen_bn", 5, 0.0, 0.9),
-    "train_lr0": ("train", 5, 0.0, 0.9),
-    "frozen_lr": ("frozen_bn", 3, 0.5, 0.9),
+RUNS = {  # name: (backbone_mode, steps, learning rate); bn_momentum 0 throughout
+    "start": ("train", 1, 0.0),
+    "train_lr0": ("train", 5, 0.0),
+    "frozen_lr0": ("frozen_bn", 5, 0.0),
+    "frozen_lr": ("frozen_bn", 3, 0.5),
 }
 BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
 
@@ -47,11 +49,11 @@ def images() -> np.ndarray:
 def run(data: str, out: str) -> dict[str, np.ndarray]:
     backend = keras.backend.backend()
     results = {}
-    for name, (mode, steps, lr, bn_momentum) in RUNS.items():
+    for name, (mode, steps, lr) in RUNS.items():
         workdir = os.path.join(out, name)
         cfg = TrainConfig(data_dir=data, workdir=workdir, train_steps=steps, batch_size=4,
                           learning_rate=lr, momentum=0.9, weight_decay=0.0,
-                          bn_momentum=bn_momentum, schedule="constant", checkpoint_every=steps,
+                          bn_momentum=0.0, schedule="constant", checkpoint_every=steps,
                           val_split="", augment=[], backend=backend,
                           init_from="" if name == "start" else os.path.join(out, "start"))
         train.train(dataclasses.replace(MODEL, backbone_mode=mode), cfg)

@@ -153,7 +153,11 @@ def test_frozen_bn_runs_tensorflow(data, tmp_path):
 def test_frozen_bn_runs_jax(data, tmp_path):
     pytest.importorskip("jax")
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu"}
+           "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu",
+           # train_lr0 compiles start's step again: let it reuse that compilation.
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "frozen_bn_run.py"), data,
                            str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=1800)
