@@ -17,6 +17,11 @@ POOLINGS = ("gap", "gem")
 # statistics over all replicas (dense_syncbn), or nothing (dense: the GLR2020 winner's neck).
 NECKS = ("dense_bn", "dense_syncbn", "dense")
 NECK_ACTIVATIONS = ("linear", "swish", "relu", "gelu")
+# How the backbone runs inside a training step. train: BatchNorm on batch statistics (moving
+# averages updated), drop-connect on. frozen_bn: inference mode (BatchNorm on its stored moving
+# statistics, which stay as they are; gamma/beta still train; no drop-connect), as the GLR2020
+# winner's released step `cosine = model(images)` without training= ran in tf.keras 2.
+BACKBONE_MODES = ("train", "frozen_bn")
 HEADS = ("cosface", "arcface", "adacos", "subcenter_arcface", "softmax", "adacos_per_batch",
          "dynamic_arcface")
 
@@ -37,6 +42,9 @@ class ModelConfig:
     dynamic_margin_a * minmax(n_c^(-1/4)) + dynamic_margin_b from the train counts;
     `head_rank` > 0 factorises the class matrix into D x r and r x C; `npairs_weight` > 0 adds
     the n-pairs loss of the embeddings (with `npairs_l2_reg`) to the head's cross-entropy.
+    `backbone_mode` (BACKBONE_MODES): "frozen_bn" runs the backbone in inference mode inside
+    training steps (the GLR2020 winner's release); "train", the default, as workdirs written
+    before the field existed trained.
     """
 
     backbone: str = "efficientnet-b0"
@@ -56,6 +64,7 @@ class ModelConfig:
     dynamic_margin_b: float = 0.05
     npairs_weight: float = 0.0
     npairs_l2_reg: float = 0.002
+    backbone_mode: str = "train"
 
     def effective_scale(self) -> float:
         """The logit scale actually used; auto is sqrt(2) * ln(C - 1) (AdaCos fixed scale)."""
@@ -86,6 +95,7 @@ class ModelConfig:
             ("dynamic_margin_b", 0 <= self.dynamic_margin_b < math.pi / 2, "in [0, pi/2)"),
             ("npairs_weight", self.npairs_weight >= 0, ">= 0"),
             ("npairs_l2_reg", self.npairs_l2_reg >= 0, ">= 0"),
+            ("backbone_mode", self.backbone_mode in BACKBONE_MODES, f"one of {BACKBONE_MODES}"),
         ]
         for field, ok, expected in checks:
             if not ok:
@@ -190,7 +200,9 @@ class TrainConfig:
              "not both"),
             (self.batch_size > 0, f"--batch_size={self.batch_size}: must be > 0"),
             (self.grad_accum_steps > 0, "--grad_accum_steps must be > 0"),
-            (self.learning_rate > 0, "--learning_rate must be > 0"),
+            # 0 is allowed: only BatchNorm moving statistics (and the dynamic AdaCos scale)
+            # change, a statistics-recalibration run (and the frozen-BN tests' reference).
+            (self.learning_rate >= 0, "--learning_rate must be >= 0"),
             (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
             (self.weight_decay >= 0, "--weight_decay must be >= 0"),
             (0 <= self.bn_momentum < 1, "--bn_momentum must be in [0, 1)"),

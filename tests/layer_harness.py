@@ -42,17 +42,23 @@ def run_layer_test(
     return layer
 
 
+def _as_stored(config: dict) -> dict:
+    """A config as a .keras file stores it (JSON: tuples become lists), e.g. the nested model of
+    a wrapper layer, whose input shapes are tuples before and lists after the round trip."""
+    return json.loads(json.dumps(config))
+
+
 def _check_config_round_trip(layer: keras.layers.Layer) -> None:
     config = layer.get_config()
     clone = layer.__class__.from_config(config)
-    assert clone.get_config() == config
+    assert _as_stored(clone.get_config()) == _as_stored(config)
 
 
 def _check_serialization(layer: keras.layers.Layer) -> None:
     serialized = keras.saving.serialize_keras_object(layer)
     restored = keras.saving.deserialize_keras_object(json.loads(json.dumps(serialized)))
     assert type(restored) is type(layer)
-    assert restored.get_config() == layer.get_config()
+    assert _as_stored(restored.get_config()) == _as_stored(layer.get_config())
 
 
 def _check_saved_model_file(layer_cls, init_kwargs, inputs, tmp_dir) -> None:

@@ -33,6 +33,9 @@ RELEASED = {
     "batch_size": 64, "learning_rate": 0.001, "momentum": 0.9, "weight_decay": 0.0,
     "schedule": "inverse_time", "lr_decay": 1e-5, "warmup_steps": 0,
     "mixed_precision": "float32",
+    # cell 11: `cosine = model(images)` without training=: tf.keras 2 ran the backbone's
+    # BatchNorm on its stored statistics, drop-connect off.
+    "backbone_mode": "frozen_bn",
 }
 # name: (backbone, image size, record set, class weighting, not-clean weight, init_from stage
 # or None for ImageNet, gradient accumulation: 4 per core x 2 at 736 px).

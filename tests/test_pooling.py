@@ -41,6 +41,47 @@ def test_gem_p_is_trainable_and_gets_gradient():
     assert not frozen.trainable_weights and len(frozen.non_trainable_weights) == 1
 
 
+def _gem64(x: np.ndarray, p: float, eps: float = 1e-6) -> np.ndarray:
+    """GeM in float64 with a per-channel max shift (exact reference)."""
+    x = np.maximum(x.astype(np.float64), eps)
+    m = x.max(axis=(1, 2))
+    return m * np.mean((x / m[:, None, None, :]) ** p, axis=(1, 2)) ** (1 / p)
+
+
+def test_gem_at_p_8_is_finite_with_finite_gradients():
+    """(1e-6)^8 is 0 in float32 (subnormals flush on TPU/GPU; 1e-48 is below even the CPU's
+    subnormals): an all-clamped channel used to pool to 0 and give NaN gradients; activations
+    of 1e5..1e6 overflowed x^8."""
+    rng = np.random.default_rng(1)
+    cases = {
+        "zeros": np.zeros((2, 3, 4, 5), np.float32),
+        "negative": -rng.uniform(0.0, 1.0, (2, 3, 4, 5)).astype(np.float32),
+        "tiny": rng.uniform(1e-6, 1e-5, (2, 3, 4, 5)).astype(np.float32),
+        "large": rng.uniform(1e5, 1e6, (2, 3, 4, 5)).astype(np.float32),
+        "mixed": np.concatenate([np.zeros((1, 3, 4, 5)), rng.uniform(0.0, 2.0, (1, 3, 4, 5))]
+                                ).astype(np.float32),
+    }
+    for name, x in cases.items():
+        layer = GeM(p=8.0)
+        inputs = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            out = layer(inputs)
+            total = tf.reduce_sum(out)
+        d_p, d_x = tape.gradient(total, [layer.p, inputs])
+        assert np.all(np.isfinite(out.numpy())), name
+        assert np.isfinite(float(d_p)) and np.all(np.isfinite(d_x.numpy())), name
+        np.testing.assert_allclose(out.numpy(), _gem64(x, 8.0), rtol=1e-4, err_msg=name)
+    # The gradient w.r.t. p is the analytic one: d/dp (mean x^p)^(1/p) in float64.
+    x = cases["tiny"]
+    layer = GeM(p=8.0)
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(layer(x))
+    h = 1e-4
+    numeric = (_gem64(x, 8.0 + h).sum() - _gem64(x, 8.0 - h).sum()) / (2 * h)
+    np.testing.assert_allclose(float(tape.gradient(total, layer.p)), numeric, rtol=1e-2)
+
+
 def test_gem_config_holds_p():
     config = GeM(p=4.5, eps=1e-5).get_config()
     assert (config["p"], config["eps"], config["trainable_p"]) == (4.5, 1e-5, True)

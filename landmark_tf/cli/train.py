@@ -122,6 +122,12 @@ flags.DEFINE_string("pretrained_weights", _T.pretrained_weights, "Keras ImageNet
                     "efficientnetbN_notop.h5 (local or gs://) for a fresh backbone.")
 # Model.
 _define_choice("backbone", _M.backbone, config.BACKBONES, "EfficientNet backbone.")
+_define_choice("backbone_mode", _M.backbone_mode, config.BACKBONE_MODES, "How the backbone "
+                  "runs in a training step. train: BatchNorm on batch statistics (moving "
+                  "averages updated), drop-connect on. frozen_bn: inference mode, as the GLR2020 "
+                  "winner's released code (model(images) without training= in tf.keras 2): "
+                  "BatchNorm uses and keeps its stored moving statistics, gamma/beta still "
+                  "train, no drop-connect; neck and head train normally.")
 flags.DEFINE_integer("image_size", _M.image_size, "Square training image side in pixels.")
 _define_choice("pooling", _M.pooling, config.POOLINGS, "Global pooling: gap or gem.")
 flags.DEFINE_float("gem_p", _M.gem_p, "Initial GeM exponent (trainable).")
@@ -177,7 +183,7 @@ def model_config() -> ModelConfig:
         neck=FLAGS.neck, neck_activation=FLAGS.neck_activation,
         head_rank=FLAGS.head_rank, dynamic_margin_a=FLAGS.dynamic_margin_a,
         dynamic_margin_b=FLAGS.dynamic_margin_b, npairs_weight=FLAGS.npairs_weight,
-        npairs_l2_reg=FLAGS.npairs_l2_reg,
+        npairs_l2_reg=FLAGS.npairs_l2_reg, backbone_mode=FLAGS.backbone_mode,
     )
 
 

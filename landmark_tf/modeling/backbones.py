@@ -13,10 +13,14 @@ block with a skip connection (`blockNx_project_bn` before `blockNx_add`) gets ga
 EfficientNets). With Keras's init (gamma = 1) a random EfficientNet-B1 trained from scratch on
 the demo's 60 classes stayed at chance for 80 SGD steps (train accuracy 0.003); with zero-gamma
 it reached 0.32 (validation 0.36) in the same steps. ImageNet weights overwrite these gammas.
+
+`InferenceModeBackbone` wraps a backbone so that it always runs in inference mode, also inside a
+training step (`--backbone_mode=frozen_bn`, the GLR2020 winner's released training).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -61,6 +65,59 @@ def build_backbone(backbone: str, weights_path: str | None = None) -> keras.Mode
     if weights_path:
         _load_weights_file(model, weights_path)
     return model
+
+
+@keras.saving.register_keras_serializable(package="landmark_tf")
+class InferenceModeBackbone(keras.layers.Layer):
+    """Calls `backbone` with training=False whatever the outer call's `training` is.
+
+    Why a layer: a Keras 3 Functional passes its own `training` to every node it runs, so a
+    nested model's mode cannot be fixed at graph-building time (`backbone(x, training=False)`
+    in the functional graph is overridden by `train_model(..., training=True)`); the explicit
+    argument in this layer's `call` is what the backbone sees. In inference mode every
+    BatchNormalization normalises with its moving mean/variance and leaves them unchanged, while
+    gamma and beta still get gradients and train; Dropout (drop-connect) is the identity. This
+    is what the GLR2020 winner's `cosine = model(images)` (no training=) did in tf.keras 2
+    (seungkee/google_landmark_retrieval_2020_1st_place_solution, v2clean_train.ipynb and
+    v2total_train.ipynb, cell 11).
+
+    The layer owns no variables: its variables are the backbone's, in the same order, so
+    checkpoints (which save the backbone object itself) and exports are unchanged.
+
+    Input: float32 [B, H, W, 3] in 0..255. Output: the backbone's features [B, h, w, F] in the
+    backbone's compute dtype.
+    """
+
+    def __init__(self, backbone: keras.Model, **kwargs):
+        # float32 like the input image: the wrapper neither casts the image (the backbone's own
+        # layers do, as when it is called directly) nor changes the backbone's dtype policy.
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.backbone = backbone
+
+    def build(self, input_shape):
+        if not self.backbone.built:
+            self.backbone.build(input_shape)
+
+    def call(self, inputs, training=None):
+        del training  # the point of the layer: the outer mode never reaches the backbone
+        return self.backbone(inputs, training=False)
+
+    def compute_output_spec(self, inputs, training=None):
+        return self.backbone.compute_output_spec(inputs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["backbone"] = keras.saving.serialize_keras_object(self.backbone)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        # deep copy: deserialisation consumes the nested dicts it reads.
+        config["backbone"] = keras.saving.deserialize_keras_object(
+            copy.deepcopy(config["backbone"]))
+        return cls(**config)
 
 
 def _zero_init_residual_gammas(model: keras.Model) -> None:

@@ -52,13 +52,19 @@ def build_models(
     pretrained_weights: Keras `efficientnetbN_notop.h5` ImageNet file (local or gs://), or None.
     class_counts: train images per class (dataset_info.json), for the dynamic_arcface margins.
     The backbone computes in the global dtype policy; neck, embeddings and logits are float32.
+    With `cfg.backbone_mode == "frozen_bn"` the backbone runs in inference mode in every call
+    (`backbones.InferenceModeBackbone`); the neck and head follow the call's `training`.
     """
     cfg.validate()
     backbone = backbones.build_backbone(cfg.backbone, pretrained_weights)
     neck = EmbeddingNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, cfg.neck,
                          cfg.neck_activation, name="neck")
     image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
-    features = neck(backbone(image))
+    # frozen_bn: the wrapper fixes the backbone's mode; `backbone` stays the object that
+    # checkpoints save and restore (the wrapper holds no variables of its own).
+    run_backbone = (backbones.InferenceModeBackbone(backbone, name="frozen_bn_backbone")
+                    if cfg.backbone_mode == "frozen_bn" else backbone)
+    features = neck(run_backbone(image))
     normalized = keras.layers.UnitNormalization(dtype="float32", name="l2_normalize")(features)
     embedding_model = keras.Model(image, normalized, name="embedding_model")
     if not with_head:

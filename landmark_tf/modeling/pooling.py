@@ -20,6 +20,13 @@ class GeM(keras.layers.Layer):
     p = 1 is average pooling of the clamped map, p -> inf approaches max pooling. Activations
     below `eps` are clamped (GeM assumes non-negative features; swish outputs dip to -0.28).
 
+    Computed as m * (mean_hw (x / m) ** p) ** (1 / p) with m the per-channel max of the clamped
+    map (held constant for the gradient): the same function, since GeM is positively
+    homogeneous, but the mean is at least 1 / (H * W), so it neither underflows nor overflows.
+    The direct form does: (1e-6) ** p is below float32's normal range past p ~ 6.3, and TPUs and
+    GPUs flush subnormals to 0, so an all-clamped channel pooled to 0 and its gradients
+    (0 * ln 0 for p, inf * 0 for the inputs) were NaN; large activations overflowed to inf.
+
     Input: [B, H, W, F] any float dtype. Output: float32 [B, F].
     """
 
@@ -44,8 +51,10 @@ class GeM(keras.layers.Layer):
         x = ops.cast(inputs, "float32")
         # Training may push p towards 0; 1/p must stay finite.
         p = ops.maximum(ops.cast(self.p, "float32"), 1e-3)
-        pooled = ops.mean(ops.power(ops.maximum(x, self.eps), p), axis=(1, 2))
-        return ops.power(pooled, 1.0 / p)
+        x = ops.maximum(x, self.eps)
+        peak = ops.stop_gradient(ops.max(x, axis=(1, 2), keepdims=True))  # [B, 1, 1, F] >= eps
+        pooled = ops.mean(ops.power(x / peak, p), axis=(1, 2))  # in [1 / (H * W), 1]
+        return peak[:, 0, 0, :] * ops.power(pooled, 1.0 / p)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[-1])

@@ -1,7 +1,11 @@
 """Two-stage discriminative re-ranking (Yokoo, Ozaki, Simo-Serra, Iizuka, "Two-stage
 Discriminative Re-ranking for Large-scale Landmark Retrieval", CVPRW 2020, arXiv:2003.11211),
-the Google Landmark Retrieval 2019 winner, as in its released code
-(lyakaap/Landmark2019-1st-and-3rd-Place-Solution, experiments/retrieval_reranking.py).
+the Google Landmark Retrieval 2019 winner, as in its released code: we follow
+experiments/retrieval_reranking.py of lyakaap/Landmark2019-1st-and-3rd-Place-Solution at commit
+215d4adc378b3e1635d37511c64b039b1eb1d1a1 ("First commit", 2019-06-08). The file lives only in
+the June 2019 history: that commit added it, no later one changed it, and 9839c9c (2019-06-24)
+deleted it, moving the same steps into `reranking_submission` of experiments/submit_retrieval.py
+(exp/submit_retrieval.py at the last commit, 3fee857, 2020-06-22).
 
 Label step: every query and every index image gets a landmark by kNN soft-voting against the
 labelled train embeddings: its k = 3 nearest train images vote for their landmark with weight
@@ -10,9 +14,10 @@ unit vectors); the landmark with the largest sum wins and that sum is its confid
 Sort step: in each query's retrieved list the index images predicted to show the query's landmark
 move ahead of the others, similarity order kept inside both groups (the code's stable sort).
 Insert step: index images predicted to show the query's landmark that similarity did not
-retrieve are put right after the retrieved ones, highest label confidence first, and the list is
-cut back to k. Confidence enters as the code uses it: the insert step only runs for a query whose
-confidence exceeds `threshold` (0 in the code), and inserts only index images above it.
+retrieve are put right after the retrieved images of that landmark (before the retrieved others),
+highest label confidence first, and the list is cut back to k. Confidence enters as the code
+uses it: the insert step only runs for a query whose confidence exceeds `threshold` (0 in the
+code), and inserts only index images above it.
 
 Deviations from the released code: it cleaned and "supervised-DBA"-ed the train embeddings
 before voting (landmark-clean does the cleaning here; no supervised DBA); its insert order is
