@@ -150,6 +150,7 @@ def test_frozen_bn_runs_tensorflow(data, tmp_path):
         assert json.load(f)["model"]["backbone_mode"] == "frozen_bn"
 
 
+@pytest.mark.slow  # ~5 min of XLA:CPU compilation of EfficientNet-B0; make test-slow runs it
 def test_frozen_bn_runs_jax(data, tmp_path):
     pytest.importorskip("jax")
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2",
