@@ -5,6 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 # TPUs run tensorflow-tpu 2.20 (there is no 2.21): an end-to-end smoke run under TF 2.20 on CPU.
 VENV_TF220 ?= .venv-tf220
+# Kaggle GLR2020 submissions must load in TF 2.2 (Python 3.8 at the latest): tests load our
+# SavedModels there. Built from the first Python 3.8 found; without one those tests skip.
+VENV_TF22 ?= .venv-tf22
+PYTHON38 ?= $(shell for p in $$HOME/.pyenv/versions/3.8*/bin/python python3.8; do \
+  "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 8)' 2>/dev/null && echo "$$p" && break; done)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
@@ -31,12 +36,18 @@ $(VENV_TF220)/.installed: pyproject.toml
 	$(VENV_TF220)/bin/python -m pip install -q -e ".[test]" "tensorflow-cpu==2.20.*"
 	touch $@
 
+$(VENV_TF22)/.installed: Makefile
+	@if [ -z "$(PYTHON38)" ]; then echo "no Python 3.8: TF 2.2 load tests will skip"; \
+	else test -x $(VENV_TF22)/bin/python || $(PYTHON38) -m venv $(VENV_TF22) && \
+	  $(VENV_TF22)/bin/python -m pip install -q "tensorflow-cpu==2.2.0" "numpy<1.19" \
+	    "h5py<2.11" "protobuf<3.21" && touch $@; fi
+
 venv: $(STAMP)
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh "$(DEMO_DIR)"
 
-test: $(TEST_STAMP) $(VENV_TF220)/.installed
+test: $(TEST_STAMP) $(VENV_TF220)/.installed $(VENV_TF22)/.installed
 	$(VENV)/bin/ruff check landmark_tf tests bench
 	$(VENV)/bin/shellcheck scripts/*.sh launch/*.sh launch/*/*.sh
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15

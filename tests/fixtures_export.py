@@ -186,5 +186,27 @@ def load_in_fresh_process(export_dir: str, sizes: str, out_npz: str) -> dict:
     return closing_json(proc)
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TF22_PYTHON = os.path.join(REPO, ".venv-tf22", "bin", "python")
+
+
+def load_in_tf22(export_dir: str, sizes: str, out_npz: str) -> dict:
+    """tests/load_savedmodel.py under Kaggle GLR2020's TensorFlow 2.2 (`make` builds .venv-tf22
+    from Python 3.8); its JSON, after asserting that TF 2.2 printed no warning or error."""
+    import pytest
+
+    if not os.path.exists(TF22_PYTHON):
+        pytest.skip("no .venv-tf22: `make test` builds it where a Python 3.8 exists")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": ""}  # fmt: skip
+    proc = subprocess.run([TF22_PYTHON, LOAD_SCRIPT, export_dir, sizes, out_npz],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    result = closing_json(proc)
+    assert result["tensorflow"] == "2.2.0", result
+    said = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert not said, "TF 2.2 printed:\n" + "\n".join(said[:20])
+    return result
+
+
 def l2n(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)

@@ -4,7 +4,12 @@
 
 Calls serving_default twice on a seeded random image of each size, then the batched signatures
 on the same images; writes the descriptors to OUT.npz (key "default") and prints one JSON line.
+
+Only TensorFlow 2.x and numpy, Python 3.8+: it runs in Kaggle's TF 2.2 too (.venv-tf22), where a
+signature takes tensors only, not numpy arrays.
 """
+
+from __future__ import annotations
 
 import json
 import sys
@@ -32,11 +37,12 @@ def main(export_dir: str, sizes: str, out: str) -> dict:
     loaded = tf.saved_model.load(export_dir)
     sigs = loaded.signatures
     images = make_images(sizes)
-    first = [sigs["serving_default"](input_image=im)["global_descriptor"].numpy() for im in images]
-    again = [sigs["serving_default"](input_image=im)["global_descriptor"].numpy() for im in images]
+    default, t = sigs["serving_default"], tf.constant
+    first = [default(input_image=t(im))["global_descriptor"].numpy() for im in images]
+    again = [default(input_image=t(im))["global_descriptor"].numpy() for im in images]
     batch, hw = _padded(images)
-    padded = sigs["serving_padded"](input_images=batch, image_sizes=hw)["global_descriptors"]
-    same = sigs["serving_batch"](input_images=np.stack([images[0]] * 2))["global_descriptors"]
+    padded = sigs["serving_padded"](input_images=t(batch), image_sizes=t(hw))["global_descriptors"]
+    same = sigs["serving_batch"](input_images=t(np.stack([images[0]] * 2)))["global_descriptors"]
     np.savez(out, default=np.stack(first))
     return {
         "signatures": sorted(sigs.keys()),
@@ -45,12 +51,13 @@ def main(export_dir: str, sizes: str, out: str) -> dict:
         "shapes": [list(d.shape) for d in first],
         "dtypes": sorted({str(d.dtype) for d in first}),
         "norms": [float(np.linalg.norm(d)) for d in first],
-        "deterministic": all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)),
+        "deterministic": all(np.array_equal(a, b) for a, b in zip(first, again)),  # noqa: B905 (Python 3.8)
         "padded_max_diff": float(np.abs(padded.numpy() - np.stack(first)).max()),
         "batch_max_diff": float(np.abs(same.numpy() - first[0]).max()),
         "distinct": bool(np.abs(first[0] - first[-1]).max() > 1e-4),
         "landmark_tf_imported": any(m.startswith("landmark_tf") for m in sys.modules),
         "keras_imported": "keras" in sys.modules,
+        "tensorflow": tf.__version__,
     }
 
 

@@ -129,3 +129,7 @@ def test_efficientnet_member_next_to_a_tiny_one(tmp_path_factory, members, tmp_p
     a = np.stack([tiny(input_image=im)["global_descriptor"].numpy() for im in images])
     want = fx.l2n(np.concatenate([np.load(os.path.join(b0["root"], "want.npy")), 0.8 * a], 1))
     np.testing.assert_allclose(np.load(tmp_path / "d.npz")["default"], want, atol=1e-5, rtol=0)
+    # Kaggle GLR2020's TensorFlow: the ensemble of a re-loaded B0 export loads there too.
+    r22 = fx.load_in_tf22(path, fx.B0_SIZES, str(tmp_path / "tf22.npz"))
+    assert r22["shapes"] == [[24]] * 3 and r22["padded_max_diff"] < 1e-5
+    np.testing.assert_allclose(np.load(tmp_path / "tf22.npz")["default"], want, atol=1e-4, rtol=0)

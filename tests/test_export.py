@@ -55,6 +55,16 @@ def test_descriptor_equals_embedding_model(exported):
     assert np.abs(want[0] - want[1]).max() > 1e-4  # different images, different descriptors
 
 
+def test_loads_in_tensorflow_2_2_with_the_same_descriptors(exported, tmp_path):
+    """Kaggle GLR2020's rule: the submission loads in TF 2.2 (no warning), same descriptors."""
+    assert exported["result"]["kaggle_contract_ok"] and exported["result"]["loads_in_tf"] == "2.2"
+    r = fx.load_in_tf22(exported["dir"], fx.B0_SIZES, str(tmp_path / "tf22.npz"))
+    assert r["signatures"] == ["serving_batch", "serving_default", "serving_padded"]
+    assert r["padded_max_diff"] < 1e-5 and r["batch_max_diff"] < 1e-5
+    want = np.load(os.path.join(exported["root"], "want.npy"))
+    np.testing.assert_allclose(np.load(tmp_path / "tf22.npz")["default"], want, atol=1e-4, rtol=0)
+
+
 def test_refuses_to_overwrite_with_one_line(exported):
     before = os.stat(os.path.join(exported["dir"], "saved_model.pb")).st_mtime_ns
     proc = fx.run_cli("landmark-export", f"--workdir={exported['workdir']}",
@@ -98,9 +108,16 @@ def test_object_store_copy_writes_metadata_last(monkeypatch):
 
 
 def test_warns_above_the_kaggle_limit(caplog):
-    big = export.summary("e", {"embedding_dim": 8}, export.KAGGLE_GLR2020_LIMIT_BYTES + 1)
+    ok = {"ok": True, "tf_problems": [], "signature_problems": [], "loads_in_tf": "2.2"}
+    big = export.summary("e", {"embedding_dim": 8, "kaggle": ok},
+                         export.KAGGLE_GLR2020_LIMIT_BYTES + 1)
     assert big["exceeds_kaggle_limit"] and "above the 1000 MB Kaggle accepted" in caplog.text
-    assert not export.summary("e", {"embedding_dim": 8}, 10)["exceeds_kaggle_limit"]
+    assert not big["kaggle_contract_ok"]
+    bad = {**ok, "ok": False, "tf_problems": ["op DisableCopyOnRead is not in TensorFlow 2.2"]}
+    small = export.summary("e", {"embedding_dim": 8, "kaggle": bad}, 10)
+    assert not small["kaggle_contract_ok"] and small["loads_in_tf"] is None
+    assert "not a valid Kaggle GLR2020 submission: op DisableCopyOnRead" in caplog.text
+    assert not export.summary("e", {"embedding_dim": 8, "kaggle": ok}, 10)["exceeds_kaggle_limit"]
 
 
 @pytest.mark.parametrize("scales", [[0.5], [0.0], [-1.0], [float("nan")], [float("inf")], []])

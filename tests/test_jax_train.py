@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import checkpoint_state
+import fixtures_export as fx
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -83,6 +84,16 @@ def test_tensorflow_export_of_a_jax_workdir_gives_the_jax_descriptors(jax_runs, 
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
     tf_model, _ = model.restore_embedding_model(str(out / "reference"))
     np.testing.assert_allclose(tf_model(images).numpy(), expected, rtol=1e-4, atol=1e-5)
+    # Kaggle GLR2020's TensorFlow 2.2 loads the export of a JAX-trained workdir.
+    import load_savedmodel
+
+    sizes = "64x48,33x70"
+    r22 = fx.load_in_tf22(result["export_dir"], sizes, str(tmp_path / "tf22.npz"))
+    assert r22["shapes"] == [[expected.shape[1]]] * 2 and r22["distinct"]
+    here = [loaded.signatures["serving_default"](input_image=tf.constant(im))["global_descriptor"]
+            for im in load_savedmodel.make_images(sizes)]
+    np.testing.assert_allclose(np.load(tmp_path / "tf22.npz")["default"], np.stack(here),
+                               atol=1e-4, rtol=0)
 
 
 LANDMARK_TRAIN = os.path.join(os.path.dirname(sys.executable), "landmark-train")

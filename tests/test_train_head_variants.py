@@ -1,6 +1,7 @@
 """The head-variant training options end to end on tiny records: dynamic margins from the data's
 class counts, the factorised head and the n-pairs loss train, report head memory, and stage."""
 
+import keras
 import numpy as np
 import pytest
 from tiny_dataset import make_dataset
@@ -43,7 +44,14 @@ def test_dynamic_margins_come_from_the_train_counts(data):
     assert models.head.margins[3] == pytest.approx(0.5)  # the rarest class: a + b
 
 
-def test_npairs_loss_enters_the_train_model_losses():
+def _tiny_backbone(name, weights_path=None):
+    image = keras.Input((None, None, 3))
+    return keras.Model(image, keras.layers.Conv2D(8, 3, strides=4)(image), name="tiny_backbone")
+
+
+def test_npairs_loss_enters_the_train_model_losses(monkeypatch):
+    # What is tested is the head's loss wiring, not the backbone: a stand-in keeps it seconds.
+    monkeypatch.setattr(model.backbones, "build_backbone", _tiny_backbone)
     cfg = ModelConfig(image_size=32, embedding_dim=16, num_classes=4, npairs_weight=0.5)
     models = model.build_models(cfg)
     batch = {"image": np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32"),

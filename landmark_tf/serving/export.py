@@ -24,7 +24,7 @@ from absl import logging
 from landmark_tf import fileio, workdir
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import model as model_lib
-from landmark_tf.serving import signatures
+from landmark_tf.serving import kaggle_contract, signatures
 
 FORMAT = "landmark-tf/savedmodel/v1"
 METADATA_FILE = workdir.METADATA_FILE
@@ -110,13 +110,17 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def summary(export_dir: str, metadata: dict[str, Any], size: int) -> dict[str, Any]:
-    """Closing-JSON facts for an export of `size` bytes; warns above Kaggle's GLR2020 limit."""
+    """Closing-JSON facts for an export of `size` bytes; warns above Kaggle's GLR2020 limit and
+    when the SavedModel breaks Kaggle's contract (`metadata["kaggle"]`, see kaggle_contract)."""
     too_big = size > KAGGLE_GLR2020_LIMIT_BYTES
     if too_big:
         logging.warning(
             "%s is %.1f MB, above the %.0f MB Kaggle accepted for GLR2020 submissions",
             export_dir, size / 1e6, KAGGLE_GLR2020_LIMIT_BYTES / 1e6,
         )
+    contract = metadata["kaggle"]
+    for problem in contract["tf_problems"] + contract["signature_problems"]:
+        logging.warning("%s is not a valid Kaggle GLR2020 submission: %s", export_dir, problem)
     return {
         "export_dir": export_dir,
         "embedding_dim": metadata["embedding_dim"],
@@ -124,6 +128,8 @@ def summary(export_dir: str, metadata: dict[str, Any], size: int) -> dict[str, A
         "size_mb": round(size / 1e6, 3),
         "kaggle_limit_bytes": KAGGLE_GLR2020_LIMIT_BYTES,
         "exceeds_kaggle_limit": too_big,
+        "kaggle_contract_ok": contract["ok"] and not too_big,
+        "loads_in_tf": contract["loads_in_tf"] if not contract["tf_problems"] else None,
     }
 
 
@@ -154,6 +160,8 @@ def write_savedmodel(
 ) -> int:
     """Saves `module` + metadata.json atomically to `export_dir`; returns its size in bytes.
 
+    `metadata["kaggle"]` is set to the Kaggle contract check of the written SavedModel.
+
     The SavedModel is written to a temporary folder beside `export_dir`, then published: a
     rename on local disks; on object stores (gs://, no atomic rename) a copy of every file with
     metadata.json copied last, so metadata.json present = export complete.
@@ -164,6 +172,7 @@ def write_savedmodel(
     tmp = fileio.tmp_name(export_dir.rstrip("/"))
     try:
         signatures.save(module, tmp)
+        metadata["kaggle"] = kaggle_contract.check(tmp)
         fileio.write_json_atomic(fileio.join(tmp, METADATA_FILE), metadata)
         _publish(tmp, export_dir.rstrip("/"))
     finally:

@@ -25,6 +25,7 @@ import keras
 import tensorflow as tf
 
 from landmark_tf.preprocess import resize_for_model
+from landmark_tf.serving import portable_savedmodel
 
 DEFAULT = "serving_default"
 BATCH = "serving_batch"
@@ -143,13 +144,9 @@ class DescriptorModule(tf.Module):
 
 
 def save(module: DescriptorModule, path: str) -> None:
-    """Writes `module` as a SavedModel at `path` with the three signatures (no metadata).
-
-    Inference only: custom gradients (e.g. of swish) are not serialised, which makes saving
-    and loading markedly faster; nobody differentiates through a submission model.
-    """
-    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-    tf.saved_model.save(module, path, signatures=module.signatures(), options=options)
+    """Writes `module` as a SavedModel at `path` with the three signatures (no metadata), in the
+    form that TF 2.2 loads too (`portable_savedmodel`)."""
+    portable_savedmodel.save(module, path, module.signatures())
 
 
 def load_quietly(path: str):
