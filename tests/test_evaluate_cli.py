@@ -189,6 +189,23 @@ def test_cli_prints_table_then_one_json_line(files):
     assert "mAP@100 Public" in proc.stderr and "warning: 1 scored query ids" in proc.stderr
 
 
+def test_combined_log_ends_with_the_json_line(files, tmp_path):
+    """`>log 2>&1`, as runs are logged under nohup: the stderr table first, whole lines, then
+    the JSON line last (TF's start-up lines are filtered on the way)."""
+    log = tmp_path / "log"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with open(log, "w") as f:
+        proc = subprocess.run([BIN, "--index", files["index"], "--queries", files["queries"],
+                               "--solution", files["solution"]], stdout=f,
+                              stderr=subprocess.STDOUT, env=env, timeout=300)  # fmt: skip
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, lines
+    result = json.loads(lines[-1])
+    assert result["map@100"] == pytest.approx((7 / 12 + 1 / 4 + 1 / 2) / 4, abs=1e-6)
+    assert not any("{" in line for line in lines[:-1]), lines  # the JSON is nowhere else
+    assert any(line.strip().startswith("mAP@100 Public") for line in lines), lines
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -122,3 +122,46 @@ def test_nothing_is_lost_when_the_process_aborts(fake_cli):
     # The child drains the pipe after the parent died: the fatal line and Python's report arrive.
     assert proc.stderr.splitlines()[0] == KEPT[3].decode().strip()
     assert "Fatal Python error: Aborted" in proc.stderr
+
+
+_INTERLEAVED = textwrap.dedent("""
+    import json, os, sys
+    from landmark_tf.cli import native_log
+    native_log.install(sys.argv)
+    os.write(2, {noise!r})
+    for i in range(40):
+        print(f"table line {{i:02d}}", file=sys.stderr)
+        if i % 7 == 0:
+            print(f"stdout line {{i:02d}}", flush=True)
+    print(json.dumps({{"done": True}}), flush=True)
+""")
+
+
+def test_one_file_for_both_streams_keeps_the_order_they_were_written_in(tmp_path):
+    """`>log 2>&1`: stderr goes through the filter, yet the combined log has every line whole,
+    in the order written, and the JSON line last (stdout shares the filter's pipe)."""
+    script = tmp_path / "interleaved.py"
+    script.write_text(_INTERLEAVED.format(noise=BANNER + ONEDNN))
+    want = []
+    for i in range(40):
+        want.append(f"table line {i:02d}")
+        if i % 7 == 0:
+            want.append(f"stdout line {i:02d}")
+    want.append('{"done": true}')
+    env = {k: v for k, v in os.environ.items() if k != native_log.ENV}
+    for attempt in range(3):
+        log = tmp_path / f"log{attempt}"
+        with open(log, "w") as f:
+            subprocess.run([sys.executable, str(script)], stdout=f, stderr=subprocess.STDOUT,
+                           env=env, timeout=60, check=True)
+        assert log.read_text().splitlines() == want
+
+
+def test_separate_destinations_keep_stdout_apart(tmp_path):
+    script = tmp_path / "interleaved.py"
+    script.write_text(_INTERLEAVED.format(noise=BANNER + ONEDNN))
+    env = {k: v for k, v in os.environ.items() if k != native_log.ENV}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=60, check=True)
+    assert proc.stdout.splitlines()[-1] == '{"done": true}' and "table" not in proc.stdout
+    assert proc.stderr.splitlines() == [f"table line {i:02d}" for i in range(40)]

@@ -56,7 +56,11 @@ def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if any(arg in _HELP_ARGS for arg in sys.argv[1:]):
-        _print_help(main.__module__)
+        try:
+            _print_help(main.__module__)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
 
     def wrapped(argv: list[str]) -> None:
@@ -79,4 +83,11 @@ def run_main(main: Callable[[list[str]], Any], prog: str) -> None:
         if result is not None:
             print_result(result)
 
-    app.run(wrapped)
+    def parse(argv: list[str]) -> list[str]:
+        # absl's own parser prints two lines and exits 1 on a bad flag.
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            _fail(prog, str(e))
+
+    app.run(wrapped, flags_parser=parse)

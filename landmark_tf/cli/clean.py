@@ -57,3 +57,7 @@ def main(argv: list[str]) -> dict:
 
 def run() -> None:
     app_lib.run_main(main, "landmark-clean")
+
+
+if __name__ == "__main__":
+    run()

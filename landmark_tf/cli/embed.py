@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from landmark_tf import config
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
 from landmark_tf.serving import embed, embed_accel, export
@@ -29,10 +30,10 @@ flags.DEFINE_string(
     "Instead of --model: a landmark-train workdir (or an export of ours, whose workdir is "
     "used), embedded under the trainer's strategy and precision with the SavedModel's "
     "preprocessing (TPU/GPU; on a CPU too).")
-flags.DEFINE_enum("strategy", "auto", ["auto", "tpu", "mirrored", "multi_worker", "cpu"],
+flags.DEFINE_enum("strategy", "auto", list(config.STRATEGIES),
                   "With --workdir: as landmark-train's --strategy.")
 flags.DEFINE_string("tpu", "", "With --workdir: TPU name (\"local\" on a TPU VM).")
-flags.DEFINE_enum("precision", "auto", ["auto", "float32", "bfloat16", "float16"],
+flags.DEFINE_enum("precision", "auto", list(config.PRECISIONS),
                   "With --workdir: auto = mixed bfloat16 on TPU, mixed float16 on GPU, float32 "
                   "on CPU.")
 flags.DEFINE_list("scales", ["1"], "With --workdir: input sizes as multiples of --image_size "

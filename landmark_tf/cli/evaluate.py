@@ -130,3 +130,7 @@ def main(argv: list[str]) -> dict:
 
 def run() -> None:
     app_lib.run_main(main, "landmark-evaluate")
+
+
+if __name__ == "__main__":
+    run()

@@ -12,6 +12,10 @@ errors, fatal check failures, Python tracebacks and progress bars pass unchanged
 than a thread, so nothing is lost when the process dies abruptly (abort, kill -9): the child
 drains the pipe to its end. It ignores SIGINT/SIGTERM so a preempted run can still report.
 `--verbosity=1` (absl's debug level) or LANDMARK_TF_NATIVE_LOG=1 shows the native lines.
+
+When stdout and stderr are one file or pipe (`>log 2>&1`, `2>&1 | tee`), stdout goes through the
+same pipe: the child then writes both in the order the program wrote them, so the closing JSON
+line stays last and no line is spliced into another. A terminal's stdout is left alone.
 """
 
 from __future__ import annotations
@@ -118,8 +122,18 @@ def wants_native_log(argv: list[str]) -> bool:
     return False
 
 
+def _one_destination(a: int, b: int) -> bool:
+    """fds `a` and `b` are the same file or pipe (and not a terminal)."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino) and not os.isatty(a)
+
+
 def install(argv: list[str]) -> subprocess.Popen | None:
-    """Routes this process's fd 2 through the filter child; call before TensorFlow is imported.
+    """Routes this process's fd 2 (and fd 1 when it is the same destination) through the
+    filter child; call before TensorFlow is imported.
 
     Returns the child (None when the user asked to see native lines, or fd 2 is not open).
     """
@@ -129,6 +143,7 @@ def install(argv: list[str]) -> subprocess.Popen | None:
         os.fstat(2)
     except OSError:
         return None
+    merge_stdout = _one_destination(1, 2)
     read_end, write_end = os.pipe()
     child = subprocess.Popen(
         [sys.executable, "-S", "-c", "from landmark_tf.cli.native_log import _child_main; "
@@ -136,20 +151,24 @@ def install(argv: list[str]) -> subprocess.Popen | None:
         stdin=read_end, stdout=2, stderr=2, close_fds=True,
         env={**os.environ, "PYTHONPATH": _package_parent()})
     os.close(read_end)
+    sys.stdout.flush()
     sys.stderr.flush()
-    real_stderr = os.dup(2)
-    os.dup2(write_end, 2)
+    real = {fd: os.dup(fd) for fd in ((1, 2) if merge_stdout else (2,))}
+    for fd in real:
+        os.dup2(write_end, fd)
     os.close(write_end)
-    atexit.register(_drain, child, real_stderr)
+    atexit.register(_drain, child, real)
     return child
 
 
-def _drain(child: subprocess.Popen, real_stderr: int) -> None:
-    """At exit: close our end of the pipe and let the child write the rest before we return, so
+def _drain(child: subprocess.Popen, real: dict[int, int]) -> None:
+    """At exit: close our ends of the pipe and let the child write the rest before we return, so
     the shell prompt never comes before the last line (worker processes may hold the pipe longer:
     the child then finishes on its own)."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    os.dup2(real_stderr, 2)
+    for fd, saved in real.items():
+        os.dup2(saved, fd)
     with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(timeout=2)
 

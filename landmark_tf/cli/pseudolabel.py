@@ -41,3 +41,7 @@ def main(argv: list[str]) -> dict:
 
 def run() -> None:
     app_lib.run_main(main, "landmark-pseudolabel")
+
+
+if __name__ == "__main__":
+    run()

@@ -78,3 +78,7 @@ def main(argv: list[str]) -> dict:
 
 def run() -> None:
     app_lib.run_main(main, "landmark-report")
+
+
+if __name__ == "__main__":
+    run()

@@ -265,3 +265,7 @@ def _memory_check() -> dict:
 
 def run() -> None:
     app_lib.run_main(main, "landmark-train")
+
+
+if __name__ == "__main__":
+    run()
