@@ -28,7 +28,8 @@ def registry() -> dict:
 
 if __name__ == "__main__":
     ops = registry()
-    lines = ",\n".join(f"{json.dumps(name)}: {json.dumps(attrs)}" for name, attrs in sorted(ops.items()))
+    lines = ",\n".join(f"{json.dumps(name)}: {json.dumps(attrs)}"
+                        for name, attrs in sorted(ops.items()))
     with open(sys.argv[1], "w") as f:  # one op per line, so a regenerated file diffs readably
         f.write(f'{{"tensorflow": {json.dumps(tf.__version__)}, "ops": {{\n{lines}\n}}}}\n')
     print(json.dumps({"tensorflow": tf.__version__, "ops": len(ops), "path": sys.argv[1]}))

@@ -8,6 +8,7 @@ in one SavedModel, and the check itself.
 
 import json
 import os
+import subprocess
 
 import fixtures_export as fx
 import keras
@@ -130,3 +131,15 @@ def test_pruned_checkpoint_graph_keeps_every_value_and_drops_function_nodes(tmp_
     names = {c.local_name for n in graph.nodes for c in n.children}
     assert not names & {"serving_default", "signatures", "trace_0"}, names
     assert portable_savedmodel.pruned_object_graph(graph) == graph  # nothing left to prune
+
+
+def test_the_checked_in_registry_is_tf22s_own(tmp_path):
+    """scripts/dump_op_registry.py run in the real TF 2.2 writes the file the check reads."""
+    if not os.path.exists(fx.TF22_PYTHON):
+        pytest.skip("no .venv-tf22: `make test` builds it where a Python 3.8 exists")
+    out = tmp_path / "ops.json"
+    subprocess.run([fx.TF22_PYTHON, os.path.join(fx.REPO, "scripts", "dump_op_registry.py"),
+                    str(out)], check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ""})
+    with open(kaggle_contract.OPS_FILE, "rb") as f:
+        assert out.read_bytes() == f.read()
