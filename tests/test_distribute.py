@@ -362,3 +362,50 @@ def test_tpu_proxy_heads_with_xla_bfloat16_and_multi_step_on_two_replicas(tmp_pa
         # No fallback to one step per execution (keras#19246-like failures would force it).
         assert got["steps_per_execution"] == 4, (head, got)
         assert np.isfinite(got["loss"]) and got["val_examples"] == 8, (head, got)
+
+
+_REPLICA_DRAWS = textwrap.dedent("""
+    import keras
+    from landmark_tf.modeling import checkpoint
+    from landmark_tf.training import tf_step
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        net = keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5, seed=3),
+                                keras.layers.Dropout(0.5, seed=4)])
+    seeds = checkpoint.seed_states(net)
+
+    def masks(shifted):
+        def fn():
+            with tf_step.replica_draws(seeds if shifted else []):
+                return net(tf.ones((2, 64)), training=True)
+        return [r.numpy() for r in strategy.experimental_local_results(
+            tf.function(lambda: strategy.run(fn))())]
+
+    plain = masks(False)
+    folded = masks(True)
+    states = [[s.numpy().tolist() for s in strategy.experimental_local_results(v.value)]
+              for v in seeds]
+    # The same two layers on one device, advanced as often: replica 0 draws its masks.
+    single = keras.Sequential([keras.Input((64,)), keras.layers.Dropout(0.5, seed=3),
+                               keras.layers.Dropout(0.5, seed=4)])
+    single(tf.ones((2, 64)), training=True)
+    print(json.dumps({
+        "plain_same": bool(np.array_equal(plain[0], plain[1])),
+        "folded_same": bool(np.array_equal(folded[0], folded[1])),
+        "replica0_as_one_device": bool(np.array_equal(
+            folded[0], single(tf.ones((2, 64)), training=True).numpy())),
+        "states": states,
+    }))
+""")
+
+
+def test_replicas_draw_their_own_dropout_masks_and_keep_one_seed_state():
+    """Keras's SeedGenerator state is mirrored: without the shift every replica draws the same
+    masks. With it the masks differ, replica 0 draws what one device would, and the states stay
+    equal on every replica (two draws each: [seed, 2])."""
+    r = _run_two_cpu_script(_REPLICA_DRAWS)
+    assert r["plain_same"], "the premise: replicas share their masks without the shift"
+    assert not r["folded_same"]
+    assert r["replica0_as_one_device"]
+    assert r["states"] == [[[3, 2], [3, 2]], [[4, 2], [4, 2]]], r["states"]

@@ -10,11 +10,13 @@ What a micro-batch computes is step_math's, shared with the JAX step.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import keras
 import tensorflow as tf
 
+from landmark_tf.modeling import checkpoint
 from landmark_tf.modeling.model import LandmarkModels
 from landmark_tf.training import step_math
 from landmark_tf.training.step_math import EVAL_KEYS, TRAIN_KEYS  # noqa: F401
@@ -38,9 +40,12 @@ def make_train_step(
     replicas), "correct"/"count" count top-1 hits of the margin logits.
     replica_mean: variables set to their mean over replicas after the update (batch_stats'
     `replica` setting: BatchNorm moving statistics, the AdaCos scale).
+    With several replicas, each draws its own dropout / stochastic-depth masks
+    (`replica_draws`), as one device drawing for the whole global batch does.
     """
     model = models.train_model
     variables = model.trainable_variables
+    seeds = checkpoint.seed_states(model) if replicas > 1 else []
 
     def grads_of(image, label, weight):
         with tf.GradientTape() as tape:
@@ -68,7 +73,8 @@ def make_train_step(
     agree = replicas > 1 and isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_fn(batch):
-        loss, correct, grads = compute(batch)
+        with replica_draws(seeds):
+            loss, correct, grads = compute(batch)
         if agree:
             grads = finite_everywhere_or_poisoned(grads)
         optimizer.apply(grads, variables)
@@ -78,6 +84,41 @@ def make_train_step(
         return {"loss": tf.cast(loss, tf.float32), "correct": correct, "count": count}
 
     return replica_fn
+
+
+# Keeps the replicas' seeds apart: an odd 32-bit constant (2^32 / golden ratio), so no two
+# replicas of one generator share a seed and shifted seeds do not line up with near seeds.
+_REPLICA_SEED_STRIDE = 0x9E3779B1
+
+
+@contextlib.contextmanager
+def replica_draws(seeds: list):
+    """Within it, this replica's Keras SeedGenerators draw from their seed shifted by the replica
+    id; on leaving, the shift is undone.
+
+    Keras's SeedGenerator state (int [seed, counter], aggregation none) is mirrored: every
+    replica holds the same state, advances it in lockstep, and so would draw the same dropout and
+    drop-connect masks on every replica. Shifting only during the step keeps the states equal
+    across replicas (the checkpoint holds replica 0's, which is unshifted: a resume on any
+    replica count continues them) while the masks of the global batch are independent.
+    seeds: the generators' state variables (`checkpoint.seed_states`); empty: nothing to do.
+    """
+    if not seeds:
+        yield
+        return
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    shifts = []
+    for state in seeds:
+        shift = tf.stack([tf.cast(replica, state.dtype) * tf.cast(_REPLICA_SEED_STRIDE,
+                                                                  state.dtype),
+                          tf.zeros((), state.dtype)])
+        state.assign(state.value + shift)
+        shifts.append(shift)
+    try:
+        yield
+    finally:
+        for state, shift in zip(seeds, shifts, strict=True):
+            state.assign(state.value - shift)
 
 
 def finite_everywhere_or_poisoned(grads: list[tf.Tensor]) -> list[tf.Tensor]:
