@@ -150,8 +150,8 @@ def save(module: DescriptorModule, path: str) -> None:
 
 
 def load_quietly(path: str):
-    """`tf.saved_model.load` without the warning our exports trigger by design (custom
-    gradients not saved: they are inference-only). TF logs it through absl or its own logger."""
+    """`tf.saved_model.load` without the custom-gradient warning that exports written before
+    `portable_savedmodel` trigger (one per function). TF logs it through absl or its own logger."""
     with _level("absl", logging.ERROR), _level("tensorflow", logging.ERROR):
         return tf.saved_model.load(path)
 
