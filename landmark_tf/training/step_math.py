@@ -40,6 +40,14 @@ def top1_hits(label, logits):
     return ops.sum(ops.cast(hits, "float32"))
 
 
+def pair_anchors(label):
+    """float32 scalar: how many of the labels int [B] have another example of their class in
+    the batch, i.e. the anchors with a positive that a pair loss (n-pairs) can use."""
+    label = ops.reshape(ops.cast(label, "int32"), (-1,))
+    same = ops.cast(ops.equal(label[:, None], label[None, :]), "float32")
+    return ops.sum(ops.cast(ops.sum(same, axis=1) > 1.0, "float32"))
+
+
 def eval_counts(label, logits, weight) -> dict:
     """{"correct", "count"} float32 scalars: top-1 hits and examples, padding (weight 0) left
     out of both."""
