@@ -11,7 +11,9 @@ from keras import ops
 
 from landmark_tf.modeling import losses
 
-TRAIN_KEYS = ("loss", "correct", "count")
+# pair_anchors: examples with another of their class in their micro-batch (step_math.pair_anchors),
+# the anchors a pair loss such as n-pairs can use.
+TRAIN_KEYS = ("loss", "correct", "count", "pair_anchors")
 EVAL_KEYS = ("correct", "count")
 
 
