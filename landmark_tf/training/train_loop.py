@@ -51,8 +51,7 @@ class Loop:
         self.stop_requested = False
         # Pair losses (n-pairs) need anchors with a positive in their batch: logged per step,
         # reported in the result, warned about once when a chunk of steps had none.
-        model_cfg = getattr(getattr(run, "models", None), "cfg", None)
-        self.pair_loss = getattr(model_cfg, "npairs_weight", 0.0) > 0
+        self.pair_loss = run.models.config.npairs_weight > 0
         self.report_pairs = self.pair_loss or self.cfg.batch_classes > 0
         self.warned_no_pairs = False
 
