@@ -167,6 +167,9 @@ class TrainConfig:
     not_clean_weight: float = 1.0
     augment: list[str] = dataclasses.field(default_factory=lambda: ["flip"])
     shuffle_buffer: int = 4096
+    # K > 0: per-replica batches of P classes x K images (input_pipeline, sampling.class_groups)
+    # so that pair losses (n-pairs) see positives; 0: i.i.d. examples.
+    batch_classes: int = 0
     seed: int = 0
     strategy: str = "auto"
     tpu: str = ""
@@ -213,6 +216,10 @@ class TrainConfig:
             (self.not_clean_weight >= 0, "--not_clean_weight must be >= 0"),
             (not bad_augment, f"--augment: unknown {bad_augment}; expected {AUGMENTATIONS}"),
             (self.shuffle_buffer > 0, "--shuffle_buffer must be > 0"),
+            (self.batch_classes >= 0, f"--batch_classes={self.batch_classes}: must be >= 0"),
+            (self.batch_classes == 0 or self.batch_size % self.batch_classes == 0,
+             f"--batch_classes={self.batch_classes}: --batch_size={self.batch_size} must be a "
+             "multiple of it (per replica and micro-step too)"),
             (self.steps_per_execution > 0, "--steps_per_execution must be > 0"),
             (self.checkpoint_every > 0, "--checkpoint_every must be > 0"),
             (self.keep_checkpoints > 0, "--keep_checkpoints must be > 0"),

@@ -211,3 +211,51 @@ def test_eval_is_in_file_order_and_padded_to_fixed_steps(data):
     np.testing.assert_array_equal(weights, [1.0] * 7 + [0.0] * 5)
     again = [b["image"].numpy() for b in ip.eval_dataset(spec, ONE_HOST)]
     np.testing.assert_array_equal(again[0], batches[0]["image"])
+
+
+def _groups(batches, k):
+    """[n_batches, P, K] labels of per-replica batches, asserting each K-run is one class."""
+    labels = np.stack([b["label"] for b in batches]).reshape(len(batches), -1, k)
+    assert (labels == labels[..., :1]).all(), labels
+    return labels
+
+
+@pytest.mark.parametrize("factors", [None, "class_balanced"])
+def test_batch_classes_gives_p_classes_by_k_images_per_replica(data, factors):
+    """K=2 at a per-replica batch of 4 (2 replicas on this host): every per-replica batch is
+    2 groups of 2 same-class images, groups never split between the replicas' batches, also
+    across epoch boundaries (steps_per_epoch=4) and with class resampling."""
+    rf = None if factors is None else sampling.repeat_factors(data[1]["class_counts"], factors)
+    spec = _train_spec(data, batch_classes=2, repeat_factors=rf)
+    two = tf.distribute.InputContext(1, 0, 2)
+    batches = _take(spec, 20, two)
+    assert all(b["label"].shape == (4,) for b in batches)
+    labels = _groups(batches, 2)
+    assert len(np.unique(labels)) > 1
+    # Resume exactness: starting at step 3 gives the same per-replica batches as skipping.
+    resumed = _take(_train_spec(data, batch_classes=2, repeat_factors=rf, start_step=3), 6, two)
+    for a, b in zip(batches[6:12], resumed, strict=True):  # step 3 = 6 per-replica batches
+        assert (a["label"] == b["label"]).all() and _digest(a["image"]) == _digest(b["image"])
+
+
+def test_batch_classes_stream_is_a_function_of_the_seed(data):
+    same = [_take(_train_spec(data, batch_classes=4, seed=s), 8) for s in (3, 3, 4)]
+    for batches in same:
+        _groups(batches, 4)
+    digests = [[_digest(b["image"]) for b in batches] for batches in same]
+    assert digests[0] == digests[1] and digests[0] != digests[2]
+
+
+def test_batch_classes_must_divide_the_per_replica_batch(data):
+    with pytest.raises(UserError, match="--batch_classes=3"):
+        ip.train_dataset(_train_spec(data, batch_classes=3), ONE_HOST)
+    with pytest.raises(UserError, match="--batch_classes=4"):  # 8 over 4 replicas: 2 each
+        ip.train_dataset(_train_spec(data, batch_classes=4), tf.distribute.InputContext(1, 0, 4))
+
+
+def test_group_order_fills_short_classes_and_keeps_every_record():
+    labels = tf.constant([5, 7, 5, 9, 5, 7], tf.int64)
+    order = sampling.group_order(labels, 2, tf.constant([1, 2], tf.int64)).numpy()
+    grouped = labels.numpy()[order].reshape(-1, 2)
+    assert (grouped[:, 0] == grouped[:, 1]).all()
+    assert set(order) == set(range(6)) and len(order) == 8  # 5: 3 -> 4, 7: 2, 9: 1 -> 2

@@ -67,3 +67,41 @@ def test_bad_head_variant_settings_are_user_errors(data, tmp_path):
         _run(data, str(tmp_path / "x"), head="adacos", head_rank=4)
     with pytest.raises(UserError, match="npairs_weight"):
         _run(data, str(tmp_path / "y"), npairs_weight=-1.0)
+
+
+@pytest.fixture(scope="module")
+def many_classes(tmp_path_factory):
+    """40 classes of one image each: i.i.d. batches of 8 never hold two of one class."""
+    out = str(tmp_path_factory.mktemp("singletons"))
+    make_dataset(out, train_counts=(1,) * 40, val_counts=(0,) * 40, size=32, shards=2)
+    return out
+
+
+@pytest.mark.parametrize("batch_classes", [0, 2])
+def test_npairs_sees_positives_only_with_class_aware_batches(many_classes, tmp_path, monkeypatch,
+                                                             caplog, batch_classes):
+    """--batch_classes=2 gives every example of the batch a positive (here the other copy of
+    its class's one image); the i.i.d. stream gives none, which the trainer warns about."""
+    monkeypatch.setattr(model.backbones, "build_backbone", _tiny_backbone)
+    cfg = ModelConfig(image_size=32, embedding_dim=16, npairs_weight=0.5)
+    tcfg = TrainConfig(data_dir=many_classes, workdir=str(tmp_path / "w"), train_steps=3,
+                       batch_size=8, schedule="constant", val_split="", checkpoint_every=3,
+                       batch_classes=batch_classes, shuffle_buffer=16)
+    caplog.set_level("WARNING")
+    r = train.train(cfg, tcfg)
+    assert r["pair_anchors"] == (8.0 if batch_classes else 0.0)
+    warned = caplog.text
+    assert ("with i.i.d. batches" in warned) == (batch_classes == 0)  # at the start
+    assert ("no example had another" in warned) == (batch_classes == 0)  # after steps
+
+
+def test_batch_classes_that_split_a_replica_batch_are_a_user_error(many_classes, tmp_path):
+    cfg = ModelConfig(image_size=32, embedding_dim=16)
+    tcfg = TrainConfig(data_dir=many_classes, workdir=str(tmp_path / "w"), train_steps=1,
+                       batch_size=8, val_split="", batch_classes=3)
+    with pytest.raises(UserError, match="--batch_classes=3"):
+        train.train(cfg, tcfg.validate())
+    tcfg = TrainConfig(data_dir=many_classes, workdir=str(tmp_path / "w"), train_steps=1,
+                       batch_size=8, val_split="", batch_classes=8, grad_accum_steps=2)
+    with pytest.raises(UserError, match="--batch_classes=8"):  # micro-batch of 4
+        train.train(cfg, tcfg)

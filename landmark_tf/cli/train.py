@@ -90,6 +90,11 @@ flags.DEFINE_list("augment", _T.augment, "Augmentations: flip (default), crop (r
                   "crop), color (brightness/contrast); empty for none.")
 flags.DEFINE_integer("shuffle_buffer", _T.shuffle_buffer, "Serialized records in each host's "
                      "shuffle buffer.")
+flags.DEFINE_integer("batch_classes", _T.batch_classes, "K > 0: class-aware batches of P "
+                     "classes x K images per replica (per-replica micro-batch a multiple of K), "
+                     "grouped within each --shuffle_buffer window, short classes filled by "
+                     "repeating their images; for pair losses (--npairs_weight), which i.i.d. "
+                     "batches almost never give a positive. 0: i.i.d. examples.")
 # Hardware.
 _define_choice("strategy", _T.strategy, config.STRATEGIES, "auto: TPU if one resolves, else "
                   "Mirrored over several GPUs, else default; mirrored uses all GPUs (or all "
@@ -199,7 +204,7 @@ def train_config() -> TrainConfig:
         raise UserError(f"--epochs={FLAGS.epochs}: must be > 0")
     names = ("train_split", "val_split", "batch_size", "learning_rate", "momentum",
              "weight_decay", "schedule", "warmup_steps", "lr_decay", "grad_accum_steps",
-             "sampling",
+             "sampling", "batch_classes",
              "class_weighting", "not_clean_weight", "shuffle_buffer", "seed", "strategy", "tpu",
              "mixed_precision", "jit_compile", "backend", "steps_per_execution", "checkpoint_every",
              "keep_checkpoints", "eval_every", "init_from", "pretrained_weights",

@@ -14,9 +14,12 @@ order shuffled with seed (seed, e), interleaving 16 at a time, permutes blocks o
 `shuffle_buffer` serialized records with seeds from (seed, e) (when resampling classes, the
 resampler's windows of that size are the shuffle, with a record's copies spread), and takes exactly
 steps_per_epoch * host_batch records (passing over the files again if resampling came up
-short). Resuming at step s rebuilds epoch s // steps_per_epoch and skips the records of its
-first s % steps_per_epoch steps *before* parsing and decoding, so a resume costs reading, not
-decoding, at most one epoch of records. Augmentation draws are stateless functions of
+short). With `batch_classes` = K > 0 each window is then regrouped into runs of K records of
+one class in a random order (sampling.class_groups), so every per-replica batch of B = P * K
+examples is P classes x K images, for pair losses (n-pairs). Resuming at step s rebuilds
+epoch s // steps_per_epoch and skips the records of its first s % steps_per_epoch steps
+*before* parsing and decoding, so a resume costs reading, not decoding, at most one epoch of
+records. Augmentation draws are stateless functions of
 (seed, e, position in epoch) of each example, whatever the batch split. Batches never straddle
 epochs.
 
@@ -61,6 +64,9 @@ class TrainInput:
     class_weights: np.ndarray | None = dataclasses.field(default=None, compare=False)
     not_clean_weight: float = 1.0
     infeed_dtype: str = "uint8"
+    # > 0: each per-replica batch is batch_classes-image groups of one class each (P x K
+    # sampling, sampling.class_groups); 0: the i.i.d. stream.
+    batch_classes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +103,16 @@ def _host_batch(global_batch: int, ctx: tf.distribute.InputContext) -> tuple[int
     per_replica = ctx.get_per_replica_batch_size(global_batch)
     replicas_here = ctx.num_replicas_in_sync // ctx.num_input_pipelines
     return per_replica, per_replica * replicas_here
+
+
+def check_batch_classes(micro_batch: int, batch_classes: int) -> None:
+    """UserError unless a (micro-)batch of `micro_batch` examples splits into whole groups of
+    `batch_classes` (0: no grouping, always fine)."""
+    if batch_classes and micro_batch % batch_classes:
+        raise UserError(
+            f"--batch_classes={batch_classes} needs a per-replica (micro-)batch that is a "
+            f"multiple of it, got {micro_batch} (--batch_size / replicas / --grad_accum_steps)"
+            "; change --batch_size or --batch_classes")
 
 
 def _read(files: tf.Tensor, cycle: int) -> tf.data.Dataset:
@@ -137,10 +153,20 @@ def _epoch_records(files: list[str], epoch_seed: tf.Tensor, spec: TrainInput) ->
         s = _fold(epoch_seed, p)
         order = tf.random.experimental.stateless_shuffle(names, seed=s)
         if spec.repeat_factors is None:
-            return shuffle_blocks(_read(order, cycle), spec.shuffle_buffer, _fold(s, 2))
-        # Resampling shuffles each window of shuffle_buffer records itself, spreading copies.
-        return sampling.resample(_read(order, cycle), spec.repeat_factors, _fold(s, 1),
-                                 spec.shuffle_buffer)
+            if spec.batch_classes:  # class_groups shuffles its windows itself
+                recs = _read(order, cycle)
+            else:
+                return shuffle_blocks(_read(order, cycle), spec.shuffle_buffer, _fold(s, 2))
+        else:
+            # Resampling shuffles each window of shuffle_buffer records itself, spreading copies.
+            recs = sampling.resample(_read(order, cycle), spec.repeat_factors, _fold(s, 1),
+                                     spec.shuffle_buffer)
+        if not spec.batch_classes:
+            return recs
+        # Every pass is whole groups of batch_classes records, and the epoch's take and the
+        # resume's skip are whole per-replica batches (multiples of batch_classes), so groups
+        # stay in one replica's batch.
+        return sampling.class_groups(recs, spec.batch_classes, _fold(s, 3), spec.shuffle_buffer)
 
     return tf.data.Dataset.range(_FOREVER).flat_map(one_pass)
 
@@ -149,6 +175,7 @@ def train_dataset(spec: TrainInput, ctx: tf.distribute.InputContext) -> tf.data.
     """This host's endless training batches, starting at global step `spec.start_step`."""
     files = host_files(spec.files, ctx)
     per_replica, host_batch = _host_batch(spec.global_batch_size, ctx)
+    check_batch_classes(per_replica, spec.batch_classes)
     start_epoch, start_offset = divmod(spec.start_step, spec.steps_per_epoch)
     base = tf.constant([spec.seed, 0x5EED], tf.int64)
     table = tf.constant(

@@ -26,7 +26,8 @@ from landmark_tf.training.step_math import TRAIN_KEYS  # noqa: F401
 
 def make_train_step(net, optimizer, *, global_batch: int, accum_steps: int,
                     replicas: int = 1) -> Callable:
-    """step(state, batch) -> (state, {"loss", "correct", "count"} float32 scalars).
+    """step(state, batch) -> (state, {"loss", "correct", "count", "pair_anchors"} float32
+    scalars; "pair_anchors": examples with another of their class in their micro-batch).
 
     batch: {"image": [B, S, S, 3] float32 or uint8 0..255, "label": int32 [B],
     "weight": float32 [B], optional "flip": bool [B]}, B the global batch. "loss" is the mean
@@ -41,7 +42,8 @@ def make_train_step(net, optimizer, *, global_batch: int, accum_steps: int,
         # Layer regularisers, once per optimizer step.
         loss = step_math.micro_loss(label, logits, weight, global_batch, extra,
                                     1.0 / float(accum_steps))
-        return loss, (non_trainable, step_math.top1_hits(label, logits))
+        counts = jnp.stack([step_math.top1_hits(label, logits), step_math.pair_anchors(label)])
+        return loss, (non_trainable, counts)
 
     grad_fn = jax.value_and_grad(forward, has_aux=True)
 
@@ -68,11 +70,12 @@ def make_train_step(net, optimizer, *, global_batch: int, accum_steps: int,
                 return grads, loss + l_j, hits + h_j, non_trainable
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-            carry = (zeros, jnp.float32(0.0), jnp.float32(0.0), non_trainable)
+            carry = (zeros, jnp.float32(0.0), jnp.zeros([2], jnp.float32), non_trainable)
             grads, loss, hits, non_trainable = jax.lax.fori_loop(0, accum_steps, body, carry)
         trainable, opt_vars = optimizer.stateless_apply(opt_vars, grads, trainable)
-        metrics = {"loss": loss.astype(jnp.float32), "correct": hits,
-                   "count": jnp.float32(label.shape[0])}
+        # hits: [top-1 hits, pair anchors] summed over micro-batches.
+        metrics = {"loss": loss.astype(jnp.float32), "correct": hits[0],
+                   "count": jnp.float32(label.shape[0]), "pair_anchors": hits[1]}
         return (trainable, non_trainable, opt_vars), metrics
 
     return step

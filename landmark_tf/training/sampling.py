@@ -112,3 +112,71 @@ def spread_order(n: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     u = tf.random.stateless_uniform(tf.shape(n), seed=seed, dtype=tf.float32)
     key = (tf.gather(u, record) + j) / tf.cast(tf.gather(n, record), tf.float32)
     return tf.gather(record, tf.argsort(key, stable=True))
+
+
+def class_groups(
+    records: tf.data.Dataset, k: int, seed: tf.Tensor, window: int = 4096
+) -> tf.data.Dataset:
+    """Regroups a stream of serialized examples into runs of `k` records of one class (P x K
+    batch sampling for pair and triplet losses such as n-pairs), one window at a time.
+
+    Within each window of `window` consecutive records (the pipeline's shuffle / resampling
+    window; memory: one window of serialized records), the records are grouped by label, each
+    class's records (in window order) cut into groups of k, and the groups emitted in a random
+    order. Any run of B = P * k records that starts at a multiple of k is therefore P groups of
+    k same-class records (two groups may share a class, which only adds positives).
+
+    A class with n_c records in the window gets ceil(n_c / k) groups; the last one is filled by
+    cycling over the class's records of the window (n_c = 1: k copies of the one image). They
+    are repeated rather than dropped because GLDv2 has ~20 images per class over 203k classes,
+    so most classes have a single record in a 4096-record window: dropping short classes would
+    discard most of the data and keep only the head classes. A repeated record is a positive
+    under different augmentation draws (crop / flip / colour are keyed by position in the epoch);
+    a larger --shuffle_buffer makes more of the positives distinct images. The stream grows by
+    the fill: sum_c ceil(n_c / k) * k records per window instead of sum_c n_c.
+
+    The in-class order and the group order are stateless draws of (seed, window index), so the
+    same seed gives the same stream (step-exact resume). Labels come from `image/class/label`.
+
+    Args:
+      records: dataset of scalar tf.string (serialized tf.train.Examples).
+      k: records per group (> 0).
+      seed: int64[2] stateless seed.
+      window: records per window.
+    Returns:
+      dataset of scalar tf.string whose length is a multiple of k, in groups of k of one class.
+    """
+    if k <= 0:
+        raise ValueError(f"class_groups needs k > 0, got {k}")
+    seed = tf.cast(seed, tf.int64)
+
+    def group_window(index: tf.Tensor, block: tf.Tensor) -> tf.Tensor:
+        window_seed = tf.random.experimental.stateless_fold_in(seed, index)
+        # A random in-class order, so that which records share a group is random too.
+        block = tf.random.experimental.stateless_shuffle(
+            block, seed=tf.random.experimental.stateless_fold_in(window_seed, 0))
+        labels = tf.io.parse_example(block, _LABEL_SPEC)["image/class/label"]
+        order = group_order(labels, k, tf.random.experimental.stateless_fold_in(window_seed, 1))
+        return tf.gather(block, order)
+
+    blocks = records.batch(window).enumerate()
+    return blocks.map(group_window, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+def group_order(labels: tf.Tensor, k: int, seed: tf.Tensor) -> tf.Tensor:
+    """int32[G * k]: indices into labels (int[R]) forming G groups of k same-label indices
+    (class c: ceil(n_c / k) groups, the last filled by cycling over c's indices in order),
+    the groups in a random order drawn from the stateless seed[2]."""
+    _, cls = tf.unique(tf.cast(labels, tf.int64), out_idx=tf.int32)
+    members = tf.argsort(cls, stable=True)  # indices class by class, window order within
+    n = tf.math.bincount(cls, dtype=tf.int32)
+    start = tf.cumsum(n, exclusive=True)
+    groups = (n + k - 1) // k
+    slot_class = tf.repeat(tf.range(tf.size(n)), groups * k)
+    slot = tf.range(tf.size(slot_class)) - tf.gather(tf.cumsum(groups * k, exclusive=True),
+                                                   slot_class)
+    record = tf.gather(members, tf.gather(start, slot_class)
+                       + slot % tf.gather(n, slot_class))
+    # Slots run class by class, so every k consecutive slots are one group.
+    grouped = tf.reshape(record, [-1, k])
+    return tf.reshape(tf.random.experimental.stateless_shuffle(grouped, seed=seed), [-1])

@@ -11,7 +11,9 @@ from keras import ops
 
 from landmark_tf.modeling import losses
 
-TRAIN_KEYS = ("loss", "correct", "count")
+# pair_anchors: examples with another of their class in their micro-batch (step_math.pair_anchors),
+# the anchors a pair loss such as n-pairs can use.
+TRAIN_KEYS = ("loss", "correct", "count", "pair_anchors")
 EVAL_KEYS = ("correct", "count")
 
 
@@ -38,6 +40,14 @@ def top1_hits(label, logits):
     """float32 scalar: how many rows of logits [B, C] have their maximum at label int32 [B]."""
     hits = ops.equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), ops.cast(label, "int32"))
     return ops.sum(ops.cast(hits, "float32"))
+
+
+def pair_anchors(label):
+    """float32 scalar: how many of the labels int [B] have another example of their class in
+    the batch, i.e. the anchors with a positive that a pair loss (n-pairs) can use."""
+    label = ops.reshape(ops.cast(label, "int32"), (-1,))
+    same = ops.cast(ops.equal(label[:, None], label[None, :]), "float32")
+    return ops.sum(ops.cast(ops.sum(same, axis=1) > 1.0, "float32"))
 
 
 def eval_counts(label, logits, weight) -> dict:

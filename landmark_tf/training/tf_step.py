@@ -32,7 +32,8 @@ def make_train_step(
     jit: bool,
     replica_mean: list | None = None,
 ) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
-    """Returns replica_fn(batch) -> {"loss", "correct", "count"} float32 scalars of this replica.
+    """Returns replica_fn(batch) -> {"loss", "correct", "count", "pair_anchors"} float32 scalars
+    of this replica ("pair_anchors": examples with another of their class in their micro-batch).
 
     batch: {"image": uint8 (or float32) [accum*micro, S, S, 3], "label": int32[...],
     "weight": float32[...], optionally "flip": bool[...]} (input_pipeline.train_dataset's batches).
@@ -55,33 +56,37 @@ def make_train_step(
                                         1.0 / float(replicas * accum_steps))
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return loss, step_math.top1_hits(label, logits), grads
+        hits = step_math.top1_hits(label, logits), step_math.pair_anchors(label)
+        return loss, hits, grads
 
     def accumulate(batch):
         batch = {**batch, "image": step_math.prepare_images(batch)}
         if accum_steps == 1:
             return grads_of(batch["image"], batch["label"], batch["weight"])
         micro = {k: _split(v, accum_steps) for k, v in batch.items()}
-        loss, correct, grads = grads_of(micro["image"][0], micro["label"][0], micro["weight"][0])
+        loss, (correct, anchors), grads = grads_of(micro["image"][0], micro["label"][0],
+                                                   micro["weight"][0])
         for i in tf.range(1, accum_steps):
-            l_i, c_i, g_i = grads_of(micro["image"][i], micro["label"][i], micro["weight"][i])
-            loss, correct = loss + l_i, correct + c_i
+            l_i, (c_i, a_i), g_i = grads_of(micro["image"][i], micro["label"][i],
+                                            micro["weight"][i])
+            loss, correct, anchors = loss + l_i, correct + c_i, anchors + a_i
             grads = [a + b for a, b in zip(grads, g_i, strict=True)]
-        return loss, correct, grads
+        return loss, (correct, anchors), grads
 
     compute = tf.function(accumulate, jit_compile=True) if jit else accumulate
     agree = replicas > 1 and isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
     def replica_fn(batch):
         with replica_draws(seeds):
-            loss, correct, grads = compute(batch)
+            loss, (correct, anchors), grads = compute(batch)
         if agree:
             grads = finite_everywhere_or_poisoned(grads)
         optimizer.apply(grads, variables)
         if replica_mean:
             _set_to_replica_mean(replica_mean)
         count = tf.cast(tf.shape(batch["label"])[0], tf.float32)
-        return {"loss": tf.cast(loss, tf.float32), "correct": correct, "count": count}
+        return {"loss": tf.cast(loss, tf.float32), "correct": correct, "count": count,
+                "pair_anchors": anchors}
 
     return replica_fn
 

@@ -175,6 +175,7 @@ def train_input(cfg: TrainConfig, plan: DataPlan, image_size: int,
         files=plan.train_files, image_size=image_size, global_batch_size=cfg.batch_size,
         steps_per_epoch=plan.steps_per_epoch, seed=cfg.seed, start_step=start_step,
         shuffle_buffer=cfg.shuffle_buffer, augment=tuple(cfg.augment), repeat_factors=factors,
+        batch_classes=cfg.batch_classes,
         class_weights=loss_weights(cfg, plan), not_clean_weight=cfg.not_clean_weight,
     )
 
@@ -255,6 +256,14 @@ class Run:
         self.micro = distribute.per_replica_batch(cfg.batch_size, t.replicas,
                                                   cfg.grad_accum_steps)
         t.check(model_cfg)
+        # Groups of batch_classes images must not straddle replicas or micro-batches.
+        input_pipeline.check_batch_classes(self.micro, cfg.batch_classes)
+        if model_cfg.npairs_weight > 0 and cfg.batch_classes == 0:
+            logging.warning(
+                "--npairs_weight=%g with i.i.d. batches (--batch_classes=0): over %d classes a "
+                "batch almost never holds two images of one class, so the n-pairs loss is "
+                "only its L2 term; pass --batch_classes=2 (or more) for class-aware batches",
+                model_cfg.npairs_weight, plan.num_classes)
         if cfg.bn_statistics == "replica" and t.replicas > 1 and self.micro < 4:
             logging.warning(
                 "BatchNorm statistics over %d image(s) per replica and micro-step "

@@ -3,8 +3,10 @@ checkpoints, evaluation, signals, the closing result.
 
 Each chunk is one compiled execution of up to steps_per_execution steps, cut so that it ends
 exactly at checkpoint and evaluation steps. TensorBoard gets loss, accuracy (top-1 of the margin
-logits), learning_rate and images_per_second per chunk; the closing result averages loss and
-accuracy over the last ~20 steps and measures images/s after the first (compiling) chunk.
+logits), learning_rate and images_per_second per chunk (and pair_anchors, the examples per step
+with another of their class in their batch, with --npairs_weight or --batch_classes); the
+closing result averages loss and accuracy (and pair_anchors) over the last ~20 steps and
+measures images/s after the first (compiling) chunk.
 A run of 0 steps (`--train_steps=0`) validates and checkpoints the initial weights at step 0.
 SIGTERM (TPU preemption, `kill`) and Ctrl-C set a flag that is read between steps (JAX) or
 executions (TensorFlow: a compiled execution cannot stop midway); then a checkpoint of the step
@@ -47,6 +49,11 @@ class Loop:
         self.saved_path: str | None = None
         self.hooked: dict[str, Any] = {}  # facts from the run's step_hooks
         self.stop_requested = False
+        # Pair losses (n-pairs) need anchors with a positive in their batch: logged per step,
+        # reported in the result, warned about once when a chunk of steps had none.
+        self.pair_loss = run.models.config.npairs_weight > 0
+        self.report_pairs = self.pair_loss or self.cfg.batch_classes > 0
+        self.warned_no_pairs = False
 
     def writer(self, name: str):
         """TensorBoard writer for logs/<name>, created on first use (chief only)."""
@@ -134,6 +141,20 @@ class Loop:
             tf.summary.scalar("accuracy", totals["correct"] / max(totals["count"], 1.0))
             tf.summary.scalar("learning_rate", self.learning_rate())
             tf.summary.scalar("images_per_second", self.last_ips)
+            if self.report_pairs:
+                tf.summary.scalar("pair_anchors", totals.get("pair_anchors", 0.0) / max(n, 1))
+        if self.pair_loss and n > 0 and totals.get("pair_anchors", 1.0) == 0 and (
+                not self.warned_no_pairs):
+            self.warned_no_pairs = True
+            logging.warning(
+                "steps %d-%d: no example had another of its class in its batch, so the n-pairs "
+                "loss (--npairs_weight) was only its L2 term; pass --batch_classes=K for "
+                "batches of classes x K images", step - n + 1, step)
+
+    def pair_anchors(self) -> float:
+        """Mean anchors with a positive per step over the recent window (all replicas)."""
+        return sum(t.get("pair_anchors", 0.0) for _, t in self.window) / max(
+            sum(n for n, _ in self.window), 1)
 
     def learning_rate(self) -> float:
         return self.t.learning_rate()
@@ -180,6 +201,8 @@ class Loop:
             "backend": t.backend, "device": t.kind, "replicas": t.replicas,
             "bn_statistics": self.cfg.bn_statistics, "mixed_precision": t.policy,
             "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
+            **({"pair_anchors": self.pair_anchors() if trained else None}
+               if self.report_pairs else {}),
             **self.val, **self.hooked, **run.start_info,
         }
 
