@@ -55,6 +55,7 @@ def test_bad_data_dir_is_a_one_line_error(tmp_path):
     ("--backbone=resnet50", "--backbone=resnet50: expected one of efficientnet-b0"),
     ("--head=triplet", "--head=triplet: expected one of"),
     ("--scale=big", "--scale=big: expected a number or 'auto'"),
+    ("--batch_classes=3", "--batch_classes=3: --batch_size=64 must be a multiple of it"),
 ])
 def test_bad_flag_values_are_one_line_errors(tmp_path, flag, expected):
     proc = _run(f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}", "--train_steps=5", flag)
