@@ -133,7 +133,9 @@ def class_groups(
     discard most of the data and keep only the head classes. A repeated record is a positive
     under different augmentation draws (crop / flip / colour are keyed by position in the epoch);
     a larger --shuffle_buffer makes more of the positives distinct images. The stream grows by
-    the fill: sum_c ceil(n_c / k) * k records per window instead of sum_c n_c.
+    the fill: sum_c ceil(n_c / k) * k records per window instead of sum_c n_c, so a training
+epoch (a fixed number of steps) covers fewer distinct records, up to k times fewer when most
+classes have one record per window.
 
     The in-class order and the group order are stateless draws of (seed, window index), so the
     same seed gives the same stream (step-exact resume). Labels come from `image/class/label`.
