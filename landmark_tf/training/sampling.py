@@ -134,8 +134,8 @@ def class_groups(
     under different augmentation draws (crop / flip / colour are keyed by position in the epoch);
     a larger --shuffle_buffer makes more of the positives distinct images. The stream grows by
     the fill: sum_c ceil(n_c / k) * k records per window instead of sum_c n_c, so a training
-epoch (a fixed number of steps) covers fewer distinct records, up to k times fewer when most
-classes have one record per window.
+    epoch (a fixed number of steps) covers fewer distinct records, up to k times fewer when most
+    classes have one record per window.
 
     The in-class order and the group order are stateless draws of (seed, window index), so the
     same seed gives the same stream (step-exact resume). Labels come from `image/class/label`.
