@@ -16,7 +16,10 @@ is scored by test->index mAP@100 (Kaggle retrieval) and test GAP (recognition vs
               of the pseudo-labels vs the synth plan; control: baseline + steps/2 on train only
   dynamic     dynamic_arcface (a 0.45, b 0.05, k 3, s 45: GLR2021 1st place)
   factorised  cosface with head_rank 16 (class matrix 128x16 times 16xC)
-  npairs      cosface + 0.1 x n-pairs loss
+  npairs      cosface + 0.1 x n-pairs loss, i.i.d. batches (few same-class pairs)
+  pk          cosface on P x K batches (--batch_classes 4: 8 landmarks x 4 images), no n-pairs
+  npairs_pk   cosface + 0.1 x n-pairs on the same P x K batches (every anchor has positives)
+  npairs_pk_w01  the same at n-pairs weight 0.01
 Results go to OUT/results.json after each row (a rerun skips rows already there), and a
 markdown table is printed at the end with the spread (max - min) over seeds.
 """
@@ -43,13 +46,18 @@ from landmark_tf.synth import plan as synth_plan
 from landmark_tf.training import train
 
 SIZE, BATCH, DIM = 64, 32, 128
-ROWS = ("baseline", "clean", "dynamic", "factorised", "npairs", "pseudo")
+ROWS = ("baseline", "clean", "dynamic", "factorised", "npairs", "pk", "npairs_pk", "npairs_pk_w01",
+        "pseudo")
 MODELS = {
     "baseline": {}, "clean": {}, "pseudo": {},
     "dynamic": {"head": "dynamic_arcface", "subcenters": 3, "scale": 45.0},
     "factorised": {"head_rank": 16},
     "npairs": {"npairs_weight": 0.1},
+    "pk": {"batch_classes": 4},
+    "npairs_pk": {"npairs_weight": 0.1, "batch_classes": 4},
+    "npairs_pk_w01": {"npairs_weight": 0.01, "batch_classes": 4},
 }
+TRAIN_KEYS = ("batch_classes",)  # MODELS entries that are TrainConfig fields
 
 
 def _read(path: str) -> str:
@@ -70,12 +78,14 @@ def records(root: str, name: str, image_dir: str, **kw) -> str:
     return out
 
 
-def fit(data_dir: str, workdir: str, steps: int, seed: int, init_from: str = "", **model_kw):
-    cfg = ModelConfig(backbone="efficientnet-b0", image_size=SIZE, embedding_dim=DIM,
-                      **model_kw)
-    tcfg = TrainConfig(data_dir=data_dir, workdir=workdir, train_steps=steps, batch_size=BATCH,
-                       learning_rate=0.1, schedule="cosine", warmup_steps=20, val_split="",
-                       checkpoint_every=steps, seed=seed, init_from=init_from)
+def fit(data_dir: str, workdir: str, steps: int, seed: int, init_from: str = "",
+        batch_size: int = BATCH, learning_rate: float = 0.1, warmup_steps: int = 20, **kw):
+    train_kw = {k: kw.pop(k) for k in TRAIN_KEYS if k in kw}
+    cfg = ModelConfig(backbone="efficientnet-b0", image_size=SIZE, embedding_dim=DIM, **kw)
+    tcfg = TrainConfig(data_dir=data_dir, workdir=workdir, train_steps=steps,
+                       batch_size=batch_size, learning_rate=learning_rate, schedule="cosine",
+                       warmup_steps=warmup_steps, val_split="", checkpoint_every=steps,
+                       seed=seed, init_from=init_from, **train_kw)
     return train.train(cfg, tcfg)
 
 
@@ -184,9 +194,11 @@ def run_seed(out: str, seed: int, steps: int, rows: list[str], results: dict) ->
         if row in done:
             continue
         start = time.time()
-        if row in ("baseline", "dynamic", "factorised", "npairs"):
-            fit(data, os.path.join(root, "runs", row), steps, seed, **MODELS[row])
+        if row in MODELS and row not in ("clean", "pseudo"):
+            r = fit(data, os.path.join(root, "runs", row), steps, seed, **MODELS[row])
             done[row] = score(os.path.join(root, "runs", row), root, plan, row)
+            if "pair_anchors" in r:
+                done[row]["pair_anchors"] = r["pair_anchors"]
         elif row == "clean":
             done[row] = clean_row(root, plan, done["baseline"], steps, seed)
         else:

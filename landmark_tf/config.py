@@ -142,6 +142,9 @@ class TrainConfig:
     `epochs` also 0 the run trains nothing: it writes a checkpoint of the initialisation (random,
     `pretrained_weights` or `init_from`) at step 0, the untrained baseline that exports like any
     run.
+    `grad_accum_steps=0` (`--grad_accum_steps=auto`, JAX only) takes the fewest micro-batches
+    whose compiled step fits the device's memory (training/jax_memory.plan); the run records
+    the count it chose.
     `eval_every=0` evaluates once per epoch. Keys in RESUME_SAFE may change between runs into the
     same workdir (they do not change what is computed); any other difference is a conflict.
     """
@@ -202,7 +205,7 @@ class TrainConfig:
             (not (self.train_steps > 0 and self.epochs > 0), "give --train_steps or --epochs, "
              "not both"),
             (self.batch_size > 0, f"--batch_size={self.batch_size}: must be > 0"),
-            (self.grad_accum_steps > 0, "--grad_accum_steps must be > 0"),
+            (self.grad_accum_steps >= 0, "--grad_accum_steps must be > 0 (or auto)"),
             # 0 is allowed: only BatchNorm moving statistics (and the dynamic AdaCos scale)
             # change, a statistics-recalibration run (and the frozen-BN tests' reference).
             (self.learning_rate >= 0, "--learning_rate must be >= 0"),

@@ -5,7 +5,8 @@
 #
 # Commands:
 #   create                     create the TPU VM (a Spot VM with --spot)
-#   setup [PACKAGE]            install landmark-tf[tpu] on every worker. PACKAGE: empty = pack
+#   setup [PACKAGE]            install landmark-tf[tpu] (BACKEND=jax: [cpu,jax-tpu]) on every
+#                              worker. PACKAGE: empty = pack
 #                              this checkout (git-tracked and untracked, not ignored, files);
 #                              a local or gs:// wheel; or a pip requirement
 #   train FLAGFILE [-- FLAG...]
@@ -32,6 +33,7 @@
 #   --worker W                 worker index or `all`; default all for run and 0 for the rest
 #   --config FILE              source FILE (shell VAR=value lines) before applying defaults
 #   --project P --zone Z --accelerator_type T --runtime_version V --name N --bucket B
+#   --backend B
 #                              the same as the variables below, for one call
 #   -h, --help                 this text
 #
@@ -39,9 +41,15 @@
 #   PROJECT           Google Cloud project; empty = gcloud's configured project
 #   ZONE              default europe-west4-a (has v3-8; v4 lives in us-central2-b)
 #   ACCELERATOR_TYPE  default v3-8; e.g. v4-8, v4-32 (suffix > 8 = multi-host slice)
+#   BACKEND           tensorflow (default: tensorflow-tpu, one client drives the slice) or jax
+#                     (Keras 3 on JAX: v5e and v6e, whose TF runtimes are gone, or by choice;
+#                     every worker runs the same landmark-train, joined by
+#                     --coordinator_address=auto on a multi-host slice)
 #   TF_VERSION        default 2.20.0 (the tensorflow-tpu pinned by the [tpu] extra)
 #   RUNTIME_VERSION   default tpu-vm-tf-$TF_VERSION-pjrt, or tpu-vm-tf-$TF_VERSION-pod-pjrt
-#                     for multi-host slices; list them: gcloud compute tpus tpu-vm versions list
+#                     for multi-host slices; BACKEND=jax: v2-alpha-tpuv5-lite (v5e),
+#                     v2-alpha-tpuv6e (v6e), tpu-ubuntu2204-base (v4, v5p), as Cloud TPU's JAX
+#                     guides say; list them: gcloud compute tpus tpu-vm versions list
 #   TPU_NAME          default landmark-tf
 #   BUCKET            gs://NAME or NAME. Replaces gs://YOUR_BUCKET in flagfiles; keep it in
 #                     the TPU's region. The VM's service account needs read/write on it
@@ -55,7 +63,10 @@
 #
 # Workers: TensorFlow drives a whole slice from one client, so train/stage run on worker 0;
 # on a multi-host slice with --tpu=$TPU_NAME (and TPU_LOAD_LIBRARY=0, as Cloud TPU's TF Pod
-# guides do), on a single host with --tpu=local. setup installs on every worker.
+# guides do), on a single host with --tpu=local. JAX runs one process per host: on a
+# multi-host slice landmark-train runs on every worker with --backend=jax
+# --coordinator_address=auto (each reads its own shards; worker 0 writes logs and
+# checkpoints), on a single host on worker 0. setup installs on every worker.
 #
 # Examples:
 #   export PROJECT=my-project BUCKET=gs://my-landmarks
@@ -137,6 +148,9 @@ load_config() {
   ZONE="${OPT_ZONE:-${ZONE:-europe-west4-a}}"
   ACCELERATOR_TYPE="${OPT_ACCELERATOR_TYPE:-${ACCELERATOR_TYPE:-v3-8}}"
   TF_VERSION="${TF_VERSION:-2.20.0}"
+  BACKEND="${OPT_BACKEND:-${BACKEND:-tensorflow}}"
+  [[ "$BACKEND" == tensorflow || "$BACKEND" == jax ]] \
+    || die "BACKEND must be tensorflow or jax, got '$BACKEND'"
   TPU_NAME="${OPT_NAME:-${TPU_NAME:-landmark-tf}}"
   BUCKET="${OPT_BUCKET:-${BUCKET:-}}"
   SERVICE_ACCOUNT="${SERVICE_ACCOUNT:-}"
@@ -151,6 +165,15 @@ load_config() {
   [[ "$MULTI_HOST" == 0 || "$MULTI_HOST" == 1 ]] || die "MULTI_HOST must be 0 or 1"
   local default_runtime="tpu-vm-tf-${TF_VERSION}-pjrt"
   ((MULTI_HOST)) && default_runtime="tpu-vm-tf-${TF_VERSION}-pod-pjrt"
+  EXTRA="[tpu]"
+  if [[ "$BACKEND" == jax ]]; then
+    EXTRA="[cpu,jax-tpu]"
+    case "$ACCELERATOR_TYPE" in
+      v5litepod-* | v5e-*) default_runtime="v2-alpha-tpuv5-lite" ;;
+      v6e-*) default_runtime="v2-alpha-tpuv6e" ;;
+      *) default_runtime="tpu-ubuntu2204-base" ;;
+    esac
+  fi
   RUNTIME_VERSION="${OPT_RUNTIME_VERSION:-${RUNTIME_VERSION:-$default_runtime}}"
   [[ "$TPU_NAME" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] \
     || die "TPU_NAME must be lower-case letters, digits and dashes, got '$TPU_NAME'"
@@ -234,24 +257,25 @@ cmd_setup() {
     ((DRY_RUN)) || rm -f "$tarball"
     ssh_workers all "set -e; rm -rf ${REMOTE_SRC}; mkdir -p ${REMOTE_SRC}; \
 tar -xzf \$HOME/landmark-tf-src.tar.gz -C ${REMOTE_SRC}; \
-${pip} --upgrade pip; ${pip} \"${REMOTE_SRC}[tpu]\""
+${pip} --upgrade pip; ${pip} \"${REMOTE_SRC}${EXTRA}\""
   else
     if [[ "$package" == gs://* ]]; then
       remote_pkg="/tmp/$(basename "$package")"
       ssh_workers all "set -e; gcloud storage cp $(quote "$package") $(quote "$remote_pkg")"
-      package="${remote_pkg}[tpu]"
+      package="${remote_pkg}${EXTRA}"
     elif [[ -f "$package" ]]; then
       remote_pkg="/tmp/$(basename "$package")"
       tpu_flags
       run gcloud compute tpus tpu-vm scp "$package" "$TPU_NAME:$remote_pkg" "${TPU_FLAGS[@]}" \
         --worker=all
-      package="${remote_pkg}[tpu]"
+      package="${remote_pkg}${EXTRA}"
     fi
     ssh_workers all "set -e; ${pip} --upgrade pip; ${pip} $(quote "$package")"
   fi
-  # A cheap end-to-end check that the console script and TensorFlow import on every worker.
-  ssh_workers all "${REMOTE_PATH}; landmark-train --only_check_flags && \
-python3 -c 'import tensorflow as tf; print(\"tensorflow\", tf.__version__)'"
+  # A cheap end-to-end check that the console script and the backend import on every worker.
+  local probe="import tensorflow as tf; print(\"tensorflow\", tf.__version__)"
+  [[ "$BACKEND" == jax ]] && probe="import jax; print(\"jax\", jax.__version__)"
+  ssh_workers all "${REMOTE_PATH}; landmark-train --only_check_flags && python3 -c '${probe}'"
 }
 
 # Reads an absl flagfile into FLAGS_READ: one flag a line, comments and blank lines dropped.
@@ -291,7 +315,13 @@ cmd_stage() {
   read_flagfile "$flagfile"
   WORDS=("${FLAGS_READ[@]}" "$@")
   local env_prefix="${REMOTE_PATH}; " worker="${WORKER:-0}"
-  if [[ "$program" == landmark-train ]]; then
+  if [[ "$program" == landmark-train && "$BACKEND" == jax ]]; then
+    WORDS+=(--backend=jax)
+    if ((MULTI_HOST)); then
+      WORDS+=(--coordinator_address=auto)
+      worker="${WORKER:-all}"
+    fi
+  elif [[ "$program" == landmark-train ]]; then
     if ((MULTI_HOST)); then
       env_prefix+="export TPU_NAME=$(quote "$TPU_NAME") TPU_LOAD_LIBRARY=0; "
       WORDS+=(--tpu="$TPU_NAME")
@@ -401,12 +431,12 @@ main() {
       --keep) KEEP=1 ;;
       --detach) DETACH=1 ;;
       --retries=* | --worker=* | --config=* | --project=* | --zone=* | --name=* | --bucket=* | \
-        --accelerator_type=* | --runtime_version=*)
+        --accelerator_type=* | --runtime_version=* | --backend=*)
         set -- "${1%%=*}" "${1#*=}" "${@:2}"
         continue
         ;;
       --retries | --worker | --config | --project | --zone | --name | --bucket | \
-        --accelerator_type | --runtime_version)
+        --accelerator_type | --runtime_version | --backend)
         (($# >= 2)) || die "$1 needs a value"
         case "$1" in
           --retries) RETRIES="$2" ;;
@@ -418,6 +448,7 @@ main() {
           --bucket) OPT_BUCKET="$2" ;;
           --accelerator_type) OPT_ACCELERATOR_TYPE="$2" ;;
           --runtime_version) OPT_RUNTIME_VERSION="$2" ;;
+          --backend) OPT_BACKEND="$2" ;;
         esac
         shift
         ;;

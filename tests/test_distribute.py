@@ -138,7 +138,12 @@ _STEP_MATH = textwrap.dedent("""
             replicas=strategy.num_replicas_in_sync, accum_steps=accum, jit=False)
         multi = distribute.multi_step_function(strategy, step, tf_step.TRAIN_KEYS)
         spec = input_pipeline.TrainInput(files, 32, 8, steps_per_epoch=4, augment=())
-        it = iter(input_pipeline.distribute(strategy, spec))
+        if strategy.num_replicas_in_sync == 2:
+            it = iter(input_pipeline.distribute(strategy, spec))
+        else:  # the two replicas' batches (their streams in turn) joined for one device
+            two = input_pipeline.train_dataset(spec, tf.distribute.InputContext(1, 0, 2))
+            it = iter(two.batch(2, drop_remainder=True).map(
+                lambda b: {k: tf.reshape(v, [8, *v.shape[2:]]) for k, v in b.items()}))
         losses = [float(multi(it, tf.constant(n))["loss"]) / n for n in (1, 2, 1)]
         return losses, [np.asarray(v.numpy()).tolist() for v in net.trainable_variables]
 

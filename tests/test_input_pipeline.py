@@ -259,3 +259,28 @@ def test_group_order_fills_short_classes_and_keeps_every_record():
     grouped = labels.numpy()[order].reshape(-1, 2)
     assert (grouped[:, 0] == grouped[:, 1]).all()
     assert set(order) == set(range(6)) and len(order) == 8  # 5: 3 -> 4, 7: 2, 9: 1 -> 2
+
+
+def test_a_replica_reads_the_same_stream_whichever_host_feeds_it(data):
+    """1 host x 2 replicas yields replica 0's and replica 1's batches in turn; 2 hosts x 1
+    replica yield the same batches, one stream each: data depends on the replica count only."""
+    spec = _train_spec(data, global_batch_size=4)
+    one_host = _take(spec, 10, tf.distribute.InputContext(1, 0, 2))
+    hosts = [_take(spec, 5, tf.distribute.InputContext(2, h, 2)) for h in (0, 1)]
+    for step in range(5):
+        for replica in (0, 1):
+            a, b = one_host[2 * step + replica], hosts[replica][step]
+            assert _digest(a["image"]) == _digest(b["image"])
+            np.testing.assert_array_equal(a["label"], b["label"])
+            np.testing.assert_array_equal(a["flip"], b["flip"])
+    assert _digest(hosts[0][0]["image"]) != _digest(hosts[1][0]["image"])
+
+
+def test_fewer_shards_than_replicas_split_records_disjointly(data):
+    """3 shards, 4 replicas: every stream reads all shards and keeps every 4th record; one
+    epoch of the four streams is every train record exactly once."""
+    spec = _train_spec(data, global_batch_size=8, steps_per_epoch=4)  # 2 per replica
+    seen = [[_digest(im) for b in _take(spec, 4, tf.distribute.InputContext(4, h, 4))
+             for im in b["image"]] for h in range(4)]
+    flat = [d for stream in seen for d in stream]
+    assert len(set(flat)) == len(flat) == 32  # 14 + 10 + 6 + 2 train records

@@ -40,3 +40,36 @@ def test_verdict(temp, platform, verdict):
     assert r["memory_check"] == verdict
     assert r["per_replica_gib"] == pytest.approx(temp + 1)
     assert f"{verdict} in 16 GiB" in r["message"] and "16 image(s) per replica" in r["message"]
+
+
+def test_accumulations_split_the_batch_and_groups():
+    assert jax_memory.accumulations(8) == [1, 2, 4, 8]
+    assert jax_memory.accumulations(8, batch_classes=2) == [1, 2, 4]
+
+
+def test_plan_takes_the_fewest_micro_batches_that_fit():
+    """On a small model's real compiled steps: a budget that fits everything keeps one
+    micro-batch; one between the sizes at 2 and 4 micro-batches picks 4; one below even 16
+    (one image per micro-batch) does not fit."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, os.path.join(here, "jax_memory_plan_run.py")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    sizes = {int(k): v for k, v in r["sizes"].items()}
+    assert sizes[1] > sizes[2] > sizes[4] > sizes[16]  # temporaries scale with the micro-batch
+    plans = r["plans"]
+    assert plans["all"]["grad_accum_steps"] == 1 and plans["all"]["memory_check"] == "fits"
+    assert list(plans["all"]["plan"]) == ["1"]  # one compile when the recipe fits
+    mid = plans["between_2_and_4"]
+    assert mid["grad_accum_steps"] == 4 and mid["memory_check"] == "fits"
+    assert len(mid["plan"]) <= 4 and "chose --grad_accum_steps=4" in mid["message"]
+    assert plans["none"]["memory_check"] == "does not fit"
+    assert "nothing fits" in plans["none"]["message"]

@@ -272,6 +272,25 @@ def test_dry_run_multi_host_slice_uses_pod_runtime_and_worker_zero():
     assert _options(run)["worker"] == "all" and _remote(run)[-2:] == ["df", "-h"]
 
 
+@pytest.mark.parametrize("accelerator, multi_host, runtime", [
+    ("v5litepod-16", True, "v2-alpha-tpuv5-lite"), ("v6e-8", False, "v2-alpha-tpuv6e"),
+    ("v4-32", True, "tpu-ubuntu2204-base")])
+def test_dry_run_jax_backend_runs_on_every_worker_of_a_multi_host_slice(accelerator, multi_host,
+                                                                        runtime):
+    env = _env(BUCKET=BUCKET, ACCELERATOR_TYPE=accelerator, TPU_NAME="pod")
+    create = _commands(_tpu_vm("--dry_run", "--backend", "jax", "create", env=env).stdout)[0]
+    assert _options(create)["version"] == runtime
+    ssh = _commands(_tpu_vm("--dry_run", "--backend=jax", "train", str(TRAIN_FLAGFILES[0]),
+                            env=env).stdout)[0]
+    remote = _remote(ssh)
+    assert "--backend=jax" in remote and not any(w.startswith("--tpu=") for w in remote)
+    assert ("--coordinator_address=auto" in remote) == multi_host
+    assert _options(ssh)["worker"] == ("all" if multi_host else "0")
+    setup = _commands(_tpu_vm("--dry_run", "--backend=jax", "setup", "landmark-tf",
+                              env=env).stdout)
+    assert any("jax" in " ".join(c) for c in setup)
+
+
 def test_dry_run_quotes_values_for_the_remote_shell(tmp_path):
     flagfile = tmp_path / "odd.flags"
     flagfile.write_text("# comment\n\n  --workdir=gs://YOUR_BUCKET/a b/it's  \n// also a comment\n")

@@ -56,10 +56,21 @@ def test_bad_data_dir_is_a_one_line_error(tmp_path):
     ("--head=triplet", "--head=triplet: expected one of"),
     ("--scale=big", "--scale=big: expected a number or 'auto'"),
     ("--batch_classes=3", "--batch_classes=3: --batch_size=64 must be a multiple of it"),
+    ("--process_id=1", "--num_processes and --process_id go with --coordinator_address"),
+    ("--coordinator_address=localhost", "--coordinator_address=localhost: expected HOST:PORT"),
 ])
 def test_bad_flag_values_are_one_line_errors(tmp_path, flag, expected):
     proc = _run(f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}", "--train_steps=5", flag)
     _one_line_error(proc, expected)
+
+
+def test_joining_processes_needs_a_whole_setting_and_the_jax_backend(tmp_path):
+    common = (f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}", "--train_steps=5",
+              "--coordinator_address=localhost:1234")
+    _one_line_error(_run(*common, "--num_processes=2", "--process_id=2"),
+                    "--process_id=2: must be within 0..1")
+    _one_line_error(_run(*common, "--num_processes=2", "--process_id=0", "--backend=tensorflow"),
+                    "--coordinator_address joins JAX processes")
 
 
 def test_flagfile_is_read(tmp_path):

@@ -75,8 +75,11 @@ _define_choice("schedule", _T.schedule, config.SCHEDULES, "Learning-rate schedul
 flags.DEFINE_integer("warmup_steps", _T.warmup_steps, "Linear warmup steps.")
 flags.DEFINE_float("lr_decay", _T.lr_decay, "Per-step decay of --schedule=inverse_time (the "
                    "GLR2020 winner: SGD(decay=1e-5)).")
-flags.DEFINE_integer("grad_accum_steps", _T.grad_accum_steps, "Micro-batches accumulated per "
-                     "optimizer step (memory of batch_size / grad_accum_steps).")
+flags.DEFINE_string("grad_accum_steps", str(_T.grad_accum_steps), "Micro-batches accumulated "
+                    "per optimizer step (memory of batch_size / grad_accum_steps), or 'auto' "
+                    "(JAX): the fewest whose compiled step fits the device's memory, from XLA's "
+                    "memory analysis (on CPU: 1); with --memory_check, fits --tpu_type. The "
+                    "global batch, and so the recipe, stays.")
 # Long tail.
 _define_choice("sampling", _T.sampling, config.SAMPLINGS, "Class frequency in the input: "
                   "uniform (as stored), class_balanced (each class equally often), log "
@@ -109,10 +112,19 @@ flags.DEFINE_integer("steps_per_execution", _T.steps_per_execution, "Train steps
                      "execution (falls back to 1 where multi-step fails with several replicas).")
 _define_choice("backend", _T.backend, config.BACKENDS, "Keras backend. tensorflow: "
                   "tf.distribute (TPUStrategy, Mirrored, CPU); jax: keras.distribution data "
-                  "parallelism over all local JAX devices (TPU runtimes without TensorFlow); "
+                  "parallelism over all JAX devices (TPU runtimes without TensorFlow; every "
+                  "process's with --coordinator_address); "
                   "auto: TensorFlow where its TPU strategy resolves or it sees a GPU, JAX on a "
                   "TPU or GPU only JAX can use, TensorFlow on CPU. The closing JSON says which "
                   "ran.")
+flags.DEFINE_string("coordinator_address", "", "JAX multi-process training (every process "
+                    "runs the same command): 'auto' lets JAX find the cluster (every worker of "
+                    "a Cloud TPU pod slice; SLURM, Open MPI); HOST:PORT with --num_processes "
+                    "and --process_id elsewhere (process 0 serves it). Empty: one process.")
+flags.DEFINE_integer("num_processes", 0, "With --coordinator_address=HOST:PORT: processes "
+                     "in the run.")
+flags.DEFINE_integer("process_id", -1, "With --coordinator_address=HOST:PORT: this process's "
+                     "index, 0..--num_processes-1.")
 flags.DEFINE_bool("memory_check", False, "Do not train: compile one replica's train step "
                   "for these flags on JAX (no data read) and print XLA's memory per replica "
                   "and whether it fits the HBM of --tpu_type.")
@@ -203,7 +215,7 @@ def train_config() -> TrainConfig:
     if FLAGS.epochs is not None and FLAGS.epochs <= 0:
         raise UserError(f"--epochs={FLAGS.epochs}: must be > 0")
     names = ("train_split", "val_split", "batch_size", "learning_rate", "momentum",
-             "weight_decay", "schedule", "warmup_steps", "lr_decay", "grad_accum_steps",
+             "weight_decay", "schedule", "warmup_steps", "lr_decay",
              "sampling", "batch_classes",
              "class_weighting", "not_clean_weight", "shuffle_buffer", "seed", "strategy", "tpu",
              "mixed_precision", "jit_compile", "backend", "steps_per_execution", "checkpoint_every",
@@ -211,10 +223,20 @@ def train_config() -> TrainConfig:
              "bn_momentum", "bn_statistics")
     return TrainConfig(
         data_dir=FLAGS.data_dir or "", workdir=FLAGS.workdir or "",
+        grad_accum_steps=_grad_accum_steps(FLAGS.grad_accum_steps),
         train_steps=FLAGS.train_steps or 0, epochs=FLAGS.epochs or 0.0,
         augment=[a.strip() for a in FLAGS.augment if a.strip()],
         **{n: getattr(FLAGS, n) for n in names},
     )
+
+
+def _grad_accum_steps(value: str) -> int:
+    """'auto' -> 0 (TrainConfig's auto), else a whole number >= 1."""
+    if value.strip().lower() == "auto":
+        return 0
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UserError(f"--grad_accum_steps={value}: expected a whole number >= 1 or auto")
+    return int(value)
 
 
 def main(argv: list[str]) -> dict:
@@ -224,12 +246,22 @@ def main(argv: list[str]) -> dict:
     if FLAGS.memory_check:
         return _memory_check()
     model_cfg, train_cfg = model_config(), train_config().validate()
+    from landmark_tf.training import processes
+
+    processes.check(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     # Keras (and TensorFlow) load only now: flag errors and --help are fast, and the backend
     # is chosen before Keras fixes it.
     from landmark_tf.training import backend
 
     train_cfg = dataclasses.replace(train_cfg, backend=backend.select(FLAGS.backend, FLAGS.tpu,
                                                                    FLAGS.strategy))
+    if FLAGS.coordinator_address:
+        if train_cfg.backend != "jax":
+            raise UserError(f"--coordinator_address joins JAX processes, but --backend="
+                            f"{FLAGS.backend} trains on {train_cfg.backend}: pass --backend=jax "
+                            "(TensorFlow's multi-worker training reads TF_CONFIG: "
+                            "--strategy=multi_worker)")
+        processes.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from landmark_tf.training import train
 
     return train.train(model_cfg, train_cfg, _retrieval_val())

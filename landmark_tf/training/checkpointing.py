@@ -8,6 +8,7 @@ tf.train.Checkpoint, and with Keras 3 variables it failed on the second save any
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -161,8 +162,24 @@ class CheckpointManager:
         parts = {p: getattr(self.models, p) for p in checkpoint.PARTS}
         # The data order is a function of (seed, step): the step is the data position.
         meta = {**self.meta, "data_position": {"step": int(step), "seed": self.meta.get("seed")}}
-        path = checkpoint.save(self.directory, step, parts, self.optimizer, self.seeds, meta,
-                               self.trainer.chief)
+        with _no_distribution():
+            path = checkpoint.save(self.directory, step, parts, self.optimizer, self.seeds,
+                                   meta, self.trainer.chief)
         checkpoint.prune(self.directory, self.keep, self.trainer.chief)
         self.latest = checkpoint.Found(path, "keras", int(step))
         return path
+
+
+@contextlib.contextmanager
+def _no_distribution():
+    """Keras's weights writer builds throwaway variables (saving_lib's attribute skip sets):
+    under a multi-process JAX distribution each would be a collective that only the writing
+    process enters, and it would wait for the others forever. Without one they stay local."""
+    import keras
+
+    current = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(current)

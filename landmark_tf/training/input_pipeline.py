@@ -1,27 +1,30 @@
 """TFRecord shards -> per-replica batches for `strategy.distribute_datasets_from_function`.
 
-Each host reads its own files (`InputContext.input_pipeline_id`), interleaved in parallel, and
-emits batches of the per-replica size with static shapes (`drop_remainder=True`):
+Every replica of the run reads its own stream of records (its own shards, interleaved in
+parallel: stream_files), and each host builds the streams of the replicas it feeds; batches
+have the per-replica size and static shapes (`drop_remainder=True`):
   {"image": uint8[b, S, S, 3], "label": int32[b], "weight": float32[b],
    "flip": bool[b]}   # images to mirror; the train step applies it (step_math.prepare_images)
 Images cross host -> device as uint8 (`infeed_dtype`), a quarter of float32's bytes (403 MB ->
 101 MB per step at 128 x 512^2); the resized pixels are rounded to integers on the host and the
 step casts them to float32 on the device. infeed_dtype="float32" keeps the unrounded floats.
 
-Data order is a pure function of (seed, step), which is how training resumes step-exactly:
-training is cut into epochs of `steps_per_epoch` steps; epoch e reads the host's files in an
-order shuffled with seed (seed, e), interleaving 16 at a time, permutes blocks of
-`shuffle_buffer` serialized records with seeds from (seed, e) (when resampling classes, the
-resampler's windows of that size are the shuffle, with a record's copies spread), and takes exactly
-steps_per_epoch * host_batch records (passing over the files again if resampling came up
-short). With `batch_classes` = K > 0 each window is then regrouped into runs of K records of
+Data order is a pure function of (seed, number of replicas, step), which is how training
+resumes step-exactly, and it does not depend on how the replicas are spread over hosts:
+training is cut into epochs of `steps_per_epoch` steps; in epoch e each stream reads its files
+in an order shuffled with seed (seed, stream, e), interleaving 16 at a time, permutes blocks of
+`shuffle_buffer` serialized records with seeds from (seed, stream, e) (when resampling
+classes, the resampler's windows of that size are the shuffle, with a record's copies spread),
+and takes exactly steps_per_epoch * per-replica batch records (passing over the files again if
+resampling came up short). Stream 0 is what a one-replica run reads. With `batch_classes` =
+K > 0 each window is then regrouped into runs of K records of
 one class in a random order (sampling.class_groups), so every per-replica batch of B = P * K
 examples is P classes x K images, for pair losses (n-pairs). Resuming at step s rebuilds
 epoch s // steps_per_epoch and skips the records of its first s % steps_per_epoch steps
 *before* parsing and decoding, so a resume costs reading, not decoding, at most one epoch of
-records. Augmentation draws are stateless functions of
-(seed, e, position in epoch) of each example, whatever the batch split. Batches never straddle
-epochs.
+records. Augmentation draws are stateless functions of (seed, stream, e, position in epoch) of
+each example. Batches never straddle epochs. Memory: each stream holds its own shuffle
+window, so a host feeding 8 replicas holds 8 windows of `shuffle_buffer` records.
 
 Evaluation reads the files in listed order without shuffling and pads with label -1 / weight 0
 examples up to a fixed number of steps, so every host runs the same number of steps.
@@ -144,23 +147,49 @@ def shuffle_blocks(ds: tf.data.Dataset, size: int, seed: tf.Tensor) -> tf.data.D
 _fold = augment.fold
 
 
-def _epoch_records(files: list[str], epoch_seed: tf.Tensor, spec: TrainInput) -> tf.data.Dataset:
-    """Endless serialized records for one epoch: passes over the files, each freshly shuffled."""
+def stream_files(files: tuple[str, ...], stream: int, streams: int) -> tuple[list[str], bool]:
+    """Replica stream `stream`'s shards, and whether it also keeps only every `streams`-th
+    record: with at least as many shards as streams each stream reads its own (every
+    streams-th file); with fewer, every stream reads all files in one shared order and keeps
+    its records by position, so the streams stay disjoint and together all records."""
+    if len(files) >= streams:
+        return list(files[stream::streams]), False
+    return list(files), True
+
+
+def replica_ids(ctx: tf.distribute.InputContext) -> range:
+    """The replicas this host feeds: a contiguous block of num_replicas / num_hosts."""
+    local = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+    return range(ctx.input_pipeline_id * local, (ctx.input_pipeline_id + 1) * local)
+
+
+def _stream_seed(base: tf.Tensor, stream: int) -> tf.Tensor:
+    # Stream 0 draws exactly what a one-replica run draws.
+    return base if stream == 0 else _fold(base, 0x57EA0000 + stream)
+
+
+def _epoch_records(files: list[str], order_seed: tf.Tensor, epoch_seed: tf.Tensor,
+                   spec: TrainInput, keep: tuple[int, int] | None) -> tf.data.Dataset:
+    """Endless serialized records for one epoch of one stream: passes over the files, each in
+    an order from `order_seed` and shuffled with `epoch_seed`; `keep` (stream, streams) takes
+    every streams-th record of the read order (stream_files)."""
     names = tf.constant(files)
     cycle = min(len(files), _MAX_CYCLE)
 
     def one_pass(p: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(names, seed=_fold(order_seed, p))
+        read = _read(order, cycle)
+        if keep is not None:
+            read = read.shard(keep[1], keep[0])
         s = _fold(epoch_seed, p)
-        order = tf.random.experimental.stateless_shuffle(names, seed=s)
         if spec.repeat_factors is None:
             if spec.batch_classes:  # class_groups shuffles its windows itself
-                recs = _read(order, cycle)
+                recs = read
             else:
-                return shuffle_blocks(_read(order, cycle), spec.shuffle_buffer, _fold(s, 2))
+                return shuffle_blocks(read, spec.shuffle_buffer, _fold(s, 2))
         else:
             # Resampling shuffles each window of shuffle_buffer records itself, spreading copies.
-            recs = sampling.resample(_read(order, cycle), spec.repeat_factors, _fold(s, 1),
-                                     spec.shuffle_buffer)
+            recs = sampling.resample(read, spec.repeat_factors, _fold(s, 1), spec.shuffle_buffer)
         if not spec.batch_classes:
             return recs
         # Every pass is whole groups of batch_classes records, and the epoch's take and the
@@ -172,12 +201,31 @@ def _epoch_records(files: list[str], epoch_seed: tf.Tensor, spec: TrainInput) ->
 
 
 def train_dataset(spec: TrainInput, ctx: tf.distribute.InputContext) -> tf.data.Dataset:
-    """This host's endless training batches, starting at global step `spec.start_step`."""
-    files = host_files(spec.files, ctx)
-    per_replica, host_batch = _host_batch(spec.global_batch_size, ctx)
+    """This host's endless per-replica training batches from global step `spec.start_step`.
+
+    Every replica r of the run reads its own stream (stream_files(files, r, replicas)), so the
+    data a replica sees depends on the number of replicas, never on how they are spread over
+    hosts: 1 host x 2 devices and 2 hosts x 1 device train on the same batches. The host
+    yields its replicas' batches in turn (replica_ids): step t's batch of its i-th replica is
+    element t * len(replica_ids) + i, the order tf.distribute hands batches to local replicas.
+    """
+    per_replica = ctx.get_per_replica_batch_size(spec.global_batch_size)
     check_batch_classes(per_replica, spec.batch_classes)
+    streams = [_replica_stream(spec, r, ctx.num_replicas_in_sync, per_replica)
+               for r in replica_ids(ctx)]
+    ds = streams[0] if len(streams) == 1 else tf.data.Dataset.choose_from_datasets(
+        streams, tf.data.Dataset.range(len(streams)).repeat())
+    return _finish(ds)
+
+
+def _replica_stream(spec: TrainInput, stream: int, streams: int,
+                    per_replica: int) -> tf.data.Dataset:
+    """Replica `stream`'s endless batches of `per_replica` examples."""
+    files, by_record = stream_files(spec.files, stream, streams)
+    keep = (stream, streams) if by_record else None
     start_epoch, start_offset = divmod(spec.start_step, spec.steps_per_epoch)
-    base = tf.constant([spec.seed, 0x5EED], tf.int64)
+    shared = tf.constant([spec.seed, 0x5EED], tf.int64)
+    base = _stream_seed(shared, stream)
     table = tf.constant(
         spec.class_weights if spec.class_weights is not None else [1.0], tf.float32
     )
@@ -185,8 +233,11 @@ def train_dataset(spec: TrainInput, ctx: tf.distribute.InputContext) -> tf.data.
     crop = "crop" in spec.augment
 
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
-        recs = _epoch_records(files, _fold(base, e), spec).take(spec.steps_per_epoch * host_batch)
-        skip = tf.where(e == start_epoch, start_offset * host_batch, 0)
+        # Streams that share files must read them in one order (stream_files).
+        order = _fold(shared if by_record else base, e)
+        recs = _epoch_records(files, order, _fold(base, e), spec, keep)
+        recs = recs.take(spec.steps_per_epoch * per_replica)
+        skip = tf.where(e == start_epoch, start_offset * per_replica, 0)
         epochs = tf.data.Dataset.from_tensors(e).repeat()
         return tf.data.Dataset.zip((epochs, recs.enumerate().skip(tf.cast(skip, tf.int64))))
 
@@ -196,8 +247,8 @@ def train_dataset(spec: TrainInput, ctx: tf.distribute.InputContext) -> tf.data.
         image, label, clean = augment.decode_example(serialized, spec.image_size, crop, crop_seed)
         if "color" not in spec.augment:  # else rounded once, after colour (finish_batch)
             image = to_infeed(image, spec.infeed_dtype)
-        # (epoch, index in epoch) names each example the same way after a resume, and on any
-        # split of the global batch over replicas and hosts.
+        # (stream, epoch, index in epoch) names each example the same way after a resume, and
+        # on any spread of the replicas over hosts.
         draws = augment.example_draws(augment.fold(_fold(base, e), index))
         if "flip" not in spec.augment:
             draws["flip"] = tf.zeros_like(draws["flip"])
@@ -218,7 +269,7 @@ def train_dataset(spec: TrainInput, ctx: tf.distribute.InputContext) -> tf.data.
     ds = ds.prefetch(spec.shuffle_buffer)
     ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(per_replica, drop_remainder=True)
-    return _finish(ds.map(finish_batch, num_parallel_calls=AUTOTUNE, deterministic=True))
+    return ds.map(finish_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 def eval_dataset(spec: EvalInput, ctx: tf.distribute.InputContext) -> tf.data.Dataset:

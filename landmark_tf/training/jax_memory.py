@@ -29,6 +29,9 @@ from landmark_tf.modeling import model
 from landmark_tf.training import distribute, jax_step, jax_trainer, train
 
 GIB = 1 << 30
+# Share of a device's memory a plan fills: the runtime keeps some for itself (infeed buffers,
+# fragmentation), which XLA's analysis of one program does not count.
+HEADROOM = 0.95
 # generation: (GiB of HBM per JAX device, TensorCores per device, whether "-N" counts cores)
 TPU_TYPES = {
     "v2": (8, 1, True), "v3": (16, 1, True), "v4": (32, 2, True), "v5p": (95, 2, True),
@@ -50,34 +53,127 @@ def parse_tpu_type(tpu_type: str) -> tuple[int, float]:
     return devices, float(gib)
 
 
-def check(model_cfg: ModelConfig, cfg: TrainConfig, tpu_type: str) -> dict[str, Any]:
-    """Compiles one replica's train step for `tpu_type`; returns sizes and the verdict."""
-    replicas, hbm_gib = parse_tpu_type(tpu_type)
-    micro = distribute.per_replica_batch(cfg.batch_size, replicas, cfg.grad_accum_steps)
-    per_step = micro * cfg.grad_accum_steps
-    policy = jax_trainer.precision_policy(cfg.mixed_precision, "tpu")
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        models = model.build_models(model_cfg.validate())
-        net = models.train_model
-        optimizer = train.make_optimizer(cfg, max(cfg.train_steps, 1),
-                                            net.trainable_variables, policy)
-        step = jax_step.make_train_step(net, optimizer, global_batch=cfg.batch_size,
-                                        accum_steps=cfg.grad_accum_steps)
+class StepCompiler:
+    """One replica's train step for (model_cfg, cfg), compiled without data at any
+    accumulation: `stats(accum)` -> XLA's CompiledMemoryStats. The models are built once."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, replicas: int):
+        self.cfg, self.replicas, self.size = cfg, replicas, model_cfg.image_size
+        self.policy = jax_trainer.precision_policy(cfg.mixed_precision, "tpu")
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(self.policy)
+        try:
+            models = model.build_models(model_cfg.validate())
+            self.net = models.train_model
+            self.optimizer = train.make_optimizer(cfg, max(cfg.train_steps, 1),
+                                                  self.net.trainable_variables, self.policy)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
         abstract = lambda vs: [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in vs]
-        state = (abstract(net.trainable_variables), abstract(net.non_trainable_variables),
-                 abstract(optimizer.variables))
-        size = model_cfg.image_size
-        batch = {"image": jax.ShapeDtypeStruct((per_step, size, size, 3), np.float32),
-                 "label": jax.ShapeDtypeStruct((per_step,), np.int32),
-                 "weight": jax.ShapeDtypeStruct((per_step,), np.float32),
-                 "flip": jax.ShapeDtypeStruct((per_step,), np.bool_)}
-        compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile()
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    return report(compiled.memory_analysis(), tpu_type, replicas, hbm_gib, micro,
-                  jax.devices()[0].platform, policy)
+        self.state = (abstract(self.net.trainable_variables),
+                      abstract(self.net.non_trainable_variables),
+                      abstract(self.optimizer.variables))
+
+    def micro(self, accum: int) -> int:
+        return distribute.per_replica_batch(self.cfg.batch_size, self.replicas, accum)
+
+    def stats(self, accum: int):
+        per_step = self.micro(accum) * accum
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(self.policy)
+        try:
+            step = jax_step.make_train_step(self.net, self.optimizer,
+                                            global_batch=self.cfg.batch_size, accum_steps=accum)
+            size = self.size
+            batch = {"image": jax.ShapeDtypeStruct((per_step, size, size, 3), np.float32),
+                     "label": jax.ShapeDtypeStruct((per_step,), np.int32),
+                     "weight": jax.ShapeDtypeStruct((per_step,), np.float32),
+                     "flip": jax.ShapeDtypeStruct((per_step,), np.bool_)}
+            compiled = jax.jit(step, donate_argnums=(0,)).lower(self.state, batch).compile()
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        return compiled.memory_analysis()
+
+
+def check(model_cfg: ModelConfig, cfg: TrainConfig, tpu_type: str) -> dict[str, Any]:
+    """Compiles one replica's train step for `tpu_type`; returns sizes and the verdict. With
+    cfg.grad_accum_steps 0 (auto) it first plans the accumulation (`plan`)."""
+    replicas, hbm_gib = parse_tpu_type(tpu_type)
+    compiler = StepCompiler(model_cfg, cfg, replicas)
+    platform = jax.devices()[0].platform
+    if cfg.grad_accum_steps == 0:
+        return plan(compiler, hbm_gib, tpu_type, platform)
+    return report(compiler.stats(cfg.grad_accum_steps), tpu_type, replicas, hbm_gib,
+                  compiler.micro(cfg.grad_accum_steps), platform, compiler.policy)
+
+
+def total_bytes(ma) -> int:
+    """What a replica holds during the step: arguments + outputs (less the donated aliases)
+    + temporaries + code."""
+    return (int(ma.argument_size_in_bytes) + int(ma.output_size_in_bytes)
+            - int(ma.alias_size_in_bytes) + int(ma.temp_size_in_bytes)
+            + int(ma.generated_code_size_in_bytes))
+
+
+def accumulations(per_replica: int, batch_classes: int = 0) -> list[int]:
+    """Accumulation counts that split a replica's batch into whole micro-batches (and whole
+    groups of batch_classes), fewest first."""
+    return [a for a in range(1, per_replica + 1) if per_replica % a == 0
+            and (not batch_classes or (per_replica // a) % batch_classes == 0)]
+
+
+def plan(compiler: StepCompiler, hbm_gib: float, where: str, platform: str) -> dict[str, Any]:
+    """The fewest micro-batches per step whose compiled step fits HEADROOM x `hbm_gib`,
+    keeping the global batch: compiles 1 accumulation, then (if that does not fit) the most,
+    reads the bytes per micro-batch image off the two, and verifies the predicted count,
+    stepping to more micro-batches until one fits. Returns report()'s dict with
+    "grad_accum_steps" and "plan" (the compiled candidates); "does not fit" when even one
+    image (or one group) per micro-batch does not."""
+    cfg = compiler.cfg
+    per_replica = distribute.per_replica_batch(cfg.batch_size, compiler.replicas, 1)
+    options = accumulations(per_replica, cfg.batch_classes)
+    if not options:
+        raise UserError(f"--batch_classes={cfg.batch_classes} does not divide the per-replica "
+                        f"batch {per_replica}")
+    budget = HEADROOM * hbm_gib * GIB
+    tried: dict[int, Any] = {}
+
+    def fits(accum: int) -> bool:
+        if accum not in tried:
+            tried[accum] = compiler.stats(accum)
+        return total_bytes(tried[accum]) <= budget
+
+    chosen = None
+    if fits(options[0]):
+        chosen = options[0]
+    elif len(options) > 1 and fits(options[-1]):
+        # total(m) ~ fixed + m * per_image over the micro-batch size m (temporaries scale with
+        # m; weights, optimizer slots and the step's images do not).
+        m_hi, m_lo = compiler.micro(options[0]), compiler.micro(options[-1])
+        t_hi, t_lo = total_bytes(tried[options[0]]), total_bytes(tried[options[-1]])
+        per_image = (t_hi - t_lo) / max(m_hi - m_lo, 1)
+        m_fit = m_lo + (budget - t_lo) / per_image if per_image > 0 else m_hi
+        start = next((i for i, a in enumerate(options) if compiler.micro(a) <= m_fit),
+                     len(options) - 1)
+        chosen = next(a for a in options[start:] if fits(a))
+    accum = chosen if chosen is not None else options[-1]
+    result = report(tried[accum], where, compiler.replicas, hbm_gib, compiler.micro(accum),
+                    platform, compiler.policy)
+    if chosen is None:
+        result["memory_check"] = "does not fit"
+    steps = ", ".join(f"{compiler.micro(a)} x {a}: {total_bytes(tried[a]) / GIB:.2f} GiB"
+                      for a in sorted(tried))
+    result["plan"] = {str(a): round(total_bytes(tried[a]) / GIB, 3) for a in sorted(tried)}
+    result["grad_accum_steps"] = accum
+    result["message"] = (
+        f"accumulation plan for {where} ({hbm_gib:g} GiB per replica, planned to "
+        f"{HEADROOM:.0%} of it): compiled (micro-batch x accumulation) {steps}; "
+        + (f"chose --grad_accum_steps={accum} ({compiler.micro(accum)} image(s) per replica "
+           f"and micro-step, global batch {cfg.batch_size} kept). " if chosen is not None else
+           f"nothing fits, even {compiler.micro(accum)} image(s) per micro-step: lower "
+           "--image_size, use --mixed_precision=bfloat16 or a larger device. ")
+        + result["message"])
+    return result
 
 
 def report(ma, tpu_type: str, replicas: int, hbm_gib: float, micro: int, platform: str,
@@ -85,9 +181,7 @@ def report(ma, tpu_type: str, replicas: int, hbm_gib: float, micro: int, platfor
     """The closing JSON of a memory check from XLA's CompiledMemoryStats."""
     sizes = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in
              ("argument", "output", "alias", "temp", "generated_code")}
-    total = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + \
-        sizes["generated_code"]
-    gib = total / GIB
+    gib = total_bytes(ma) / GIB
     exact = platform == "tpu"
     if gib <= hbm_gib:
         verdict = "fits"

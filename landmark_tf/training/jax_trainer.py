@@ -2,8 +2,10 @@
 without TensorFlow (Colab's since 2025, Kaggle's v5e-8, newer Cloud TPU generations) and
 JAX-only GPU hosts.
 
-Weights are replicated and the batch sharded over all local devices by
-`keras.distribution.DataParallel` (TPU cores, GPUs, CPU devices); the step is a jit-compiled
+Weights are replicated and the batch sharded over all devices by
+`keras.distribution.DataParallel` (TPU cores, GPUs, CPU devices), of every process when several
+train together (training/processes.py: each process feeds its own devices the streams of its
+replicas, and the global batch is assembled from process-local data); the step is a jit-compiled
 pure function of (state, batch) (jax_step) whose state lives as device arrays between steps and
 is written back into the Keras variables (`sync`) for checkpoints and validation. tf.data stays
 the host input pipeline; its batches reach the devices as NumPy.
@@ -16,6 +18,7 @@ while the device computes, without stacking n batches in device memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -53,7 +56,10 @@ class JaxTrainer:
         with contextlib.suppress(RuntimeError):
             tf.config.set_visible_devices([], "GPU")
         self.cfg = cfg
-        self.devices = jax.devices()
+        # Each process's devices are one contiguous block of the batch axis, in the order of
+        # input_pipeline.replica_ids, so process-local rows are its replicas' streams.
+        self.devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        self.local_replicas = jax.local_device_count()
         platform = self.devices[0].platform
         self.kind = platform if platform in ("tpu", "gpu") else "cpu"
         self.replicas = len(self.devices)
@@ -66,6 +72,29 @@ class JaxTrainer:
             jax.sharding.Mesh(np.array(self.devices), ("batch",)),
             jax.sharding.PartitionSpec("batch"))
         self._step = 0
+
+    def plan_accumulation(self, model_cfg: ModelConfig) -> TrainConfig:
+        """cfg with grad_accum_steps=auto (0) resolved on these devices (jax_memory.plan over
+        the device's memory; 1 on CPU, which has no fixed limit); prints the plan."""
+        if self.kind == "cpu":
+            print("--grad_accum_steps=auto: 1 on CPU (no device memory limit)", flush=True)
+            self.cfg = dataclasses.replace(self.cfg, grad_accum_steps=1)
+            return self.cfg
+        from landmark_tf.training import jax_memory
+
+        stats = self.devices[0].memory_stats() or {}
+        if not stats.get("bytes_limit"):
+            raise UserError(f"--grad_accum_steps=auto: {self.devices[0].device_kind} reports no "
+                            "memory limit; give --grad_accum_steps=N")
+        hbm_gib = stats["bytes_limit"] / jax_memory.GIB
+        result = jax_memory.plan(jax_memory.StepCompiler(model_cfg, self.cfg, self.replicas),
+                                 hbm_gib, f"{self.replicas} x {self.devices[0].device_kind}",
+                                 self.devices[0].platform)
+        print(result["message"], flush=True)
+        if result["memory_check"] == "does not fit":
+            raise UserError(result["message"])
+        self.cfg = dataclasses.replace(self.cfg, grad_accum_steps=result["grad_accum_steps"])
+        return self.cfg
 
     def check(self, model_cfg: ModelConfig) -> None:
         if model_cfg.neck == "dense_syncbn":
@@ -90,12 +119,19 @@ class JaxTrainer:
         return self._step
 
     def _input_context(self) -> tf.distribute.InputContext:
-        # One "replica" per host: each host's pipeline yields its whole share of the global
-        # batch, which to_device shards over its devices.
-        n = jax.process_count()
-        return tf.distribute.InputContext(num_input_pipelines=n,
+        return tf.distribute.InputContext(num_input_pipelines=self.hosts,
                                           input_pipeline_id=jax.process_index(),
-                                          num_replicas_in_sync=n)
+                                          num_replicas_in_sync=self.replicas)
+
+    def _host_batches(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """The host's per-replica batches (its replicas in turn) -> one host batch per step:
+        [local_replicas * b, ...], the rows of its devices in mesh order (to_device)."""
+        n = self.local_replicas
+        if n == 1:
+            return ds
+        merge = lambda b: {k: tf.reshape(v, [v.shape[0] * v.shape[1], *v.shape[2:]])
+                           for k, v in b.items()}
+        return ds.batch(n, drop_remainder=True).map(merge).prefetch(tf.data.AUTOTUNE)
 
     def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.data_sharding, v)
@@ -105,18 +141,26 @@ class JaxTrainer:
               replica_mean) -> None:
         # replica_mean is done inside the step: batch_stats' per-replica BatchNorm already
         # moves the one copy of the moving statistics by the replicas' mean.
-        del replica_mean, start_step
+        del replica_mean
+        if self.hosts > 1:
+            from jax.experimental import multihost_utils
+
+            # Each process found the latest checkpoint itself: a checkpoint written between
+            # their looks would start them at different steps.
+            multihost_utils.assert_equal(np.int64(start_step),
+                                         "processes restored different checkpoints")
         self.models, self.optimizer = models, optimizer
         net = models.train_model
         self.state = self._read_variables()
-        self._batches = input_pipeline.train_dataset(
-            train_input, self._input_context()).as_numpy_iterator()
+        self._batches = self._host_batches(input_pipeline.train_dataset(
+            train_input, self._input_context())).as_numpy_iterator()
         self._train_step = jax.jit(jax_step.make_train_step(
             net, optimizer, global_batch=self.cfg.batch_size,
             accum_steps=self.cfg.grad_accum_steps, replicas=self.replicas), donate_argnums=(0,))
         self._eval = None
         if eval_input is not None:
-            self._eval_dataset = input_pipeline.eval_dataset(eval_input, self._input_context())
+            self._eval_dataset = self._host_batches(
+                input_pipeline.eval_dataset(eval_input, self._input_context()))
             self._eval = jax.jit(jax_step.make_eval_step(models.eval_logits_model, net))
 
     def _read_variables(self):

@@ -243,9 +243,16 @@ class Run:
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, plan: DataPlan, strategy=None,
                  retrieval_val=None):
-        self.cfg, self.plan = cfg, plan
+        if cfg.grad_accum_steps == 0 and cfg.backend != "jax":
+            raise UserError("--grad_accum_steps=auto plans from XLA's memory analysis of the "
+                            "JAX step: use --backend=jax, or give a number (check one with "
+                            "--memory_check --tpu_type=...)")
+        self.plan = plan
         self.trainer = make_trainer(cfg, strategy)
         try:
+            if cfg.grad_accum_steps == 0:
+                cfg = self.trainer.plan_accumulation(model_cfg)
+            self.cfg = cfg
             self._build(model_cfg, retrieval_val)
         except BaseException:
             self.trainer.close()
@@ -256,6 +263,10 @@ class Run:
         self.micro = distribute.per_replica_batch(cfg.batch_size, t.replicas,
                                                   cfg.grad_accum_steps)
         t.check(model_cfg)
+        if retrieval_val is not None and t.backend == "jax" and t.hosts > 1:
+            raise UserError("--retrieval_queries under JAX runs in one process: the embedding "
+                            "pass does not gather over processes yet; validate with "
+                            "--val_split, or embed a checkpoint with landmark-embed --workdir")
         # Groups of batch_classes images must not straddle replicas or micro-batches.
         input_pipeline.check_batch_classes(self.micro, cfg.batch_classes)
         if model_cfg.npairs_weight > 0 and cfg.batch_classes == 0:
@@ -286,7 +297,8 @@ class Run:
         self.checkpoints = checkpointing.CheckpointManager(
             cfg.workdir, cfg.keep_checkpoints, t, self.models, self.optimizer, self.seeds,
             {"backend": t.backend, "seed": cfg.seed})
-        self.start_info = {"backend": t.backend, **self._restore_or_init(),
+        self.start_info = {"backend": t.backend, "grad_accum_steps": cfg.grad_accum_steps,
+                           **self._restore_or_init(),
                            **report_head_memory(model_cfg)}
         self.start_step = t.step
         replica_mean = (batch_stats.replica_mean_state(net, self.seeds)
