@@ -160,7 +160,7 @@ def test_train_flagfiles_reproduce_the_released_recipe(train_flags):
         assert v["backbone"] == f"efficientnet-{model}" and v["image_size"] == size, name
         assert v["data_dir"] == f"gs://YOUR_BUCKET/gldv2/tfrecords/{data}", name
         assert (v["class_weighting"], v["not_clean_weight"]) == (weighting, not_clean), name
-        assert v["grad_accum_steps"] == accum, name
+        assert v["grad_accum_steps"] == str(accum), name  # a string flag: N or auto
         assert v["batch_size"] // (8 * accum) == (8 if accum == 1 else 4), "images per v3 core"
         run = name.replace("_", "/", 1)
         assert v["workdir"] == f"gs://YOUR_BUCKET/glr2020/{run}", name

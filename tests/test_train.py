@@ -424,3 +424,10 @@ def test_out_of_memory_is_one_line_naming_the_step_size():
     # anything else passes through unchanged
     with pytest.raises(ValueError, match="other"), train._out_of_memory_is_a_user_error(cfg, 512):
         raise ValueError("other")
+
+
+def test_automatic_accumulation_is_refused_under_tensorflow(tmp_path):
+    cfg = TrainConfig(workdir=str(tmp_path), train_steps=1, grad_accum_steps=0,
+                      backend="tensorflow")
+    with pytest.raises(UserError, match="--grad_accum_steps=auto plans from XLA"):
+        train.Run(ModelConfig(num_classes=4), cfg, plan=None)

@@ -58,6 +58,7 @@ def test_bad_data_dir_is_a_one_line_error(tmp_path):
     ("--batch_classes=3", "--batch_classes=3: --batch_size=64 must be a multiple of it"),
     ("--process_id=1", "--num_processes and --process_id go with --coordinator_address"),
     ("--coordinator_address=localhost", "--coordinator_address=localhost: expected HOST:PORT"),
+    ("--grad_accum_steps=two", "--grad_accum_steps=two: expected a whole number >= 1 or auto"),
 ])
 def test_bad_flag_values_are_one_line_errors(tmp_path, flag, expected):
     proc = _run(f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'w'}", "--train_steps=5", flag)
