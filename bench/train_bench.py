@@ -24,11 +24,23 @@ numpy (no TensorFlow, no records), so a GPU host without TensorFlow measures e.g
 KERAS_BACKEND=jax subprocess on the same model, batch and weights-initialisation seed; prints
 both images/s and the ratio jax/tensorflow (the backend is fixed per process, so the two run one
 after the other, not interleaved).
+
+--parts trainer (with --backend tensorflow, jax or both): landmark-train's trainer of the
+process's backend (tf_trainer.TFTrainer / jax_trainer.JaxTrainer: `train(n)` as the training
+loop calls it, with its per-step host work, device transfer and metrics) fed one in-memory batch,
+vs a bare step of the same model and batch (TF: a tf.function; JAX: one jax.jit of forward,
+float32 cross-entropy, gradient and the same SGD update, the batch already on the device),
+alternating over --rounds. Target: trainer >= 0.9x bare. Also the number of compilations of the
+JAX trainer's step over the whole run (1 = no recompilation).
+--parts ops: where XLA:CPU loses to TensorFlow's oneDNN kernels. One process runs each of
+EfficientNet's convolution kinds (3x3 depthwise, 1x1 pointwise, 3x3 dense), forward + gradients,
+as a jax.jit and as a tf.function, on the same shapes, alternating; ratio jax/tensorflow per op.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -266,25 +278,249 @@ def bench_jax(args) -> dict:
     return out
 
 
+def _trainer_batch(args) -> dict[str, np.ndarray]:
+    """One global batch as the input pipeline delivers it (uint8 images, host-drawn flips)."""
+    rng = np.random.default_rng(0)
+    size = args.image_size
+    return {"image": rng.integers(0, 256, (args.batch, size, size, 3), dtype=np.uint8),
+            "label": (np.arange(args.batch) % args.classes).astype(np.int32),
+            "weight": np.ones(args.batch, np.float32),
+            "flip": rng.random(args.batch) < 0.5}
+
+
+def _alternate(contenders: dict, rounds: int) -> dict[str, list]:
+    """(wall, cpu) seconds per round for each contender (fn, repeats), order reversed every
+    other round; each contender runs twice first (tracing, compilation, warm-up)."""
+    for fn, _ in contenders.values():
+        fn()
+        fn()
+    seconds = {k: [] for k in contenders}
+    for r in range(rounds):
+        order = list(contenders.items())
+        for name, (fn, repeats) in order if r % 2 == 0 else order[::-1]:
+            seconds[name].append(_timed(fn, repeats))
+    return seconds
+
+
+def bench_trainer(args) -> dict:
+    """The backend's trainer (train(n) over an in-memory batch) vs a bare step, side by side."""
+    import keras
+
+    from landmark_tf.config import ModelConfig, TrainConfig
+    from landmark_tf.modeling import model
+
+    backend = keras.backend.backend()
+    model_cfg = ModelConfig(backbone=args.backbones.split(",")[0], image_size=args.image_size,
+                            embedding_dim=512, num_classes=args.classes)
+    train_cfg = TrainConfig(batch_size=args.batch, backend=backend, mixed_precision="float32",
+                            steps_per_execution=args.steps_per_execution)
+    batch = _trainer_batch(args)
+    if backend == "jax":
+        from landmark_tf.training import jax_trainer
+
+        class InMemory(jax_trainer.JaxTrainer):
+            def train_batches(self, train_input):
+                return iter(lambda: batch, None)
+    else:
+        import tensorflow as tf
+
+        from landmark_tf.training import tf_trainer
+
+        class InMemory(tf_trainer.TFTrainer):
+            def train_batches(self, train_input):
+                return self.strategy.distribute_datasets_from_function(
+                    lambda ctx: tf.data.Dataset.from_tensors(batch).repeat())
+    trainer = InMemory(train_cfg)
+    with trainer.placement():
+        models = model.build_models(model_cfg)
+        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        optimizer.build(models.train_model.trainable_variables)
+    trainer.start(models, optimizer, 0, None, None, [])
+    bare = (_bare_jax_step if backend == "jax" else _bare_tf_step)(models.train_model, batch)
+    n = args.steps_per_execution
+    executions = max(args.steps // n, 1)
+    contenders = {"bare": (functools.partial(bare, n), executions),
+                  "trainer": (lambda: trainer.train(n, lambda: False), executions)}
+    seconds = _alternate(contenders, args.rounds)
+    images = {k: executions * n * args.batch for k in contenders}
+    out = _summary(f"trainer_{backend}", images, seconds, pair=("trainer", "bare"))
+    if backend == "jax":
+        out["trainer_jax_step_compilations"] = trainer._train_step._cache_size()
+    trainer.close()
+    return out
+
+
+def _bare_tf_step(net, batch):
+    """run(n): n calls of a plain tf.function train step of `net` (own SGD); the last loss."""
+    import keras
+    import tensorflow as tf
+
+    variables = net.trainable_variables
+    opt = keras.optimizers.SGD(0.01, momentum=0.9)
+    opt.build(variables)
+    image, label = tf.cast(batch["image"], tf.float32), tf.constant(batch["label"])
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            logits = net({"image": image, "label": label}, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                label, tf.cast(logits, tf.float32)))
+        opt.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    def run(n: int) -> float:
+        for _ in range(n):
+            loss = step()
+        return float(loss)
+
+    return run
+
+
+def _bare_jax_step(net, batch):
+    """run(n): n steps of one jax.jit of forward, float32 cross-entropy, gradient and SGD
+    (Keras's, stateless) on a batch already on the device; reading the last loss waits for
+    them, as the trainer's train(n) does."""
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    opt = keras.optimizers.SGD(0.01, momentum=0.9)
+    opt.build(net.trainable_variables)
+    image = jax.device_put(batch["image"].astype(np.float32))
+    label = jax.device_put(batch["label"])
+
+    def loss_fn(trainable, non_trainable):
+        logits, non_trainable = net.stateless_call(
+            trainable, non_trainable, {"image": image, "label": label}, training=True)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        return -jnp.mean(jnp.take_along_axis(logp, label[:, None], axis=1)), non_trainable
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(state):
+        trainable, non_trainable, opt_vars = state
+        (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, non_trainable)
+        trainable, opt_vars = opt.stateless_apply(opt_vars, grads, trainable)
+        return (trainable, non_trainable, opt_vars), loss
+
+    # Copies: the step donates its state, and the trainer's holds the variables' own buffers.
+    state = [[jnp.array(v.value) for v in group] for group in
+             (net.trainable_variables, net.non_trainable_variables, opt.variables)]
+
+    def run(n: int) -> float:
+        for _ in range(n):
+            state[:], loss = step(tuple(state))
+        return float(loss)
+
+    return run
+
+
+def bench_ops(args) -> dict:
+    """EfficientNet's convolution kinds, forward + gradients, jax.jit vs tf.function."""
+    import jax
+    import tensorflow as tf
+
+    size, b = args.image_size // 2, args.batch  # the stem's stride: the first blocks' maps
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, size, size, 96)).astype(np.float32)
+    shapes = {"depthwise3x3": (3, 3, 1, 96), "pointwise1x1": (1, 1, 96, 24),
+              "dense3x3": (3, 3, 96, 96)}
+    out = {}
+    for op, wshape in shapes.items():
+        w = (rng.standard_normal(wshape) * 0.1).astype(np.float32)
+        groups = 96 if op == "depthwise3x3" else 1
+
+        def jax_loss(x, w, groups=groups):
+            y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", feature_group_count=groups,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return (y * y).sum()
+
+        jax_grad = jax.jit(jax.grad(jax_loss, argnums=(0, 1)))
+        jx, jw = jax.device_put(x), jax.device_put(w)
+        tx, tw = tf.constant(x), tf.constant(np.transpose(w, (0, 1, 3, 2)) if groups > 1 else w)
+
+        @tf.function
+        def tf_grad(x, w, depthwise=groups > 1):
+            with tf.GradientTape() as tape:
+                tape.watch([x, w])
+                y = (tf.nn.depthwise_conv2d(x, w, [1, 1, 1, 1], "SAME") if depthwise
+                     else tf.nn.conv2d(x, w, 1, "SAME"))
+                loss = tf.reduce_sum(y * y)
+            return tape.gradient(loss, [x, w])
+
+        contenders = {
+            "jax": (functools.partial(lambda f, *a: jax.block_until_ready(f(*a)),
+                                      jax_grad, jx, jw), args.steps),
+            "tensorflow": (functools.partial(lambda f, *a: [g.numpy() for g in f(*a)],
+                                             tf_grad, tx, tw), args.steps),
+        }
+        seconds = _alternate(contenders, args.rounds)
+        images = {k: args.steps * b for k in contenders}
+        out.update(_summary(f"ops_{op}", images, seconds, pair=("jax", "tensorflow")))
+    return out
+
+
 def bench_both(args) -> dict:
-    """TF step here, JAX step in a KERAS_BACKEND=jax subprocess; their ratio."""
-    result = bench_step(args)
-    argv = [sys.executable, os.path.abspath(__file__), "--backend", "jax",
-            "--backbones", args.backbones.split(",")[0], *_shared_args(args)]
-    proc = subprocess.run(argv, env={**os.environ, "KERAS_BACKEND": "jax"},
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-2000:])
-    jax_result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result.update({k: v for k, v in jax_result.items() if k.startswith("jax_")})
-    backbone = args.backbones.split(",")[0]
-    result["jax_over_tensorflow_wall"] = (
-        result[f"jax_{backbone}_images_per_second"] / result["step_ours_images_per_wall_second"])
+    """TF parts here, the JAX parts (step, trainer) in a KERAS_BACKEND=jax subprocess; with
+    "step", the ratio of the two steps."""
+    parts = args.parts.split(",")
+    result = run_parts(args, parts)
+    jax_parts = [p for p in parts if p in JAX_PARTS]
+    if jax_parts:
+        argv = [sys.executable, os.path.abspath(__file__), "--backend", "jax", "--parts",
+                ",".join(jax_parts), "--backbones", args.backbones.split(",")[0],
+                *_shared_args(args)]
+        proc = subprocess.run(argv, env={**os.environ, "KERAS_BACKEND": "jax"},
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-2000:])
+        jax_result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result.update({k: v for k, v in jax_result.items() if k.startswith(("jax_", "trainer_"))})
+    if "step" in parts:
+        backbone = args.backbones.split(",")[0]
+        result["jax_over_tensorflow_wall"] = (result[f"jax_{backbone}_images_per_second"]
+                                              / result["step_ours_images_per_wall_second"])
+    return result
+
+
+TF_PARTS = ("pipeline", "step", "infeed", "trainer", "ops")
+JAX_PARTS = ("step", "trainer")
+
+
+def run_parts(args, parts: list[str]) -> dict:
+    """The parts this process's backend measures (step under JAX is bench_jax's sweep)."""
+    allowed = JAX_PARTS if args.backend == "jax" else TF_PARTS
+    unknown = set(parts) - set(allowed)
+    if unknown:
+        raise SystemExit(f"--parts {sorted(unknown)}: --backend {args.backend} measures "
+                         f"{', '.join(allowed)}")
+    result = {}
+    if args.backend == "jax":
+        if "step" in parts:
+            result.update(bench_jax(args))
+        if "trainer" in parts:
+            result.update(bench_trainer(args))
+        return result
+    if {"pipeline", "infeed"} & set(parts):
+        with tempfile.TemporaryDirectory() as folder:
+            files = write_records(folder, args.records, shards=8, classes=args.classes)
+            if "pipeline" in parts:
+                result.update(bench_pipeline(args, files))
+            if "infeed" in parts:
+                result.update(bench_infeed(args, files))
+    if "step" in parts:
+        result.update(bench_step(args))
+    if "trainer" in parts:
+        result.update(bench_trainer(args))
+    if "ops" in parts:
+        result.update(bench_ops(args))
     return result
 
 
 def _shared_args(args) -> list[str]:
-    names = ("image_size", "batch", "steps", "classes", "rounds", "mixed_precision")
+    names = ("image_size", "batch", "steps", "steps_per_execution", "classes", "rounds",
+             "mixed_precision")
     return [x for n in names for x in (f"--{n}", str(getattr(args, n)))]
 
 
@@ -303,27 +539,19 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=1024)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--parts", default="pipeline,step", help="what to measure (tensorflow)")
+    parser.add_argument("--parts", default=None, help=f"comma list: tensorflow/both "
+                        f"{','.join(TF_PARTS)} (default pipeline,step); jax "
+                        f"{','.join(JAX_PARTS)} (default step)")
     args = parser.parse_args()
+    if args.parts is None:
+        args.parts = "step" if args.backend != "tensorflow" else "pipeline,step"
     os.environ["KERAS_BACKEND"] = "jax" if args.backend == "jax" else "tensorflow"
     import keras
 
     keras.utils.set_random_seed(0)
     result = {**vars(args), "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
-    if args.backend == "jax":
-        result.update(bench_jax(args))
-    elif args.backend == "both":
-        result.update(bench_both(args))
-    else:
-        with tempfile.TemporaryDirectory() as folder:
-            files = write_records(folder, args.records, shards=8, classes=args.classes)
-            parts = args.parts.split(",")
-            if "pipeline" in parts:
-                result.update(bench_pipeline(args, files))
-            if "step" in parts:
-                result.update(bench_step(args))
-            if "infeed" in parts:
-                result.update(bench_infeed(args, files))
+    parts = args.parts.split(",")
+    result.update(bench_both(args) if args.backend == "both" else run_parts(args, parts))
     print(json.dumps(result, sort_keys=True))
 
 

@@ -52,6 +52,8 @@ def test_jax_run_is_data_parallel_and_resumes_step_exactly(jax_runs):
     assert ref["backend"] == "jax" and ref["replicas"] == 2 and ref["device"] == "cpu"
     assert ref["step"] == 4 and np.isfinite(ref["loss"]) and ref["images_per_second"] > 0
     assert resumed["start_step"] == 2 and resumed["resumed_from"].endswith("ckpt-2")
+    # One compilation per run: a state typed unlike the step's outputs compiled it twice.
+    assert ref["train_step_compilations"] == resumed["train_step_compilations"] == 1
     assert sorted(os.listdir(out / "reference")) == [
         "checkpoints", "config.json", "logs", "summary.json"]
     with open(out / "reference" / "config.json") as f:

@@ -75,6 +75,7 @@ def test_tiny_model_learns_and_logs(reference):
     assert len(_scalars(workdir, "val", "accuracy")) == STEPS // EVERY  # once per epoch
     assert r["val_examples"] == 12 and 0.0 <= r["val_accuracy"] <= 1.0
     assert r["images_per_second"] > 0 and np.isfinite(r["loss"])
+    assert r["train_step_compilations"] == 1  # the step is traced once for every execution
     assert r["checkpoint"].endswith(f"ckpt-{STEPS}")
     names = sorted(os.listdir(workdir))
     assert names == ["checkpoints", "config.json", "logs", "summary.json"]

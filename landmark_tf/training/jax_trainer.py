@@ -11,15 +11,17 @@ is written back into the Keras variables (`sync`) for checkpoints and validation
 the host input pipeline; its batches reach the devices as NumPy.
 
 steps_per_execution is the number of steps between two returns to the loop (logs, progress):
-each step is its own jit call, dispatched asynchronously, so the host prepares the next batch
-while the device computes, without stacking n batches in device memory.
+each step is its own jit call, dispatched asynchronously, without stacking n batches in device
+memory. The next batch is put on the devices before the step that reads it is dispatched (flax's
+prefetch_to_device pattern): its host->device copy overlaps the running step.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import keras
@@ -30,6 +32,9 @@ from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.errors import UserError
 from landmark_tf.training import distribute, input_pipeline, jax_step
 from landmark_tf.training.embedder import JaxEmbedder
+
+# Batches on the devices at once (flax's prefetch_to_device size): the step's and the next.
+PREFETCH = 2
 
 
 def precision_policy(setting: str, kind: str) -> str:
@@ -68,9 +73,9 @@ class JaxTrainer:
         self.policy = precision_policy(cfg.mixed_precision, self.kind)
         self.jit = True
         self.steps_per_execution = cfg.steps_per_execution
-        self.data_sharding = jax.sharding.NamedSharding(
-            jax.sharding.Mesh(np.array(self.devices), ("batch",)),
-            jax.sharding.PartitionSpec("batch"))
+        mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
+        self.data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._step = 0
 
     def plan_accumulation(self, model_cfg: ModelConfig) -> TrainConfig:
@@ -137,6 +142,22 @@ class JaxTrainer:
         return {k: jax.make_array_from_process_local_data(self.data_sharding, v)
                 for k, v in batch.items()}
 
+    def train_batches(self, train_input) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of each global batch, as NumPy (input_pipeline's stream)."""
+        return self._host_batches(input_pipeline.train_dataset(
+            train_input, self._input_context())).as_numpy_iterator()
+
+    def _device_batches(self, host: Iterator) -> Iterator[dict[str, jax.Array]]:
+        """`host`'s batches on the devices, PREFETCH - 1 ahead of the one returned. Reading
+        ahead does not move the resume point: a checkpoint records the step, and the input
+        restarts from it."""
+        queue = collections.deque()
+        for batch in host:
+            queue.append(self.to_device(batch))
+            if len(queue) >= PREFETCH:
+                yield queue.popleft()
+        yield from queue
+
     def start(self, models, optimizer, start_step, train_input, eval_input,
               replica_mean) -> None:
         # replica_mean is done inside the step: batch_stats' per-replica BatchNorm already
@@ -152,8 +173,7 @@ class JaxTrainer:
         self.models, self.optimizer = models, optimizer
         net = models.train_model
         self.state = self._read_variables()
-        self._batches = self._host_batches(input_pipeline.train_dataset(
-            train_input, self._input_context())).as_numpy_iterator()
+        self._batches = self._device_batches(self.train_batches(train_input))
         self._train_step = jax.jit(jax_step.make_train_step(
             net, optimizer, global_batch=self.cfg.batch_size,
             accum_steps=self.cfg.grad_accum_steps, replicas=self.replicas), donate_argnums=(0,))
@@ -164,15 +184,18 @@ class JaxTrainer:
             self._eval = jax.jit(jax_step.make_eval_step(models.eval_logits_model, net))
 
     def _read_variables(self):
+        """The state, replicated on the step's mesh. The step's outputs are typed with that
+        mesh; state typed otherwise (Keras's own placement) would compile the step a second
+        time at the second call (minutes for a large backbone on a TPU)."""
         net = self.models.train_model
-        return ([v.value for v in net.trainable_variables],
-                [v.value for v in net.non_trainable_variables],
-                [v.value for v in self.optimizer.variables])
+        return jax.device_put(([v.value for v in net.trainable_variables],
+                               [v.value for v in net.non_trainable_variables],
+                               [v.value for v in self.optimizer.variables]), self.replicated)
 
     def train(self, n: int, should_stop: Callable[[], bool]) -> dict[str, float]:
         totals = None
         for _ in range(int(n)):
-            batch = self.to_device(next(self._batches))
+            batch = next(self._batches)
             # Buffers of the old state are donated: state and step change together, and a
             # signal only sets the flag that should_stop reads.
             self.state, metrics = self._train_step(self.state, batch)
@@ -182,6 +205,10 @@ class JaxTrainer:
             if should_stop():
                 break
         return {k: float(v) for k, v in totals.items()}
+
+    def compilations(self) -> int | None:
+        cache_size = getattr(self._train_step, "_cache_size", None)  # a private jit API
+        return cache_size() if cache_size else None
 
     def evaluate(self) -> dict[str, float] | None:
         if self._eval is None:

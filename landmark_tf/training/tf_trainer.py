@@ -63,7 +63,7 @@ class TFTrainer:
               replica_mean) -> None:
         self.models, self.optimizer = models, optimizer
         cfg = self.cfg
-        iterator = iter(input_pipeline.distribute(self.strategy, train_input))
+        iterator = iter(self.train_batches(train_input))
         replica_fn = tf_step.make_train_step(
             models, optimizer, global_batch=cfg.batch_size, replicas=self.replicas,
             accum_steps=cfg.grad_accum_steps,
@@ -79,6 +79,7 @@ class TFTrainer:
             return totals
 
         self._train = lambda n: run(iterator, tf.constant(n))
+        self._run = run
         self._evaluate = None
         if eval_input is not None:
             dataset = input_pipeline.distribute(self.strategy, eval_input)
@@ -86,9 +87,16 @@ class TFTrainer:
                 self.strategy, tf_step.make_eval_step(models), step_math.EVAL_KEYS)
             self._evaluate = lambda: eval_multi(iter(dataset), tf.constant(eval_input.num_steps))
 
+    def train_batches(self, train_input) -> tf.distribute.DistributedDataset:
+        """The replicas' training batches (input_pipeline's stream, each host its own)."""
+        return input_pipeline.distribute(self.strategy, train_input)
+
     def train(self, n: int, should_stop: Callable[[], bool]) -> dict[str, float]:
         del should_stop  # one compiled execution cannot stop midway
         return {k: float(v) for k, v in self._train(n).items()}
+
+    def compilations(self) -> int:
+        return self._run.experimental_get_tracing_count()
 
     def evaluate(self) -> dict[str, float] | None:
         if self._evaluate is None:

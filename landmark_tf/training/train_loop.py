@@ -201,6 +201,7 @@ class Loop:
             "backend": t.backend, "device": t.kind, "replicas": t.replicas,
             "bn_statistics": self.cfg.bn_statistics, "mixed_precision": t.policy,
             "jit_compile": t.jit, "steps_per_execution": t.steps_per_execution,
+            "train_step_compilations": t.compilations() if trained else None,
             **({"pair_anchors": self.pair_anchors() if trained else None}
                if self.report_pairs else {}),
             **self.val, **self.hooked, **run.start_info,

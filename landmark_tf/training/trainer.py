@@ -49,6 +49,10 @@ class BackendTrainer(Protocol):
         """Runs up to n steps (fewer when should_stop() turns true between steps, where the
         backend can stop there); returns step_math.TRAIN_KEYS summed over them."""
 
+    def compilations(self) -> int | None:
+        """How many times the train step was compiled (traced) so far: 1 in a healthy run,
+        more when an input's type changed between steps; None where the backend cannot say."""
+
     def evaluate(self) -> dict[str, float] | None:
         """step_math.EVAL_KEYS summed over the validation split; None without one."""
 
