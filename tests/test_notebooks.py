@@ -145,3 +145,28 @@ def test_notebook_calls_the_package_not_the_cli(name):
             stripped = line.strip()
             assert not (stripped.startswith("!") and "landmark-" in stripped), line
             assert "subprocess" not in stripped, line
+
+
+def _parameters(name: str) -> str:
+    return next(c.source for c in _read(name).cells
+                if "parameters" in c.metadata.get("tags", []))
+
+
+def test_train_notebook_runs_jax_with_automatic_accumulation_on_kaggle(monkeypatch):
+    """Kaggle's TPU image has no working tensorflow-tpu: the notebook picks JAX there (without
+    the TensorFlow TPU probe), and under JAX the global batch is split to fit the chip."""
+    monkeypatch.delenv("LANDMARK_NOTEBOOK_BACKEND", raising=False)
+    monkeypatch.delenv("LANDMARK_NOTEBOOK_LOCAL", raising=False)
+    source = _parameters("train_tpu.ipynb")
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    kaggle = {}
+    exec(source, kaggle)
+    assert kaggle["BACKEND"] == "jax" and kaggle["PACKAGE"].startswith("/kaggle/input/")
+    assert kaggle["BATCH_SIZE"] == 64 and not kaggle["LOCAL"]
+    monkeypatch.delenv("KAGGLE_KERNEL_RUN_TYPE")
+    colab = {}
+    exec(source, colab)
+    assert colab["BACKEND"] == "auto" and colab["PACKAGE"].startswith("/content/")
+    train_cell = next(c.source for c in _read("train_tpu.ipynb").cells
+                      if "train.train(model_cfg, train_cfg)" in c.source)
+    assert 'grad_accum_steps=0 if BACKEND == "jax" else 1' in train_cell
