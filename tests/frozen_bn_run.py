@@ -13,7 +13,10 @@ reuses the first's compilation (from JAX_COMPILATION_CACHE_DIR when the caller s
 Writes OUT/results.npz: per run the descriptors of fixed images ("<run>/embeddings") and every
 backbone BatchNorm variable ("<run>/<layer>/<gamma|beta|moving_mean|moving_variance>").
 
-  python tests/frozen_bn_run.py DATA_DIR OUT_DIR
+  python tests/frozen_bn_run.py DATA_DIR OUT_DIR [--stand_in]
+
+--stand_in builds a small conv/BatchNorm/Dropout backbone instead of EfficientNet-B0 (whose
+train step XLA:CPU takes minutes to compile): the same wrapper, trainer and checkpoints.
 """
 
 from __future__ import annotations
@@ -39,6 +42,22 @@ RUNS = {  # name: (backbone_mode, steps, learning rate); bn_momentum 0 throughou
     "frozen_lr": ("frozen_bn", 3, 0.5),
 }
 BN_VARIABLES = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+def stand_in_backbone(name: str, weights=None) -> keras.Model:
+    """[B, H, W, 3] 0..255 -> [B, H/4, W/4, 16]: stem conv + "stem_bn", two conv + BatchNorm
+    blocks, dropout between them; named like an EfficientNet so read_run finds it."""
+    del name, weights
+    x = keras.Input((None, None, 3))
+    y = keras.layers.Rescaling(1 / 255.0)(x)
+    for i, (filters, stride) in enumerate(((8, 2), (8, 1), (16, 2))):
+        y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
+                                name=f"conv{i}")(y)
+        y = keras.layers.BatchNormalization(name="stem_bn" if i == 0 else f"block{i}_bn")(y)
+        y = keras.layers.Activation("swish")(y)
+        if i == 1:
+            y = keras.layers.Dropout(0.3)(y)
+    return keras.Model(x, y, name="efficientnet_stand_in")
 
 
 def images() -> np.ndarray:
@@ -77,4 +96,6 @@ def read_run(workdir: str, name: str) -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
+    if "--stand_in" in sys.argv:
+        model.backbones.build_backbone = stand_in_backbone
     run(sys.argv[1], sys.argv[2])

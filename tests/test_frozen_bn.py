@@ -102,7 +102,7 @@ def _bn_names(results, run):
                    if k.startswith(prefix) and not k.endswith("embeddings")})
 
 
-def _check_runs(results):
+def _check_runs(results, min_layers: int = 40):
     start = results["start/embeddings"]
     np.testing.assert_allclose(np.linalg.norm(start, axis=1), 1.0, rtol=1e-4)  # not degenerate
     # Learning rate 0: frozen BN leaves every descriptor and statistic as it was ...
@@ -110,7 +110,7 @@ def _check_runs(results):
     # ... while training-mode BN moves its statistics and so the descriptors.
     assert np.abs(results["train_lr0/embeddings"] - start).max() > 1e-3
     layers = _bn_names(results, "start")
-    assert len(layers) > 40  # every BatchNorm of EfficientNet-B0
+    assert len(layers) > min_layers  # every BatchNorm of the backbone (B0: 49)
     moved = [la for la in layers if not np.array_equal(
         results[f"train_lr0/{la}/moving_mean"], results[f"start/{la}/moving_mean"])]
     assert len(moved) == len(layers)
@@ -150,9 +150,7 @@ def test_frozen_bn_runs_tensorflow(data, tmp_path):
         assert json.load(f)["model"]["backbone_mode"] == "frozen_bn"
 
 
-@pytest.mark.slow  # ~5 min of XLA:CPU compilation of EfficientNet-B0; make test-slow runs it
-def test_frozen_bn_runs_jax(data, tmp_path):
-    pytest.importorskip("jax")
+def _run_jax(data, tmp_path, *extra):
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2",
            "CUDA_VISIBLE_DEVICES": "", "JAX_PLATFORMS": "cpu",
            # train_lr0 compiles start's step again: let it reuse that compilation.
@@ -160,10 +158,23 @@ def test_frozen_bn_runs_jax(data, tmp_path):
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "frozen_bn_run.py"), data,
-                           str(tmp_path)], env=env, capture_output=True, text=True,
+                           str(tmp_path), *extra], env=env, capture_output=True, text=True,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(tmp_path / "results.npz") as f:
-        results = {k: f[k] for k in f.files}
-    _check_runs(results)
-    assert os.path.exists(tmp_path / "frozen_lr0" / "checkpoints" / "ckpt-5.npz")
+        return {k: f[k] for k in f.files}
+
+
+def test_frozen_bn_runs_jax_on_a_stand_in_backbone(data, tmp_path):
+    """The JAX trainer's stateless step keeps the wrapper's inference mode (a small backbone
+    with BatchNorm and Dropout: B0's compilation is the slow variant below)."""
+    pytest.importorskip("jax")
+    _check_runs(_run_jax(data, tmp_path, "--stand_in"), min_layers=2)
+    assert os.path.isfile(tmp_path / "frozen_lr0" / "checkpoints" / "ckpt-5" / "state.json")
+
+
+@pytest.mark.slow  # ~5 min of XLA:CPU compilation of EfficientNet-B0; make test-slow runs it
+def test_frozen_bn_runs_jax(data, tmp_path):
+    pytest.importorskip("jax")
+    _check_runs(_run_jax(data, tmp_path))
+    assert os.path.isfile(tmp_path / "frozen_lr0" / "checkpoints" / "ckpt-5" / "state.json")
