@@ -25,4 +25,12 @@ for name, budget in (("all", sizes[1] * 1.01), ("between_2_and_4", (sizes[2] + s
     r = jax_memory.plan(jax_memory.StepCompiler(model_cfg, cfg, 1), hbm_gib, "test", "cpu")
     out["plans"][name] = {k: r[k] for k in ("grad_accum_steps", "memory_check", "plan",
                                             "message")}
+# Several TPU types: equal per-replica steps (v5e-1 and v6e-1: 16 images) compile once.
+compiled = []
+original = jax_memory.StepCompiler._compile
+jax_memory.StepCompiler._compile = lambda self, *key: compiled.append(key) or original(self, *key)
+many = jax_memory.check_each(model_cfg, cfg, ["v5e-1", "v6e-1", "v5e-2"])
+out["check_each"] = {"compiled": compiled, "memory_check": many["memory_check"],
+                     "by_tpu_type": {t: {k: r[k] for k in ("grad_accum_steps", "replicas")}
+                                     for t, r in many["by_tpu_type"].items()}}
 print(json.dumps(out))

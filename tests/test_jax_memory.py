@@ -73,3 +73,14 @@ def test_plan_takes_the_fewest_micro_batches_that_fit():
     assert len(mid["plan"]) <= 4 and "chose --grad_accum_steps=4" in mid["message"]
     assert plans["none"]["memory_check"] == "does not fit"
     assert "nothing fits" in plans["none"]["message"]
+    many = r["check_each"]  # v5e-1, v6e-1 (16 images per replica), v5e-2 (8)
+    assert sorted(map(tuple, many["compiled"])) == [(8, 1), (16, 1)]
+    assert many["memory_check"] == "fits"
+    assert many["by_tpu_type"]["v6e-1"] == {"grad_accum_steps": 1, "replicas": 1}
+    assert many["by_tpu_type"]["v5e-2"]["replicas"] == 2
+
+
+def test_an_empty_tpu_type_list_is_a_user_error():
+    with pytest.raises(UserError, match="--tpu_type: name at least one"):
+        jax_memory.check_each(None, None, [])
+

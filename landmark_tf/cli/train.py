@@ -128,8 +128,9 @@ flags.DEFINE_integer("process_id", -1, "With --coordinator_address=HOST:PORT: th
 flags.DEFINE_bool("memory_check", False, "Do not train: compile one replica's train step "
                   "for these flags on JAX (no data read) and print XLA's memory per replica "
                   "and whether it fits the HBM of --tpu_type.")
-flags.DEFINE_string("tpu_type", "v3-8", "With --memory_check: the TPU to check against "
-                    "(v2-8, v3-8, v4-8, v5e-8, v5p-8, v6e-8, ...): replicas and HBM each.")
+flags.DEFINE_list("tpu_type", ["v3-8"], "With --memory_check: the TPU(s) to check against "
+                  "(v2-8, v3-8, v4-8, v5e-1, v5e-8, v5p-8, v6e-8, ...: replicas and HBM each); "
+                  "a comma list checks each, compiling each distinct per-replica step once.")
 flags.DEFINE_integer("num_classes", 0, "With --memory_check: classes of the head; 0 reads "
                      "them from --data_dir's dataset_info.json (GLDv2 full: 203094).")
 # Stages.
@@ -295,9 +296,7 @@ def _memory_check() -> dict:
     train_cfg = dataclasses.replace(train_config(), backend="jax")
     from landmark_tf.training import jax_memory
 
-    result = jax_memory.check(model_cfg, train_cfg, FLAGS.tpu_type)
-    print(result["message"], flush=True)
-    return result
+    return jax_memory.check_each(model_cfg, train_cfg, FLAGS.tpu_type)
 
 
 def run() -> None:

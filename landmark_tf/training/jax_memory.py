@@ -55,10 +55,17 @@ def parse_tpu_type(tpu_type: str) -> tuple[int, float]:
 
 class StepCompiler:
     """One replica's train step for (model_cfg, cfg), compiled without data at any
-    accumulation: `stats(accum)` -> XLA's CompiledMemoryStats. The models are built once."""
+    accumulation: `stats(accum)` -> XLA's CompiledMemoryStats. The models are built once.
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, replicas: int):
+    cache: {(images per replica and step, accumulation): stats}, shared between compilers of
+    the same flags for other replica counts: the step a replica compiles depends only on those
+    two numbers, so TPU types with the same per-replica batch reuse each other's compilations.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, replicas: int,
+                 cache: dict | None = None):
         self.cfg, self.replicas, self.size = cfg, replicas, model_cfg.image_size
+        self.cache = {} if cache is None else cache
         self.policy = jax_trainer.precision_policy(cfg.mixed_precision, "tpu")
         previous = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(self.policy)
@@ -79,6 +86,11 @@ class StepCompiler:
 
     def stats(self, accum: int):
         per_step = self.micro(accum) * accum
+        if (per_step, accum) not in self.cache:
+            self.cache[per_step, accum] = self._compile(per_step, accum)
+        return self.cache[per_step, accum]
+
+    def _compile(self, per_step: int, accum: int):
         previous = keras.mixed_precision.global_policy()
         keras.mixed_precision.set_global_policy(self.policy)
         try:
@@ -95,11 +107,33 @@ class StepCompiler:
         return compiled.memory_analysis()
 
 
-def check(model_cfg: ModelConfig, cfg: TrainConfig, tpu_type: str) -> dict[str, Any]:
+def check_each(model_cfg: ModelConfig, cfg: TrainConfig,
+               tpu_types: list[str]) -> dict[str, Any]:
+    """`check` for each TPU type, sharing the compilations of equal per-replica steps; prints
+    each type's message as it is done. One type: its `check` dict; several: {"memory_check":
+    the worst verdict, "by_tpu_type": {type: its dict}}."""
+    if not tpu_types:
+        raise UserError("--tpu_type: name at least one TPU type, e.g. v5e-1")
+    for tpu_type in tpu_types:
+        parse_tpu_type(tpu_type)  # every name checked before the first compilation
+    cache, results = {}, {}
+    for tpu_type in tpu_types:
+        results[tpu_type] = check(model_cfg, cfg, tpu_type, cache)
+        print(results[tpu_type]["message"], flush=True)
+    if len(tpu_types) == 1:
+        return results[tpu_types[0]]
+    order = ("fits", "may not fit", "does not fit")
+    worst = max((r["memory_check"] for r in results.values()), key=order.index)
+    return {"memory_check": worst, "by_tpu_type": results}
+
+
+def check(model_cfg: ModelConfig, cfg: TrainConfig, tpu_type: str,
+          cache: dict | None = None) -> dict[str, Any]:
     """Compiles one replica's train step for `tpu_type`; returns sizes and the verdict. With
-    cfg.grad_accum_steps 0 (auto) it first plans the accumulation (`plan`)."""
+    cfg.grad_accum_steps 0 (auto) it first plans the accumulation (`plan`). cache: see
+    StepCompiler."""
     replicas, hbm_gib = parse_tpu_type(tpu_type)
-    compiler = StepCompiler(model_cfg, cfg, replicas)
+    compiler = StepCompiler(model_cfg, cfg, replicas, cache)
     platform = jax.devices()[0].platform
     if cfg.grad_accum_steps == 0:
         return plan(compiler, hbm_gib, tpu_type, platform)
