@@ -1,0 +1,215 @@
+"""Graph re-rankers: EGT against hand-checked traversals and a line-by-line transcription of the
+authors' Java `prim`; diffusion against hand-built graphs and a dense solve; the k-NN graph
+cache (built once, keyed by vectors and k, mutual edges by definition)."""
+
+import heapq
+import itertools
+import os
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from landmark_tf.errors import UserError
+from landmark_tf.retrieval import diffusion, egt, knn, knn_graph
+
+INF = np.inf
+
+
+def _prim_reference(qids, qsims, gids, gsims, p, t):
+    """EGTImpl.prim (layer6ai-labs/EGT) transcribed: heap of (score, push order), E = best edge
+    seen per node, S = visited; the query is node -1 and never a neighbour."""
+    heap, order, out = [], itertools.count(), []
+    best, seen, frontier = {}, {-1}, [-1]
+    nbrs = lambda v: zip(qids, qsims) if v == -1 else zip(gids[v], gsims[v])  # noqa: E731
+    while len(out) < p and (heap or frontier):
+        for v in frontier:
+            for u, w in nbrs(v):
+                if u >= 0 and u not in seen and best.get(u, -INF) < w:
+                    heapq.heappush(heap, (-w, next(order), u))
+                    best[u] = w
+        frontier = []
+        if not heap:
+            break
+        while True:
+            _, _, u = heapq.heappop(heap)
+            if u not in out:
+                out.append(u)
+            if u not in seen:
+                frontier.append(u)
+            seen.add(u)
+            if not (len(out) < p and heap and -heap[0][0] > t):
+                break
+    return out
+
+
+def _graph(n, k, seed):
+    x = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    ids = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return x, ids, np.take_along_axis(sims, ids, axis=1)
+
+
+def test_egt_prim_order_on_a_hand_checked_graph():
+    # Index rows 0..3; the query sees 0 (0.9) and 3 (0.2); 0 -> 1 (0.8), 1 -> 2 (0.7).
+    gids = np.array([[0, 1], [1, 2], [2, 1], [3, 0]])
+    gsims = np.array([[1, 0.8], [1, 0.7], [1, 0.7], [1, 0.1]], np.float32)
+    q_ids, q_sims = np.array([[0, 3]]), np.array([[0.9, 0.2]], np.float32)
+    out = egt.traverse(q_ids, q_sims, gids, gsims, p=4, threshold=INF)
+    np.testing.assert_array_equal(out, [[0, 1, 2, 3]])  # plain kNN order would be 0, 3
+    # t = 0.5 exploits in the first round: 0 and 3 are both popped before 1 and 2 are seen...
+    out = egt.traverse(q_ids, q_sims, gids, gsims, p=4, threshold=0.1)
+    np.testing.assert_array_equal(out, [[0, 3, 1, 2]])
+    # ...and a short list stops at p; an unreachable row is never listed (padding -1).
+    out = egt.traverse(q_ids[:, :1], q_sims[:, :1], gids, gsims, p=4, threshold=INF)
+    np.testing.assert_array_equal(out, [[0, 1, 2, -1]])
+
+
+@pytest.mark.parametrize("t", [INF, 0.6, 0.2, -1.0])
+def test_egt_matches_the_transcribed_java_traversal(t):
+    x, gids, gsims = _graph(60, 6, seed=1)
+    q = np.random.default_rng(2).normal(size=(9, 8)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    qs = q @ x.T
+    qids = np.argsort(-qs, axis=1)[:, :6]
+    qsims = np.take_along_axis(qs, qids, axis=1)
+    out = egt.traverse(qids, qsims, gids, gsims, p=25, threshold=t)
+    for i in range(len(q)):
+        ref = _prim_reference(qids[i], qsims[i], gids, gsims, 25, t)
+        got = out[i][out[i] >= 0].tolist()
+        assert got == ref, (i, got, ref)
+
+
+def test_egt_batches_give_the_same_lists(monkeypatch):
+    x, gids, gsims = _graph(50, 5, seed=3)
+    qids, qsims = gids[:12, 1:], gsims[:12, 1:]
+    whole = egt.traverse(qids, qsims, gids, gsims, p=20)
+    monkeypatch.setattr(egt, "_TAKEN_BYTES", 50 * 5)  # five queries per batch
+    np.testing.assert_array_equal(egt.traverse(qids, qsims, gids, gsims, p=20), whole)
+
+
+def _mutual(ids, sims):
+    n = len(ids)
+    rows, cols, vals = [], [], []
+    for i in range(n):
+        for j, s in zip(ids[i], sims[i]):
+            if j != i and i in ids[j]:
+                rows.append(i), cols.append(j), vals.append(s)
+    a = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
+    return knn_graph.MutualGraph(a.indptr.astype(np.int64), a.indices.astype(np.int32),
+                                 a.data.astype(np.float32))
+
+
+def test_subgraph_is_normalised_on_the_shortlist_only():
+    # Path 0 - 1 - 2 (weights 0.5, 0.8) plus 2 - 3; the shortlist [2, 1, 0] drops row 3.
+    a = sp.csr_matrix(np.array([[0, .5, 0, 0], [.5, 0, .8, 0], [0, .8, 0, .9], [0, 0, .9, 0]]))
+    g = knn_graph.MutualGraph(a.indptr.astype(np.int64), a.indices.astype(np.int32),
+                              a.data.astype(np.float32))
+    s = diffusion.subgraph(g, np.array([[2, 1, 0]]), gamma=1.0).toarray()
+    d = np.array([0.8, 1.3, 0.5])  # degrees inside the sub-graph, slots (2, 1, 0)
+    w = np.array([[0, .8, 0], [.8, 0, .5], [0, .5, 0]])
+    np.testing.assert_allclose(s, w / np.sqrt(np.outer(d, d)), rtol=1e-6)
+
+
+def test_diffusion_untruncated_equals_the_dense_solve_and_ranks_by_it():
+    x, ids, sims = _graph(40, 8, seed=4)
+    g = _mutual(ids, sims)
+    q = np.random.default_rng(5).normal(size=(3, 8)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    qs = q @ x.T
+    short = np.argsort(-qs, axis=1)
+    ssims = np.take_along_axis(qs, short, axis=1)
+    out = diffusion.diffuse(g, short, ssims, kq=4, gamma=3.0, alpha=0.9, iterations=500,
+                            tol=1e-12)  # fmt: skip
+    a = sp.csr_matrix((np.maximum(g.sims, 0) ** 3, g.indices, g.indptr)).toarray()
+    deg = a.sum(axis=1)
+    inv = np.where(deg > 0, 1 / np.sqrt(np.where(deg > 0, deg, 1)), 0)
+    lap = np.eye(40) - 0.9 * inv[:, None] * a * inv[None, :]
+    for i in range(3):
+        y = np.zeros(40)
+        top = short[i, :4]
+        y[top] = np.maximum(qs[i, top], 0) ** 3
+        f = np.linalg.solve(lap, y)
+        reached = f > 1e-9
+        ranked = out[i][: reached.sum()]
+        assert set(ranked) == set(np.flatnonzero(reached))
+        assert np.all(np.diff(f[ranked]) <= 1e-9)  # descending f
+        assert set(out[i][reached.sum():]) == set(np.flatnonzero(~reached))
+
+
+def test_batched_cg_equals_one_cg_per_block():
+    rng = np.random.default_rng(6)
+    mats = []
+    for _ in range(3):
+        m = rng.random((5, 5))
+        mats.append(m @ m.T + 5 * np.eye(5))
+    y = rng.random(15)
+    big = sp.block_diag(mats).tocsr()
+    x = diffusion.batched_cg(lambda v: big @ v, y, 3, iterations=3, tol=1e-12)
+    for b, m in enumerate(mats):
+        ref, _ = spla.cg(m, y[5 * b : 5 * b + 5], rtol=1e-12, maxiter=3)
+        np.testing.assert_allclose(x[5 * b : 5 * b + 5], ref, rtol=1e-8)
+
+
+def test_diffusion_joins_a_manifold_that_similarity_ranks_late():
+    # A chain of index rows bending away from the query: rows far along it are less similar to
+    # the query than a distractor, but connected to its best match; diffusion ranks them first.
+    angles = np.linspace(0, 1.4, 8)
+    chain = np.stack([np.cos(angles), np.sin(angles), np.zeros(8)], 1)
+    distractor = np.array([[np.cos(0.9), 0, np.sin(0.9)]])
+    x = np.concatenate([chain, distractor]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    ids = np.argsort(-sims, axis=1)[:, :3]
+    g = _mutual(ids, np.take_along_axis(sims, ids, axis=1))
+    q = np.array([[1.0, 0, 0]], np.float32)
+    qs = q @ x.T
+    short = np.argsort(-qs, axis=1)
+    assert np.flatnonzero(short[0] == 8)[0] < np.flatnonzero(short[0] == 7)[0]
+    out = diffusion.diffuse(g, short, np.take_along_axis(qs, short, 1), kq=1, gamma=1.0)
+    assert np.flatnonzero(out[0] == 8)[0] > np.flatnonzero(out[0] == 7)[0]
+
+
+def test_knn_graph_is_cached_by_vectors_and_k(tmp_path, monkeypatch):
+    x, ids, sims = _graph(30, 30, seed=7)
+    searcher = knn.Searcher(x)
+    g = knn_graph.knn_graph(searcher, 5, str(tmp_path))
+    assert not g.reused
+    np.testing.assert_array_equal(g.ids, ids[:, :5])
+    np.testing.assert_allclose(g.sims, sims[:, :5], rtol=1e-5)
+    built = []
+    real = knn_graph._build
+    monkeypatch.setattr(knn_graph, "_build", lambda *a: (built.append(a), real(*a)))
+    assert knn_graph.knn_graph(knn.Searcher(x), 5, str(tmp_path)).reused
+    assert not built
+    knn_graph.knn_graph(searcher, 6, str(tmp_path))  # another k
+    y = x.copy()
+    y[0] = -y[0]
+    knn_graph.knn_graph(knn.Searcher(y), 5, str(tmp_path))  # another index
+    assert len(built) == 2
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_mutual_graph_keeps_reciprocal_edges_without_the_diagonal(tmp_path, monkeypatch):
+    x, ids, sims = _graph(45, 45, seed=8)
+    monkeypatch.setattr(knn_graph, "_ROW_BUDGET", 7 * 6)  # several row chunks
+    g = knn_graph.mutual_graph(knn_graph.knn_graph(knn.Searcher(x), 6, str(tmp_path)))
+    ref = _mutual(ids[:, :6], sims[:, :6])
+    got = sp.csr_matrix((g.sims, g.indices, g.indptr), shape=(45, 45)).toarray()
+    want = sp.csr_matrix((ref.sims, ref.indices, ref.indptr), shape=(45, 45)).toarray()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert np.count_nonzero(want) > 0 and np.allclose(got, got.T, atol=1e-5)
+
+
+def test_bad_graph_parameters_are_one_line_user_errors(tmp_path):
+    with pytest.raises(UserError, match="diffusion_alpha"):
+        diffusion.check_params(50, 10, 1000, 3.0, 1.0, 20)
+    with pytest.raises(UserError, match="diffusion_truncation"):
+        diffusion.check_params(50, 10, 5, 3.0, 0.99, 20)
+    with pytest.raises(UserError, match="egt_k"):
+        egt.check_params(0, 100)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        knn_graph.knn_graph(knn.Searcher(np.eye(3, dtype=np.float32)), 2, str(tmp_path / "f"))
