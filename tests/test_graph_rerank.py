@@ -5,6 +5,8 @@ cache (built once, keyed by vectors and k, mutual edges by definition)."""
 import heapq
 import itertools
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,8 @@ import scipy.sparse.linalg as spla
 
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import diffusion, egt, knn, knn_graph
+from landmark_tf.retrieval.embeddings import save_embeddings
+from landmark_tf.retrieval.evaluation import EvalConfig, evaluate
 
 INF = np.inf
 
@@ -22,7 +26,10 @@ def _prim_reference(qids, qsims, gids, gsims, p, t):
     seen per node, S = visited; the query is node -1 and never a neighbour."""
     heap, order, out = [], itertools.count(), []
     best, seen, frontier = {}, {-1}, [-1]
-    nbrs = lambda v: zip(qids, qsims) if v == -1 else zip(gids[v], gsims[v])  # noqa: E731
+
+    def nbrs(v):
+        return zip(*((qids, qsims) if v == -1 else (gids[v], gsims[v])), strict=True)
+
     while len(out) < p and (heap or frontier):
         for v in frontier:
             for u, w in nbrs(v):
@@ -94,22 +101,26 @@ def _mutual(ids, sims):
     n = len(ids)
     rows, cols, vals = [], [], []
     for i in range(n):
-        for j, s in zip(ids[i], sims[i]):
+        for j, s in zip(ids[i], sims[i], strict=True):
             if j != i and i in ids[j]:
                 rows.append(i), cols.append(j), vals.append(s)
     a = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
-    return knn_graph.MutualGraph(a.indptr.astype(np.int64), a.indices.astype(np.int32),
-                                 a.data.astype(np.float32))
+    return knn_graph.MutualGraph(
+        a.indptr.astype(np.int64), a.indices.astype(np.int32), a.data.astype(np.float32)
+    )
 
 
 def test_subgraph_is_normalised_on_the_shortlist_only():
     # Path 0 - 1 - 2 (weights 0.5, 0.8) plus 2 - 3; the shortlist [2, 1, 0] drops row 3.
-    a = sp.csr_matrix(np.array([[0, .5, 0, 0], [.5, 0, .8, 0], [0, .8, 0, .9], [0, 0, .9, 0]]))
-    g = knn_graph.MutualGraph(a.indptr.astype(np.int64), a.indices.astype(np.int32),
-                              a.data.astype(np.float32))
+    a = sp.csr_matrix(
+        np.array([[0, 0.5, 0, 0], [0.5, 0, 0.8, 0], [0, 0.8, 0, 0.9], [0, 0, 0.9, 0]])
+    )
+    g = knn_graph.MutualGraph(
+        a.indptr.astype(np.int64), a.indices.astype(np.int32), a.data.astype(np.float32)
+    )
     s = diffusion.subgraph(g, np.array([[2, 1, 0]]), gamma=1.0).toarray()
     d = np.array([0.8, 1.3, 0.5])  # degrees inside the sub-graph, slots (2, 1, 0)
-    w = np.array([[0, .8, 0], [.8, 0, .5], [0, .5, 0]])
+    w = np.array([[0, 0.8, 0], [0.8, 0, 0.5], [0, 0.5, 0]])
     np.testing.assert_allclose(s, w / np.sqrt(np.outer(d, d)), rtol=1e-6)
 
 
@@ -136,7 +147,7 @@ def test_diffusion_untruncated_equals_the_dense_solve_and_ranks_by_it():
         ranked = out[i][: reached.sum()]
         assert set(ranked) == set(np.flatnonzero(reached))
         assert np.all(np.diff(f[ranked]) <= 1e-9)  # descending f
-        assert set(out[i][reached.sum():]) == set(np.flatnonzero(~reached))
+        assert set(out[i][reached.sum() :]) == set(np.flatnonzero(~reached))
 
 
 def test_batched_cg_equals_one_cg_per_block():
@@ -213,3 +224,49 @@ def test_bad_graph_parameters_are_one_line_user_errors(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         knn_graph.knn_graph(knn.Searcher(np.eye(3, dtype=np.float32)), 2, str(tmp_path / "f"))
+
+
+def _sets(tmp_path, noise=0.9):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 32))
+
+    def views(per, name):
+        lab = np.repeat(np.arange(40), per)
+        x = centres[lab] + noise * rng.normal(size=(len(lab), 32))
+        path = str(tmp_path / f"{name}.npz")
+        save_embeddings(path, [f"{name}{i}" for i in range(len(x))], x, lab)
+        return path
+
+    return views(12, "x"), views(2, "q"), views(2, "p")
+
+
+def test_evaluate_diffusion_and_egt_reuse_one_cached_graph(tmp_path):
+    index, queries, others = _sets(tmp_path)
+    common = dict(index=index, graph_cache=str(tmp_path / "graphs"), diffusion_k=10, egt_k=10)
+    plain = evaluate(EvalConfig(queries=queries, index=index))
+    dif = evaluate(EvalConfig(queries=queries, rerank="diffusion", diffusion_truncation=200,
+                              **common))  # fmt: skip
+    assert dif["graph_cached"] is False and dif["graph_k"] == 10
+    assert dif["map@100"] > plain["map@100"]
+    # Another query set and another method over the same index and k: the graph is read back.
+    eg = evaluate(EvalConfig(queries=others, rerank="egt", egt_threshold=0.5, **common))
+    assert eg["graph_cached"] is True and 0 < eg["map@100"] <= 1
+    both = evaluate(EvalConfig(queries=queries, rerank="egt+dba+aqe", qe_k=3, **common))
+    assert both["graph_cached"] is False  # DBA changed the index vectors: another graph
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rerank=diffusion", "--diffusion_alpha=1.5"], "--diffusion_alpha must be in (0, 1)"),
+        (["--rerank=egt", "--egt_k=0"], "--egt_k and --k (the list length p) must be >= 1"),
+    ],
+)
+def test_cli_bad_graph_parameters_are_one_line_and_exit_2(tmp_path, args, message):
+    index, queries, _ = _sets(tmp_path)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = [sys.executable, "-m", "landmark_tf.cli.evaluate", f"--index={index}",
+           f"--queries={queries}", *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"landmark-evaluate: error: {message}")

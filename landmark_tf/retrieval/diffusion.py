@@ -40,12 +40,15 @@ TOL = 1e-6  # relative residual of dfs.m's pcg
 _ENTRY_BUDGET = 1 << 23  # graph entries gathered per batch of queries
 
 
-def check_params(k: int, kq: int, truncation: int, gamma: float, alpha: float,
-                 iterations: int) -> None:
+def check_params(
+    k: int, kq: int, truncation: int, gamma: float, alpha: float, iterations: int
+) -> None:
     """UserError naming the flag when a parameter is out of range."""
     if k < 1 or kq < 1 or iterations < 1:
-        raise UserError(f"--diffusion_k, --diffusion_kq and --diffusion_iterations must be >= 1, "
-                        f"got {k}, {kq}, {iterations}")
+        raise UserError(
+            f"--diffusion_k, --diffusion_kq and --diffusion_iterations must be >= 1, "
+            f"got {k}, {kq}, {iterations}"
+        )
     if truncation < kq:
         raise UserError(f"--diffusion_truncation ({truncation}) must be >= --diffusion_kq ({kq})")
     if not 0.0 < alpha < 1.0:
@@ -54,9 +57,17 @@ def check_params(k: int, kq: int, truncation: int, gamma: float, alpha: float,
         raise UserError(f"--diffusion_gamma must be > 0, got {gamma}")
 
 
-def diffuse(graph: MutualGraph, shortlist: np.ndarray, sims: np.ndarray, *, kq: int = 10,
-            gamma: float = 3.0, alpha: float = 0.99, iterations: int = 20,
-            tol: float = TOL) -> np.ndarray:
+def diffuse(
+    graph: MutualGraph,
+    shortlist: np.ndarray,
+    sims: np.ndarray,
+    *,
+    kq: int = 10,
+    gamma: float = 3.0,
+    alpha: float = 0.99,
+    iterations: int = 20,
+    tol: float = TOL,
+) -> np.ndarray:
     """Re-orders each query's shortlist by diffusion on its sub-graph.
 
     Args:

@@ -42,8 +42,14 @@ def check_params(k: int, p: int) -> None:
         raise UserError(f"--egt_k and --k (the list length p) must be >= 1, got {k}, {p}")
 
 
-def traverse(query_ids: np.ndarray, query_sims: np.ndarray, graph_ids: np.ndarray,
-             graph_sims: np.ndarray, p: int, threshold: float = np.inf) -> np.ndarray:
+def traverse(
+    query_ids: np.ndarray,
+    query_sims: np.ndarray,
+    graph_ids: np.ndarray,
+    graph_sims: np.ndarray,
+    p: int,
+    threshold: float = np.inf,
+) -> np.ndarray:
     """The EGT ranking of every query.
 
     Args:
@@ -117,13 +123,19 @@ def _heads(qids, qsims, gids, gsims, nodes, ptr, live, taken, kq, kg):
         ok = live & (ptr < length)
         at = np.minimum(ptr, length - 1)
         node = np.maximum(nodes, 0)
-        ids = np.where(is_query, qids[r, np.minimum(at, kq - 1)],
-                       np.asarray(gids[node, np.minimum(at, kg - 1)], np.int64))
+        ids = np.where(
+            is_query,
+            qids[r, np.minimum(at, kq - 1)],
+            np.asarray(gids[node, np.minimum(at, kg - 1)], np.int64),
+        )
         ok &= ids >= 0
         stale = ok & taken[np.broadcast_to(r, ids.shape), np.maximum(ids, 0)]
         if not stale.any():
             break
         ptr += stale
-    w = np.where(is_query, qsims[r, np.minimum(at, kq - 1)],
-                 np.asarray(gsims[node, np.minimum(at, kg - 1)], np.float64))
+    w = np.where(
+        is_query,
+        qsims[r, np.minimum(at, kq - 1)],
+        np.asarray(gsims[node, np.minimum(at, kg - 1)], np.float64),
+    )
     return np.where(ok, ids, -1), np.where(ok, w, -np.inf)

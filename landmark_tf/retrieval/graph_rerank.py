@@ -76,8 +76,14 @@ def rerank(cfg, searcher, scores: np.ndarray, ids: np.ndarray, report) -> np.nda
                                     gamma=cfg.diffusion_gamma, alpha=cfg.diffusion_alpha,
                                     iterations=cfg.diffusion_iterations)[:, : cfg.k]  # fmt: skip
         else:
-            out = egt.traverse(ids[:, : cfg.egt_k], scores[:, : cfg.egt_k], graph.ids,
-                               graph.sims, min(cfg.k, searcher.size), cfg.egt_threshold)
+            out = egt.traverse(
+                ids[:, : cfg.egt_k],
+                scores[:, : cfg.egt_k],
+                graph.ids,
+                graph.sims,
+                min(cfg.k, searcher.size),
+                cfg.egt_threshold,
+            )
     report.add("graph_k", graph.k, "graph neighbours (k)")
     report.add("graph_cached", graph.reused, "graph read from --graph_cache")
     report.add("graph_seconds", round(t1 - t0, 3))
@@ -94,4 +100,3 @@ def _cache_folder(path: str | None):
         return
     with tempfile.TemporaryDirectory(prefix="landmark-graph-") as tmp:
         yield tmp
-
