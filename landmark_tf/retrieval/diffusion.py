@@ -37,7 +37,7 @@ from landmark_tf.retrieval.knn_graph import MutualGraph
 
 NAME = "diffusion"
 TOL = 1e-6  # relative residual of dfs.m's pcg
-_ENTRY_BUDGET = 1 << 23  # graph entries gathered per batch of queries
+_ENTRY_BUDGET = 1 << 21  # graph entries gathered per batch of queries
 
 
 def check_params(
@@ -83,14 +83,18 @@ def diffuse(
     if q == 0 or n == 0:
         return shortlist.copy()
     degree = np.diff(graph.indptr)
+    compact = np.full(graph.size, -1, np.int64)
+    # The [batch, batch * n] slot table of `subgraph` stays within the entry budget too.
+    max_batch = max(1, int(np.sqrt(_ENTRY_BUDGET / n)))
     out = np.empty_like(shortlist)
     b = 0
     while b < q:
         # Queries per batch: their shortlists' neighbour entries stay within the budget.
-        counts = degree[np.maximum(shortlist[b : b + 4096], 0)].sum(axis=1)
+        counts = degree[np.maximum(shortlist[b : b + max_batch], 0)].sum(axis=1)
         size = max(1, int(np.searchsorted(np.cumsum(counts), _ENTRY_BUDGET, side="right")))
         e = b + size
-        f = _solve_batch(graph, shortlist[b:e], sims[b:e], kq, gamma, alpha, iterations, tol)
+        f = _solve_batch(graph, shortlist[b:e], sims[b:e], kq, gamma, alpha, iterations, tol,
+                         compact)  # fmt: skip
         f = np.where(shortlist[b:e] >= 0, f, -np.inf)
         order = np.argsort(-f, axis=1, kind="stable")
         out[b:e] = np.take_along_axis(shortlist[b:e], order, axis=1)
@@ -105,9 +109,12 @@ def seed_vector(sims: np.ndarray, valid: np.ndarray, kq: int, gamma: float) -> n
     return np.where(top, np.maximum(np.where(valid, sims, 0.0), 0.0), 0.0) ** gamma
 
 
-def subgraph(graph: MutualGraph, shortlist: np.ndarray, gamma: float) -> sp.csr_matrix:
+def subgraph(
+    graph: MutualGraph, shortlist: np.ndarray, gamma: float, compact: np.ndarray | None = None
+) -> sp.csr_matrix:
     """Block-diagonal [B n, B n] sparse S = D^-1/2 A D^-1/2 of each query's sub-graph (A's
-    entries max(s, 0)^gamma among the shortlist's rows, degrees D of the sub-graph itself)."""
+    entries max(s, 0)^gamma among the shortlist's rows, degrees D of the sub-graph itself).
+    `compact`: int64[N] of -1 to reuse between batches (left as it was given)."""
     bsz, n = shortlist.shape
     size = graph.size
     flat = shortlist.ravel()
@@ -117,26 +124,33 @@ def subgraph(graph: MutualGraph, shortlist: np.ndarray, gamma: float) -> sp.csr_
     first = np.repeat(np.cumsum(length) - length, length)
     pos = np.repeat(start, length) + (np.arange(int(length.sum())) - first)
     cols = np.asarray(graph.indices[pos], np.int64)
-    w = np.maximum(np.asarray(graph.sims[pos], np.float64), 0.0) ** gamma
-    src = np.repeat(local, length)
-    # Which slot of the same query holds column `cols`: match keys (query, row) by sorting.
-    block = local // n
-    keys = block * size + rows
-    order = np.argsort(keys, kind="stable")
-    skeys = keys[order]
-    want = (src // n) * size + cols
-    at = np.minimum(np.searchsorted(skeys, want), max(len(skeys) - 1, 0))
-    hit = (skeys[at] == want) if len(skeys) else np.zeros(len(want), bool)
-    a = sp.csr_matrix((w[hit], (src[hit], local[order][at[hit]])), shape=(bsz * n, bsz * n))
-    deg = np.asarray(a.sum(axis=1)).ravel()
+    src = np.repeat(local, length)  # nondecreasing: the entries come out in CSR row order
+    # Which slot of the same query holds column `cols`: index rows of the batch renumbered
+    # 0..u-1 (`compact`, a dense [N] map reset afterwards), then a [B, u] table of slots.
+    compact = np.full(size, -1, np.int64) if compact is None else compact
+    uniq = np.unique(rows)
+    compact[uniq] = np.arange(len(uniq))
+    table = np.full((bsz, len(uniq)), -1, np.int64)
+    table[local // n, compact[rows]] = local
+    cu = compact[cols]
+    compact[uniq] = -1
+    col = np.full(len(cols), -1, np.int64)
+    inside = cu >= 0
+    col[inside] = table[src[inside] // n, cu[inside]]
+    hit = col >= 0
+    src, col = src[hit], col[hit]
+    w = np.maximum(np.asarray(graph.sims[pos[hit]], np.float64), 0.0) ** gamma
+    deg = np.bincount(src, weights=w, minlength=bsz * n)
     inv = np.zeros_like(deg)
     np.divide(1.0, np.sqrt(deg), out=inv, where=deg > 0)  # isolated rows: no edges, S row 0
-    return sp.diags(inv) @ a @ sp.diags(inv)
+    indptr = np.zeros(bsz * n + 1, np.int64)
+    np.cumsum(np.bincount(src, minlength=bsz * n), out=indptr[1:])
+    return sp.csr_matrix((w * inv[src] * inv[col], col, indptr), shape=(bsz * n, bsz * n))
 
 
-def _solve_batch(graph, shortlist, sims, kq, gamma, alpha, iterations, tol) -> np.ndarray:
+def _solve_batch(graph, shortlist, sims, kq, gamma, alpha, iterations, tol, compact):
     bsz, n = shortlist.shape
-    s = subgraph(graph, shortlist, gamma)
+    s = subgraph(graph, shortlist, gamma, compact)
     y = seed_vector(sims, shortlist >= 0, kq, gamma).ravel()
     return batched_cg(lambda v: v - alpha * (s @ v), y, bsz, iterations, tol).reshape(bsz, n)
 
