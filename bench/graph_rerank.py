@@ -175,13 +175,33 @@ def offline(args) -> None:
     t4 = time.perf_counter()
     knn_graph.mutual_graph(knn_graph.knn_graph(searcher, args.k, args.cache))
     reuse = time.perf_counter() - t4
+    online = _online(args, gen, searcher, graph, mutual) if args.queries else {}
     print(json.dumps({"n": args.n, "d": args.d, "k": args.k, "index_type": args.index_type,
                       "index_seconds": round(t1 - t0, 1), "knn_seconds": round(t2 - t1, 1),
                       "mutual_seconds": round(t3 - t2, 1), "cache_reuse_seconds": round(reuse, 1),
                       "mutual_edges": int(mutual.indptr[-1]),
                       "peak_gb_after_index": round(after_index, 2),
                       "peak_gb_after_knn": round(after_knn, 2), "peak_gb": round(peak(), 2),
-                      "graph_disk_gb": round(_du(args.cache) / GB, 2)}))  # fmt: skip
+                      "graph_disk_gb": round(_du(args.cache) / GB, 2), **online}))  # fmt: skip
+
+
+def _online(args, gen, searcher, graph, mutual) -> dict:
+    """Per-query cost of the online parts on this graph: diffusion (truncation 1000, kq 10)
+    and EGT (t = inf, k = the graph's k, p = 100), for --queries queries of the same model."""
+    from landmark_tf.retrieval import diffusion, egt
+
+    rng = np.random.default_rng(99)
+    q = gen.rows(gen.labels(args.queries, rng), rng)
+    t0 = time.perf_counter()
+    sims, ids = searcher.search(q, 1000)
+    t1 = time.perf_counter()
+    diffusion.diffuse(mutual, ids, sims)
+    t2 = time.perf_counter()
+    egt.traverse(ids[:, : graph.k], sims[:, : graph.k], graph.ids, graph.sims, 100)
+    t3 = time.perf_counter()
+    ms = lambda s: round(1000 * s / args.queries, 2)  # noqa: E731
+    return {"queries": args.queries, "search_ms_per_query": ms(t1 - t0),
+            "diffusion_ms_per_query": ms(t2 - t1), "egt_ms_per_query": ms(t3 - t2)}  # fmt: skip
 
 
 def _du(folder: str) -> int:
@@ -204,6 +224,7 @@ def main() -> None:
     o.add_argument("--index_type", default="ivf")
     o.add_argument("--nprobe", type=int, default=16)
     o.add_argument("--cache", default="/tmp/graph_rerank_offline")
+    o.add_argument("--queries", type=int, default=1000, help="online timing; 0 = skip")
     o.add_argument("--child", action="store_true")
     args = ap.parse_args()
     if args.part == "table":

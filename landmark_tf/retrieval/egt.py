@@ -78,64 +78,79 @@ def traverse(
 
 
 def _traverse_batch(qids, qsims, gids, gsims, p, threshold, taken) -> np.ndarray:
-    b, kq = qids.shape
-    kg = gids.shape[1]
+    b = len(qids)
     r = np.arange(b)
     out = np.full((b, p), -1, np.int64)
     count = np.zeros(b, np.int64)
     # Expanded lists per query: slot 0 is the query's own list, slots 1.. the rows taken.
-    nodes = np.full((b, p + 1), -1, np.int64)
-    ptr = np.zeros((b, p + 1), np.int64)
-    live = np.zeros((b, p + 1), bool)  # expanded (its edges are candidates)
-    live[:, 0] = True
+    lists = _Lists(qids, qsims, gids, gsims, p, taken)
     exploring = np.ones(b, bool)  # next pop is a round's first (taken whatever its weight)
     done = np.zeros(b, bool)
     while not done.all():
-        head_ids, head_w = _heads(qids, qsims, gids, gsims, nodes, ptr, live, taken, kq, kg)
-        best = np.argmax(head_w, axis=1)
-        w, u = head_w[r, best], head_ids[r, best]
+        best = np.argmax(lists.head_w, axis=1)
+        w, u = lists.head_w[r, best], lists.head_ids[r, best]
         has = np.isfinite(w)
         done |= exploring & ~has  # a round starts with no candidate: the traversal is over
         pop = ~done & has & (exploring | (w > threshold))
         # Exploit found nothing above t: the round ends, the rows it popped are expanded.
         end_round = ~done & ~pop
-        live[end_round] |= nodes[end_round] >= 0
+        lists.expand(end_round)
         exploring |= end_round
         rows = np.flatnonzero(pop)
         out[rows, count[rows]] = u[rows]
         taken[rows, u[rows]] = True
-        nodes[rows, count[rows] + 1] = u[rows]
+        lists.nodes[rows, count[rows] + 1] = u[rows]
         count[rows] += 1
         exploring[rows] = False
+        lists.advance_past(rows, u[rows])
         done |= count >= p
     return out
 
 
-def _heads(qids, qsims, gids, gsims, nodes, ptr, live, taken, kq, kg):
-    """Each live list's first row not taken yet (pointers advanced past taken rows in place);
-    returns (ids int64[b, p+1], weights float64[b, p+1], -inf where a list is exhausted)."""
-    b = len(nodes)
-    r = np.arange(b)[:, None]
-    is_query = np.zeros(nodes.shape, bool)
-    is_query[:, 0] = True
-    length = np.where(is_query, kq, kg)
-    while True:
-        ok = live & (ptr < length)
-        at = np.minimum(ptr, length - 1)
-        node = np.maximum(nodes, 0)
-        ids = np.where(
-            is_query,
-            qids[r, np.minimum(at, kq - 1)],
-            np.asarray(gids[node, np.minimum(at, kg - 1)], np.int64),
-        )
-        ok &= ids >= 0
-        stale = ok & taken[np.broadcast_to(r, ids.shape), np.maximum(ids, 0)]
-        if not stale.any():
-            break
-        ptr += stale
-    w = np.where(
-        is_query,
-        qsims[r, np.minimum(at, kq - 1)],
-        np.asarray(gsims[node, np.minimum(at, kg - 1)], np.float64),
-    )
-    return np.where(ok, ids, -1), np.where(ok, w, -np.inf)
+class _Lists:
+    """Per query, the neighbour lists of its expanded rows, each with a pointer to its first
+    row not taken yet ("head"); heads are kept between steps and moved only where a pop or an
+    expansion changed them, so a step costs O(lists touched), not O(p) per query."""
+
+    def __init__(self, qids, qsims, gids, gsims, p, taken):
+        b = len(qids)
+        self.q, self.g, self.taken = (qids, qsims), (gids, gsims), taken
+        self.nodes = np.full((b, p + 1), -1, np.int64)  # slot 0: the query itself
+        self.ptr = np.zeros((b, p + 1), np.int64)
+        self.live = np.zeros((b, p + 1), bool)
+        self.head_ids = np.full((b, p + 1), -1, np.int64)
+        self.head_w = np.full((b, p + 1), -np.inf)
+        self.live[:, 0] = True
+        self._refresh(np.arange(b), np.zeros(b, np.int64))
+
+    def expand(self, rows_mask: np.ndarray) -> None:
+        """The rows popped in these queries' round become live lists."""
+        bi, si = np.nonzero(rows_mask[:, None] & (self.nodes >= 0) & ~self.live)
+        self.live[bi, si] = True
+        self._refresh(bi, si)
+
+    def advance_past(self, rows: np.ndarray, u: np.ndarray) -> None:
+        """Live lists of these queries whose head is the row just taken move on."""
+        bi, si = np.nonzero(self.head_ids[rows] == u[:, None])
+        self._refresh(rows[bi], si)
+
+    def _refresh(self, bi: np.ndarray, si: np.ndarray) -> None:
+        while len(bi):
+            ids, w = self._read(bi, si)
+            self.head_ids[bi, si], self.head_w[bi, si] = ids, w
+            stale = (ids >= 0) & self.taken[bi, np.maximum(ids, 0)]
+            bi, si = bi[stale], si[stale]
+            self.ptr[bi, si] += 1
+
+    def _read(self, bi, si):
+        """(id, weight) at each list's pointer; (-1, -inf) past its end or on a missing id."""
+        at = self.ptr[bi, si]
+        query = si == 0
+        ids = np.full(len(bi), -1, np.int64)
+        w = np.full(len(bi), -np.inf)
+        for sel, (lid, lw), src in ((query, self.q, bi), (~query, self.g, self.nodes[bi, si])):
+            ok = sel & (at < lid.shape[1])
+            ids[ok] = np.asarray(lid[src[ok], at[ok]], np.int64)
+            w[ok] = np.asarray(lw[src[ok], at[ok]], np.float64)
+        w[ids < 0] = -np.inf
+        return ids, w
