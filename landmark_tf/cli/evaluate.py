@@ -10,6 +10,9 @@ Recognition (GLR2020):
 Retrieval with the GLR2019 winner's discriminative re-ranking (after alpha-QE):
   landmark-evaluate --index index.npz --queries test.npz --train train.npz \
       --rerank discriminative+aqe --solution retrieval_solution_v2.1.csv
+Retrieval with diffusion (or --rerank egt) over the index's k-NN graph, kept for other query sets:
+  landmark-evaluate --index index.npz --queries test.npz --rerank diffusion \
+      --graph_cache /data/graphs --solution retrieval_solution_v2.1.csv
 Revisited Oxford/Paris:
   landmark-evaluate --index roxford_db.npz --queries roxford_q.npz --revisitop_gnd gnd_roxford5k.pkl
 

@@ -8,7 +8,9 @@ recognition_eval, the report and scoring helpers in eval_report.
 
 Re-ranking happens in two places, each a plug point: `rerank.rerank_vectors` changes the query
 and database vectors before the search (aqe, dba), `_rerank_results` re-orders each query's
-retrieved list after it (a method that re-scores shortlists adds its branch there).
+retrieved list after it (a method that re-scores shortlists adds its branch there);
+`graph_rerank.rerank` (diffusion, egt) re-orders the search's deeper lists over the index's
+k-NN graph right after the search.
 """
 
 from __future__ import annotations

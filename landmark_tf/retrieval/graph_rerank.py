@@ -6,7 +6,8 @@ truncation, EGT's k, or --k), and `rerank` turns them into the final --k rows. M
   diffusion     Iscen et al. 2017 on the plain descriptors (their code adds no query expansion)
   egt           Chang et al. 2019 on the plain descriptors
   egt+dba+aqe   EGT on DBA'd index / alpha-QE'd queries: the released egt.py's Do_QE option
-                expands both before building the graph
+                expands both before building the graph (there by unweighted sums over
+                QE_topN = 2 neighbours: --aqe_alpha=0 --qe_k=2 comes closest)
 The vector part (dba, aqe) runs first, so the graph is that of the vectors searched (its cache
 key is their content: a DBA'd index gets its own graph).
 """
@@ -37,6 +38,9 @@ def split_method(method: str) -> tuple[str | None, str]:
 def check(cfg) -> None:
     """UserError for out-of-range graph settings (only those the chosen method uses)."""
     name, _ = split_method(cfg.rerank)
+    if name and cfg.revisitop_gnd:
+        raise UserError(f"--rerank={cfg.rerank} re-orders the top lists only, --revisitop_gnd "
+                        "scores full rankings: not supported together")
     if name == diffusion.NAME:
         diffusion.check_params(cfg.diffusion_k, cfg.diffusion_kq, cfg.diffusion_truncation,
                                cfg.diffusion_gamma, cfg.diffusion_alpha,
