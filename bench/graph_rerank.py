@@ -2,7 +2,7 @@
 offline step (the index k-NN graph) at scale.
 
     .venv/bin/python bench/graph_rerank.py table [--workdir /tmp/graph_rerank]
-    .venv/bin/python bench/graph_rerank.py offline --n 1000000 --d 512 --k 100
+    .venv/bin/python bench/graph_rerank.py offline --n 1000000 --d 128 --k 100
 
 table: the two-view construction of tests/test_discriminative.py at GLR-like proportions
 (landmark centres, train / index / query images = centre + noise, unit length; index
@@ -164,7 +164,7 @@ def offline(args) -> None:
     peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB  # noqa: E731
     t0 = time.perf_counter()
     searcher = knn.Searcher.from_chunks(chunks, args.n, args.d, args.index_type,
-                                        nprobe=args.nprobe)  # fmt: skip
+                                        nlist=args.nlist, nprobe=args.nprobe)  # fmt: skip
     t1 = time.perf_counter()
     after_index = peak()
     graph = knn_graph.knn_graph(searcher, args.k, args.cache)
@@ -219,10 +219,11 @@ def main() -> None:
     t.add_argument("--d", type=int, default=128)
     o = sub.add_parser("offline")
     o.add_argument("--n", type=int, default=1_000_000)
-    o.add_argument("--d", type=int, default=512)
+    o.add_argument("--d", type=int, default=128)
     o.add_argument("--k", type=int, default=100)
     o.add_argument("--index_type", default="ivf")
-    o.add_argument("--nprobe", type=int, default=16)
+    o.add_argument("--nlist", type=int, default=1024, help="IVF lists (0: the library's 4 sqrt(N))")
+    o.add_argument("--nprobe", type=int, default=8)
     o.add_argument("--cache", default="/tmp/graph_rerank_offline")
     o.add_argument("--queries", type=int, default=1000, help="online timing; 0 = skip")
     o.add_argument("--child", action="store_true")
