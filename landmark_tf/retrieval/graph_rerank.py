@@ -76,9 +76,13 @@ def rerank(cfg, searcher, scores: np.ndarray, ids: np.ndarray, report) -> np.nda
         t1 = time.perf_counter()
         if name == diffusion.NAME:
             n = cfg.diffusion_truncation
-            out = diffusion.diffuse(mutual, ids[:, :n], scores[:, :n], kq=cfg.diffusion_kq,
-                                    gamma=cfg.diffusion_gamma, alpha=cfg.diffusion_alpha,
-                                    iterations=cfg.diffusion_iterations)[:, : cfg.k]  # fmt: skip
+            out = diffusion.diffuse(
+                mutual, ids[:, :n], scores[:, :n], kq=cfg.diffusion_kq,
+                gamma=cfg.diffusion_gamma, alpha=cfg.diffusion_alpha,
+                iterations=cfg.diffusion_iterations,
+            )  # fmt: skip
+            # --k beyond the truncation: the search's own order after the diffused rows.
+            out = np.concatenate([out, ids[:, n:]], axis=1)[:, : cfg.k]
         else:
             out = egt.traverse(
                 ids[:, : cfg.egt_k],
