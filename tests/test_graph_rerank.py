@@ -270,3 +270,16 @@ def test_cli_bad_graph_parameters_are_one_line_and_exit_2(tmp_path, args, messag
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"landmark-evaluate: error: {message}")
+
+
+def test_diffusion_batches_give_the_same_lists(monkeypatch):
+    x, ids, sims = _graph(50, 6, seed=9)
+    g = _mutual(ids, sims)
+    qs = x[:20] @ x.T
+    short = np.argsort(-qs, axis=1)[:, :30]
+    short[3, 25:] = -1  # a shorter shortlist (IVF) in the middle of a batch
+    ssims = np.take_along_axis(qs, short, axis=1)
+    whole = diffusion.diffuse(g, short, ssims, kq=3)
+    monkeypatch.setattr(diffusion, "_ENTRY_BUDGET", 40)  # about one query per batch
+    np.testing.assert_array_equal(diffusion.diffuse(g, short, ssims, kq=3), whole)
+    assert (whole[3, 25:] == -1).all() and set(whole[3, :25]) == set(short[3, :25])
