@@ -55,6 +55,8 @@ def rows(workdir: str) -> list[tuple[str, str | None, dict]]:
         ("+ Diffusion (k=50, graph from cache)", None, {**dif, "diffusion_k": 50}),
         ("+ Diffusion (k=1000)", "+ Diffusion (k=1000)", {**dif, "diffusion_k": 1000}),
         ("+ EGT (t=inf, k=100)", "+ EGT (t=inf, k=100)", {"rerank": "egt", "egt_k": 100, **cache}),
+        ("+ EGT + DBA + aQE (EGT code's Do_QE)", None,
+         {"rerank": "egt+dba+aqe", "egt_k": 100, **cache}),  # fmt: skip
         ("+ aQE (a=3.0)", "+ aQE (a=3.0)", {"rerank": "aqe", "qe_k": 10, "aqe_alpha": 3.0}),
         ("+ discriminative", "+ discriminative", {"rerank": "discriminative"}),
         ("+ aQE + discriminative", "+ aQE + discriminative", {"rerank": "discriminative+aqe"}),
@@ -127,7 +129,7 @@ def table(args) -> None:
     shutil.rmtree(f"{args.workdir}/graphs", ignore_errors=True)
     paths = make_sets(args.workdir, args.landmarks, args.d)
     out = {}
-    print(f"{'row':<40} {'seed priv/pub':>14} {'all':>6} {'priv':>6} {'pub':>6} "
+    print(f"{'row':<42} {'seed priv/pub':>14} {'all':>6} {'priv':>6} {'pub':>6} "
           f"{'s':>6} {'graph s':>7} {'peak GB':>7}", file=sys.stderr)  # fmt: skip
     for name, seed_row, extra in rows(args.workdir):
         cfg = json.dumps({**paths, **extra})
@@ -136,7 +138,7 @@ def table(args) -> None:
         cells = [res["map@100"], res["map@100_private"], res["map@100_public"]]
         seed = SEED.get(seed_row, ("", ""))
         graph_s = res.get("graph_seconds", "")
-        line = f"{name:<40} {seed[0]!s:>6} / {seed[1]!s:<6}" + "".join(f" {c:6.3f}" for c in cells)
+        line = f"{name:<42} {seed[0]!s:>6} / {seed[1]!s:<6}" + "".join(f" {c:6.3f}" for c in cells)
         print(f"{line} {r['seconds']:6.1f} {graph_s!s:>7} {r['peak_gb']:7.2f}", file=sys.stderr)
         out[name] = {"map@100": cells, "seconds": round(r["seconds"], 1),
                      "peak_gb": round(r["peak_gb"], 2), "graph_seconds": graph_s,

@@ -25,8 +25,8 @@ rows that a query's shortlist does not reach keep their search order after the d
 Cost per query: the sub-graph has n rows of at most k neighbours (n k entries gathered and
 matched), CG does `iterations` sparse products over them: O(iterations n k); memory per batch
 is bounded by `_ENTRY_BUDGET` gathered entries. Measured (bench/README.md, graph_rerank; 2
-shared cores, n = 1000): 3 ms per query at k = 50 (10k index), 12.7 ms at k = 100 (1M index),
-85 ms at k = 1000 (10k index: sub-graphs of up to 10^6 edges).
+shared cores, n = 1000): 3-8 ms per query at k = 50 (10k index), 12.7 ms at k = 100 (1M index),
+85-106 ms at k = 1000 (10k index: sub-graphs of up to 10^6 edges).
 """
 
 from __future__ import annotations
