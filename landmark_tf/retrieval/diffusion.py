@@ -12,7 +12,9 @@ transition matrix S = D^-1/2 A_sub D^-1/2 uses the sub-graph's own degrees; the 
 max(s, 0)^gamma on the query's top-kq rows (ymake.m; kq = 10 for global descriptors); the ranking
 is f solving (I - alpha S) f = y by conjugate gradients from f = 0, stopping after `iterations`
 steps or at relative residual `tol` (dfs.m: Matlab pcg(A, y, 1e-6, 20), alpha 0.99, gamma 3).
-n >= N is the released code's untruncated solve on the whole graph.
+n >= N is the released code's untruncated solve on the whole graph; run_test.m truncates at
+n = 10,000 for its 105k-image sets, the default here (1000) is the truncation size of the
+Landmark2019 winners' diffusion, which keeps a query's solve in milliseconds.
 
 Vectorised: a batch of queries is one block-diagonal sparse system (scipy.sparse), and CG runs on
 all blocks at once with each block's own step sizes and stopping test, so every query gets
@@ -20,7 +22,13 @@ exactly the iterates of its own CG; no Python loop over queries.
 
 Deviations: Matlab's pcg returns its minimum-residual iterate when it stops without converging,
 we return the last one (as scipy's cg, which the Landmark2019 winners' diffusion code used);
+ymake.m takes max(s^gamma, 0), we take max(s, 0)^gamma (the same for odd gamma, the default);
 rows that a query's shortlist does not reach keep their search order after the diffused ones.
+The Landmark2019 winners' code (src/reranking.py of lyakaap/Landmark2019-1st-and-3rd-Place-
+Solution at 0cb407da429f5bbdb86cd691180a901980ea4bf1, from fyang93/diffusion) differs from the
+authors' in two ways we do not follow: it diffuses offline from every index image over its
+own truncated graph and scores a query as the sum of its kq rows' results, and it slices the
+full graph's normalised Laplacian instead of normalising the sub-graph (trunclap.m).
 
 Cost per query: the sub-graph has n rows of at most k neighbours (n k entries gathered and
 matched), CG does `iterations` sparse products over them: O(iterations n k); memory per batch

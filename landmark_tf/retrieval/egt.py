@@ -26,7 +26,8 @@ N = 762k) and [batch, p + 1] pointers and heads.
 
 Deviations: the released getSymmetric (called with skip = number of queries) is meant to add
 reverse edges among index rows but stores each one under the wrong key, so at most one survives
-per row; the Landmark2019 winners' re-implementation (src/reranking.py `explore_exploit`) uses
+per row; the Landmark2019 winners' re-implementation (`explore_exploit` in src/reranking.py of
+lyakaap/Landmark2019-1st-and-3rd-Place-Solution at 0cb407da429f5bbdb86cd691180a901980ea4bf1) uses
 the plain directed lists; we use the directed lists too. Ties between equal weights go to the
 list of the row expanded first (Java: the entry pushed first). Python egt.py writes weights as
 int(cosine * 1e6); we keep the float cosine, so t is a cosine (t = 0.42 there is -t 420000).
