@@ -66,10 +66,10 @@ def test_egt_prim_order_on_a_hand_checked_graph():
     q_ids, q_sims = np.array([[0, 3]]), np.array([[0.9, 0.2]], np.float32)
     out = egt.traverse(q_ids, q_sims, gids, gsims, p=4, threshold=INF)
     np.testing.assert_array_equal(out, [[0, 1, 2, 3]])  # plain kNN order would be 0, 3
-    # t = 0.5 exploits in the first round: 0 and 3 are both popped before 1 and 2 are seen...
+    # t = 0.1: after 0 (explore), 3 (0.2 > t) is exploited before 0's neighbours are seen...
     out = egt.traverse(q_ids, q_sims, gids, gsims, p=4, threshold=0.1)
     np.testing.assert_array_equal(out, [[0, 3, 1, 2]])
-    # ...and a short list stops at p; an unreachable row is never listed (padding -1).
+    # ...and without the query's edge to 3, row 3 is unreachable: never listed, -1 pads to p.
     out = egt.traverse(q_ids[:, :1], q_sims[:, :1], gids, gsims, p=4, threshold=INF)
     np.testing.assert_array_equal(out, [[0, 1, 2, -1]])
 
@@ -283,3 +283,14 @@ def test_diffusion_batches_give_the_same_lists(monkeypatch):
     monkeypatch.setattr(diffusion, "_ENTRY_BUDGET", 40)  # about one query per batch
     np.testing.assert_array_equal(diffusion.diffuse(g, short, ssims, kq=3), whole)
     assert (whole[3, 25:] == -1).all() and set(whole[3, :25]) == set(short[3, :25])
+
+
+def test_ivf_graph_key_follows_the_coarse_quantiser():
+    x, _, _ = _graph(400, 2, seed=10)
+    a = knn.Searcher(x, "ivf", nlist=4, nprobe=4, seed=0)
+    b = knn.Searcher(x, "ivf", nlist=4, nprobe=4, seed=1)
+    assert knn_graph.cache_key(a, 5) == knn_graph.cache_key(
+        knn.Searcher(x, "ivf", nlist=4, nprobe=4, seed=0), 5
+    )
+    assert knn_graph.cache_key(a, 5) != knn_graph.cache_key(b, 5)
+    assert knn_graph.cache_key(a, 5) != knn_graph.cache_key(knn.Searcher(x), 5)

@@ -71,13 +71,16 @@ class MutualGraph:
 
 
 def cache_key(searcher: Searcher, k: int) -> str:
-    """Hex digest of the stored vectors' bytes (streamed), k and the search settings."""
+    """Hex digest of the stored vectors' bytes (streamed), k and the search settings (IVF: its
+    lists, probes and coarse centroids)."""
     h = hashlib.blake2b(digest_size=16)
     settings = {"format": FORMAT, "k": int(k), "n": searcher.size, "d": searcher.dim,
                 "index_type": searcher.index_type}  # fmt: skip
     if searcher.ivf is not None:
         settings.update(nlist=int(searcher.ivf.nlist), nprobe=int(searcher.ivf.nprobe))
     h.update(json.dumps(settings, sort_keys=True).encode())
+    if searcher.ivf is not None:  # another k-means (seed, spherical) gives another graph
+        h.update(searcher.ivf.quantizer.reconstruct_n(0, searcher.ivf.nlist).tobytes())
     for _, rows in searcher.chunks():
         h.update(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
     return h.hexdigest()
