@@ -7,6 +7,7 @@ import itertools
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from landmark_tf.errors import UserError
-from landmark_tf.retrieval import diffusion, egt, knn, knn_graph
+from landmark_tf.retrieval import diffusion, egt, graph_rerank, knn, knn_graph
 from landmark_tf.retrieval.embeddings import save_embeddings
 from landmark_tf.retrieval.evaluation import EvalConfig, evaluate
 
@@ -260,6 +261,7 @@ def test_evaluate_diffusion_and_egt_reuse_one_cached_graph(tmp_path):
     [
         (["--rerank=diffusion", "--diffusion_alpha=1.5"], "--diffusion_alpha must be in (0, 1)"),
         (["--rerank=egt", "--egt_k=0"], "--egt_k and --k (the list length p) must be >= 1"),
+        (["--rerank=egt", "--revisitop_gnd=g.pkl"], "--rerank=egt re-orders the top lists only"),
     ],
 )
 def test_cli_bad_graph_parameters_are_one_line_and_exit_2(tmp_path, args, message):
@@ -294,3 +296,19 @@ def test_ivf_graph_key_follows_the_coarse_quantiser():
     )
     assert knn_graph.cache_key(a, 5) != knn_graph.cache_key(b, 5)
     assert knn_graph.cache_key(a, 5) != knn_graph.cache_key(knn.Searcher(x), 5)
+
+
+def test_lists_longer_than_the_truncation_keep_the_search_order_after_it(tmp_path):
+    x, _, _ = _graph(80, 2, seed=11)
+    searcher = knn.Searcher(x)
+    scores, ids = searcher.search(x[:5], 60)
+    cfg = types.SimpleNamespace(
+        rerank="diffusion", k=60, diffusion_k=5, diffusion_truncation=20, diffusion_kq=3,
+        diffusion_gamma=3.0, diffusion_alpha=0.99, diffusion_iterations=20,
+        graph_cache=str(tmp_path),
+    )  # fmt: skip
+    report = types.SimpleNamespace(add=lambda *a: None)
+    out = graph_rerank.rerank(cfg, searcher, scores, ids, report)
+    assert out.shape == (5, 60)
+    np.testing.assert_array_equal(out[:, 20:], ids[:, 20:])
+    assert all(set(out[i, :20]) == set(ids[i, :20]) for i in range(5))
