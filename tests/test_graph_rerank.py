@@ -312,3 +312,15 @@ def test_lists_longer_than_the_truncation_keep_the_search_order_after_it(tmp_pat
     assert out.shape == (5, 60)
     np.testing.assert_array_equal(out[:, 20:], ids[:, 20:])
     assert all(set(out[i, :20]) == set(ids[i, :20]) for i in range(5))
+
+
+def test_a_killed_build_leaves_nothing_behind_the_next_one(tmp_path):
+    x, _, _ = _graph(20, 2, seed=12)
+    searcher = knn.Searcher(x)
+    name = f"knn-k3-{knn_graph.cache_key(searcher, 3)}"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    (tmp_path / f".tmp-{dead}-{name}").mkdir()  # as a SIGKILLed builder leaves it
+    (tmp_path / f".tmp-{os.getpid()}-other").mkdir()  # another target's: kept
+    knn_graph.knn_graph(searcher, 3, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f".tmp-{os.getpid()}-other"])

@@ -14,7 +14,8 @@ and, made on first use by diffusion, the reciprocal (mutual) k-NN graph as CSR:
 Caching: the folder name is a hash of the index vectors' bytes, k and the search settings (flat
 or IVF with nlist/nprobe), so another index, another k or another search never reuses it. It is
 written under a temporary name and renamed, so a killed build leaves no half graph that a later
-run would trust. Local disk only: the arrays are memory-mapped (gs:// cannot be).
+run would trust (the next build of the same graph deletes a dead builder's leftovers). Local
+disk only: the arrays are memory-mapped (gs:// cannot be).
 
 Cost at GLDv2 size (N = 762k, k = 1000): the self-search is N queries over N rows (flat: about
 N^2 D multiply-adds, hours on 2 cores; use --index_type=ivf), disk 8 N k bytes (6 GB) plus the
@@ -28,9 +29,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-import uuid
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def knn_graph(searcher: Searcher, k: int, cache_dir: str) -> KnnGraph:
     reused = os.path.exists(os.path.join(folder, "graph.json"))
     if not reused:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = os.path.join(cache_dir, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(folder)}")
+        tmp = _tmp_folder(cache_dir, os.path.basename(folder))
         try:
             _build(searcher, k, tmp)
             _publish(tmp, folder)
@@ -113,6 +114,26 @@ def open_graph(folder: str, reused: bool = True) -> KnnGraph:
     ids = np.load(os.path.join(folder, "ids.npy"), mmap_mode="r")
     sims = np.load(os.path.join(folder, "sims.npy"), mmap_mode="r")
     return KnnGraph(folder, ids, sims, reused)
+
+
+def _tmp_folder(parent: str, name: str) -> str:
+    """`.tmp-<pid>-<name>` in `parent`; first removes those of the same name left by builders
+    that no longer run (a killed build leaves gigabytes behind at GLDv2 size)."""
+    for entry in os.listdir(parent):
+        m = re.fullmatch(r"\.tmp-(\d+)-" + re.escape(name), entry)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    return os.path.join(parent, f".tmp-{os.getpid()}-{name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _publish(tmp: str, folder: str) -> None:
@@ -145,7 +166,7 @@ def mutual_graph(graph: KnnGraph) -> MutualGraph:
     """The reciprocal graph of `graph` (built into graph.folder/mutual on first use)."""
     folder = os.path.join(graph.folder, "mutual")
     if not os.path.exists(os.path.join(folder, "done")):
-        tmp = os.path.join(graph.folder, f".tmp-{uuid.uuid4().hex[:12]}-mutual")
+        tmp = _tmp_folder(graph.folder, "mutual")
         try:
             _build_mutual(graph, tmp)
             _publish_mutual(tmp, folder)
