@@ -10,6 +10,9 @@ Recognition (GLR2020):
 Retrieval with the GLR2019 winner's discriminative re-ranking (after alpha-QE):
   landmark-evaluate --index index.npz --queries test.npz --train train.npz \
       --rerank discriminative+aqe --solution retrieval_solution_v2.1.csv
+Retrieval with diffusion (or --rerank egt) over the index's k-NN graph, kept for other query sets:
+  landmark-evaluate --index index.npz --queries test.npz --rerank diffusion \
+      --graph_cache /data/graphs --solution retrieval_solution_v2.1.csv
 Revisited Oxford/Paris:
   landmark-evaluate --index roxford_db.npz --queries roxford_q.npz --revisitop_gnd gnd_roxford5k.pkl
 
@@ -63,8 +66,31 @@ flags.DEFINE_enum(
     "hours at 1M images on 2 cores; ivf: approximate, far faster). "
     "discriminative[+...]: then two-stage discriminative re-ranking (Yokoo et al. 2020, the "
     "GLR2019 winner): label queries and index by kNN votes over --train, move the index images "
-    "of the query's landmark ahead and insert unretrieved ones; needs --train.",
+    "of the query's landmark ahead and insert unretrieved ones; needs --train. "
+    "diffusion: Iscen et al. 2017 on the index's mutual k-NN graph (--diffusion_*); egt[+dba+aqe]: "
+    "explore-exploit graph traversal, Chang et al. 2019 (--egt_*); both build the index's k-NN "
+    "graph first (a self-search of the index; cache it with --graph_cache).",
 )
+flags.DEFINE_string(
+    "graph_cache",
+    None,
+    "Local folder caching the index's k-NN graph for diffusion/egt, keyed by the index vectors, "
+    "k and the search settings: later runs (other query sets) reuse it. Unset: a temporary one.",
+)
+flags.DEFINE_integer("diffusion_k", _D.diffusion_k,
+                     "diffusion: neighbours per index image in the graph (50 in the authors' code "
+                     "for global descriptors; up to 1000).")
+flags.DEFINE_integer("diffusion_kq", _D.diffusion_kq,
+                     "diffusion: the query's top rows that seed the diffusion (y).")
+flags.DEFINE_integer("diffusion_truncation", _D.diffusion_truncation,
+                     "diffusion: the query's top rows whose sub-graph is solved (truncation).")
+flags.DEFINE_float("diffusion_gamma", _D.diffusion_gamma, "diffusion: similarity exponent.")
+flags.DEFINE_float("diffusion_alpha", _D.diffusion_alpha, "diffusion: alpha in (I - alpha S)f = y.")
+flags.DEFINE_integer("diffusion_iterations", _D.diffusion_iterations,
+                     "diffusion: conjugate-gradient iterations (tolerance 1e-6).")
+flags.DEFINE_integer("egt_k", _D.egt_k, "egt: neighbours per image in the traversed graph.")
+flags.DEFINE_float("egt_threshold", _D.egt_threshold,
+                   "egt: exploit threshold t on cosine similarity; inf = pure explore (Prim).")
 flags.DEFINE_float(
     "rerank_threshold",
     _D.rerank_threshold,

@@ -8,7 +8,9 @@ recognition_eval, the report and scoring helpers in eval_report.
 
 Re-ranking happens in two places, each a plug point: `rerank.rerank_vectors` changes the query
 and database vectors before the search (aqe, dba), `_rerank_results` re-orders each query's
-retrieved list after it (a method that re-scores shortlists adds its branch there).
+retrieved list after it (a method that re-scores shortlists adds its branch there);
+`graph_rerank.rerank` (diffusion, egt) re-orders the search's deeper lists over the index's
+k-NN graph right after the search.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import (
     discriminative,
+    graph_rerank,
     knn,
     metrics,
     nonlandmark,
@@ -37,7 +40,7 @@ from landmark_tf.retrieval.recognition_eval import recognize
 # alpha-QE / DBA, each optionally followed by two-stage discriminative re-ranking (needs --train).
 RERANK_METHODS = rerank.METHODS + tuple(
     discriminative.NAME if m == "none" else f"{discriminative.NAME}+{m}" for m in rerank.METHODS
-)
+) + graph_rerank.METHODS
 
 
 @dataclasses.dataclass
@@ -69,6 +72,15 @@ class EvalConfig:
     nonlandmark_method: str = "both"
     penalty_weight: float = -1.0
     penalty_neighbours: int = 0
+    graph_cache: str | None = None
+    diffusion_k: int = 50
+    diffusion_kq: int = 10
+    diffusion_truncation: int = 1000
+    diffusion_gamma: float = 3.0
+    diffusion_alpha: float = 0.99
+    diffusion_iterations: int = 20
+    egt_k: int = 100
+    egt_threshold: float = float("inf")
 
     def check(self) -> None:
         if not self.queries:
@@ -94,6 +106,7 @@ class EvalConfig:
             raise UserError(f"--nonlandmark_method must be one of {nonlandmark.METHODS}")
         if self.qe_k < 0 or self.aqe_alpha < 0 or self.recall_sample < 0 or self.nlist < 0:
             raise UserError("--qe_k, --aqe_alpha, --recall_sample and --nlist must be >= 0")
+        graph_rerank.check(self)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -169,7 +182,8 @@ def _load_database(cfg: EvalConfig, path: str, queries, report: Report, name: st
 def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
     index, searcher = _load_database(cfg, cfg.index, queries, report, "index")
     t0 = time.perf_counter()
-    vector_method, _ = discriminative.split_method(cfg.rerank)
+    _, rest = graph_rerank.split_method(cfg.rerank)
+    vector_method, _ = discriminative.split_method(rest)
     q_final, searcher = rerank.rerank_vectors(
         q_vecs, searcher, vector_method, cfg.qe_k, cfg.aqe_alpha, in_place=True
     )
@@ -178,10 +192,11 @@ def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
         report.add("k_clamped_to", searcher.size, f"k (--k={cfg.k} > index size)")
         print(f"landmark-evaluate: note: --k={cfg.k} > the index's {searcher.size} images: "
               f"{searcher.size} neighbours per query", file=sys.stderr)
-    scores, ids = searcher.search(q_final, cfg.k, desc="search")
+    scores, ids = searcher.search(q_final, graph_rerank.search_depth(cfg), desc="search")
     t2 = time.perf_counter()
     if searcher.ivf is not None:
-        _ivf_recall(cfg, searcher, q_final, ids, report)
+        _ivf_recall(cfg, searcher, q_final, ids[:, : cfg.k], report)
+    ids = graph_rerank.rerank(cfg, searcher, scores, ids, report)
     ids = _rerank_results(cfg, queries, q_vecs, ids, report)
     report.add("rerank", cfg.rerank, "re-ranking")
     report.add("rerank_seconds", round(t1 - t0, 3))
