@@ -47,6 +47,31 @@ def test_accumulations_split_the_batch_and_groups():
     assert jax_memory.accumulations(8, batch_classes=2) == [1, 2, 4]
 
 
+class _CurvedCompiler:
+    """A stand-in StepCompiler whose bytes grow with the square of the micro-batch (convex:
+    the line through the two ends overestimates the middle, so its prediction is too many
+    micro-batches)."""
+
+    def __init__(self, batch: int):
+        self.cfg = types.SimpleNamespace(batch_size=batch, batch_classes=0)
+        self.replicas, self.policy, self.compiled = 1, "float32", []
+
+    def micro(self, accum: int) -> int:
+        return self.cfg.batch_size // accum
+
+    def stats(self, accum: int):
+        self.compiled.append(accum)
+        return _stats(self.micro(accum) ** 2 / 64 - 1)  # total_bytes: m^2 / 64 GiB
+
+
+def test_plan_walks_back_to_fewer_micro_batches_where_the_line_overestimates():
+    compiler = _CurvedCompiler(64)  # m = 64: 64 GiB, 32: 16, 16: 4, 1: ~0
+    r = jax_memory.plan(compiler, 20.0 / jax_memory.HEADROOM, "fake", "cpu")  # budget 20 GiB
+    # The line through (1, 0) and (64, 64) predicts m <= 20, i.e. 16 per micro-batch; 32 fits.
+    assert r["grad_accum_steps"] == 2 and r["memory_check"] == "fits"
+    assert 4 in compiler.compiled  # the prediction, then one fewer micro-batch count
+
+
 def test_plan_takes_the_fewest_micro_batches_that_fit():
     """On a small model's real compiled steps: a budget that fits everything keeps one
     micro-batch; one between the sizes at 2 and 4 micro-batches picks 4; one below even 16

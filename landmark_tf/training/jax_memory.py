@@ -160,9 +160,9 @@ def plan(compiler: StepCompiler, hbm_gib: float, where: str, platform: str) -> d
     """The fewest micro-batches per step whose compiled step fits HEADROOM x `hbm_gib`,
     keeping the global batch: compiles 1 accumulation, then (if that does not fit) the most,
     reads the bytes per micro-batch image off the two, and verifies the predicted count,
-    stepping to more micro-batches until one fits. Returns report()'s dict with
-    "grad_accum_steps" and "plan" (the compiled candidates); "does not fit" when even one
-    image (or one group) per micro-batch does not."""
+    stepping to more micro-batches until one fits, then to fewer while they fit. Returns
+    report()'s dict with "grad_accum_steps" and "plan" (the compiled candidates); "does not
+    fit" when even one image (or one group) per micro-batch does not."""
     cfg = compiler.cfg
     per_replica = distribute.per_replica_batch(cfg.batch_size, compiler.replicas, 1)
     options = accumulations(per_replica, cfg.batch_classes)
@@ -189,7 +189,12 @@ def plan(compiler: StepCompiler, hbm_gib: float, where: str, platform: str) -> d
         m_fit = m_lo + (budget - t_lo) / per_image if per_image > 0 else m_hi
         start = next((i for i, a in enumerate(options) if compiler.micro(a) <= m_fit),
                      len(options) - 1)
-        chosen = next(a for a in options[start:] if fits(a))
+        i = next(j for j in range(start, len(options)) if fits(options[j]))
+        # The line through the two ends can underestimate what fits: fewer micro-batches
+        # while they fit (options[0] is known not to).
+        while i > 1 and fits(options[i - 1]):
+            i -= 1
+        chosen = options[i]
     accum = chosen if chosen is not None else options[-1]
     result = report(tried[accum], where, compiler.replicas, hbm_gib, compiler.micro(accum),
                     platform, compiler.policy)
