@@ -10,6 +10,9 @@ Recognition (GLR2020):
 Retrieval with the GLR2019 winner's discriminative re-ranking (after alpha-QE):
   landmark-evaluate --index index.npz --queries test.npz --train train.npz \
       --rerank discriminative+aqe --solution retrieval_solution_v2.1.csv
+Retrieval with SuperGlobal re-ranking of the top 400 (training-free), after database augmentation:
+  landmark-evaluate --index index.npz --queries test.npz --rerank superglobal+dba \
+      --solution retrieval_solution_v2.1.csv
 Revisited Oxford/Paris:
   landmark-evaluate --index roxford_db.npz --queries roxford_q.npz --revisitop_gnd gnd_roxford5k.pkl
 
@@ -63,7 +66,23 @@ flags.DEFINE_enum(
     "hours at 1M images on 2 cores; ivf: approximate, far faster). "
     "discriminative[+...]: then two-stage discriminative re-ranking (Yokoo et al. 2020, the "
     "GLR2019 winner): label queries and index by kNN votes over --train, move the index images "
-    "of the query's landmark ahead and insert unretrieved ones; needs --train.",
+    "of the query's landmark ahead and insert unretrieved ones; needs --train. "
+    "superglobal[+...]: SuperGlobal re-ranking (Shao et al. 2023) of each query's top "
+    "--superglobal_shortlist by refined global descriptors, after aqe/dba vectors and before "
+    "the discriminative step; also re-orders the revisitop rankings.",
+)
+flags.DEFINE_integer(
+    "superglobal_shortlist", _D.superglobal_shortlist,
+    "superglobal: database images re-ranked per query (M; the search retrieves max(k, M)).",
+)
+flags.DEFINE_integer(
+    "superglobal_neighbours", _D.superglobal_neighbours,
+    "superglobal: shortlist neighbours averaged into each refined vector (itself included), "
+    "and refined vectors whose elementwise max expands the query (K + 1 of the paper's code).",
+)
+flags.DEFINE_float(
+    "superglobal_beta", _D.superglobal_beta,
+    "superglobal: a neighbour's weight is beta x its similarity (the vector itself weighs 1).",
 )
 flags.DEFINE_float(
     "rerank_threshold",

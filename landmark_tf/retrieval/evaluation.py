@@ -29,14 +29,19 @@ from landmark_tf.retrieval import (
     rerank,
     revisitop,
     solutions,
+    superglobal,
 )
 from landmark_tf.retrieval.embeddings import EmbeddingFile, load_embeddings, open_embeddings
 from landmark_tf.retrieval.eval_report import Report, check_coverage, score
 from landmark_tf.retrieval.recognition_eval import recognize
 
-# alpha-QE / DBA, each optionally followed by two-stage discriminative re-ranking (needs --train).
-RERANK_METHODS = rerank.METHODS + tuple(
-    discriminative.NAME if m == "none" else f"{discriminative.NAME}+{m}" for m in rerank.METHODS
+# alpha-QE / DBA, each optionally followed by SuperGlobal re-ranking of the shortlist and/or
+# two-stage discriminative re-ranking (needs --train).
+RERANK_METHODS = tuple(
+    "+".join(post + ((m,) if m != "none" else ())) or "none"
+    for post in ((), (discriminative.NAME,), (superglobal.NAME,),
+                 (discriminative.NAME, superglobal.NAME))
+    for m in rerank.METHODS
 )
 
 
@@ -69,6 +74,9 @@ class EvalConfig:
     nonlandmark_method: str = "both"
     penalty_weight: float = -1.0
     penalty_neighbours: int = 0
+    superglobal_shortlist: int = superglobal.SHORTLIST
+    superglobal_neighbours: int = superglobal.NEIGHBOURS
+    superglobal_beta: float = superglobal.BETA
 
     def check(self) -> None:
         if not self.queries:
@@ -81,7 +89,8 @@ class EvalConfig:
         needs_train = (self.recognition_solution, self.recognition_submission)
         if not self.train and any(needs_train):
             raise UserError("--recognition_solution/--recognition_submission need --train")
-        for name in ("k", "batch_size", "nprobe", "recognition_k"):
+        for name in ("k", "batch_size", "nprobe", "recognition_k", "superglobal_shortlist",
+                     "superglobal_neighbours"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.rerank not in RERANK_METHODS:
@@ -169,7 +178,8 @@ def _load_database(cfg: EvalConfig, path: str, queries, report: Report, name: st
 def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
     index, searcher = _load_database(cfg, cfg.index, queries, report, "index")
     t0 = time.perf_counter()
-    vector_method, _ = discriminative.split_method(cfg.rerank)
+    vector_method, uses_superglobal = superglobal.split_method(
+        discriminative.split_method(cfg.rerank)[0])
     q_final, searcher = rerank.rerank_vectors(
         q_vecs, searcher, vector_method, cfg.qe_k, cfg.aqe_alpha, in_place=True
     )
@@ -178,14 +188,20 @@ def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
         report.add("k_clamped_to", searcher.size, f"k (--k={cfg.k} > index size)")
         print(f"landmark-evaluate: note: --k={cfg.k} > the index's {searcher.size} images: "
               f"{searcher.size} neighbours per query", file=sys.stderr)
-    scores, ids = searcher.search(q_final, cfg.k, desc="search")
+    if uses_superglobal:
+        ids, plain_ids = superglobal.search(searcher, q_final, cfg.k, **_superglobal_args(cfg))
+    else:
+        _, ids = searcher.search(q_final, cfg.k, desc="search")
+        plain_ids = ids
     t2 = time.perf_counter()
     if searcher.ivf is not None:
-        _ivf_recall(cfg, searcher, q_final, ids, report)
+        _ivf_recall(cfg, searcher, q_final, plain_ids, report)
     ids = _rerank_results(cfg, queries, q_vecs, ids, report)
     report.add("rerank", cfg.rerank, "re-ranking")
     report.add("rerank_seconds", round(t1 - t0, 3))
     report.add("search_queries_per_second", round(len(q_final) / max(t2 - t1, 1e-9), 1), "q/s")
+    if uses_superglobal:
+        report.add("superglobal_shortlist", cfg.superglobal_shortlist, "SuperGlobal shortlist")
     index_ids = index.ids.tolist()  # rows below share these str objects: no copy per hit
     ranked = [[index_ids[j] for j in row if j >= 0] for row in ids.tolist()]
     predictions = dict(zip(queries.ids.tolist(), ranked, strict=True))
@@ -198,6 +214,11 @@ def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
         report.add("submission", cfg.submission, "submission")
     if cfg.revisitop_gnd:
         _revisitop(cfg, queries, index, q_final, searcher, report)
+
+
+def _superglobal_args(cfg: EvalConfig) -> dict:
+    return dict(shortlist=cfg.superglobal_shortlist, neighbours=cfg.superglobal_neighbours,
+                beta=cfg.superglobal_beta)
 
 
 def _rerank_results(cfg: EvalConfig, queries, q_vecs: np.ndarray, ids: np.ndarray,
@@ -313,6 +334,9 @@ def _revisitop(cfg, queries, index, q_final, searcher: knn.Searcher, report: Rep
     _report_query_crop(queries, q_rows, report)
     ranks = revisitop.ranking_from_chunks(searcher.chunks(), searcher.size, q_final[q_rows],
                                           db_rows)
+    if superglobal.split_method(cfg.rerank)[1]:
+        ranks = superglobal.rerank_ranking(ranks, q_final[q_rows], searcher, db_rows,
+                                           **_superglobal_args(cfg))
     results = revisitop.evaluate(ranks, gnd["gnd"])
     report.add("revisitop", results)
     for name, r in results.items():
