@@ -114,6 +114,13 @@ flags.DEFINE_string(
     "query ids must equal its imlist/qimlist names.",
 )
 flags.DEFINE_string(
+    "training_data",
+    None,
+    "Which training list built the model, printed beside every revisitop score: a "
+    "landmark-tfrecords folder, a training workdir or an export. Without it, the list the "
+    "embedding sets carry (landmark-embed writes it), else 'unknown training list'.",
+)
+flags.DEFINE_string(
     "nonlandmark",
     None,
     "Embedding set (.npz) of images of no landmark (e.g. GLDv2 test images whose recognition "

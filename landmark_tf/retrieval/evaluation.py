@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from landmark_tf.data import provenance
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import (
     discriminative,
@@ -77,6 +78,7 @@ class EvalConfig:
     superglobal_shortlist: int = superglobal.SHORTLIST
     superglobal_neighbours: int = superglobal.NEIGHBOURS
     superglobal_beta: float = superglobal.BETA
+    training_data: str | None = None
 
     def check(self) -> None:
         if not self.queries:
@@ -339,10 +341,22 @@ def _revisitop(cfg, queries, index, q_final, searcher: knn.Searcher, report: Rep
                                            **_superglobal_args(cfg))
     results = revisitop.evaluate(ranks, gnd["gnd"])
     report.add("revisitop", results)
+    record = _training_list(cfg, queries, index)
+    note = provenance.describe(record)
+    report.add("revisitop_training_list", note)
+    report.add("revisitop_training_record", record)
     for name, r in results.items():
         if r["queries"] == 0:
             continue  # no query has positives under this protocol
-        report.add(f"revisitop_map_{name}", round(r["map"], 6), f"revisitop mAP {name}")
+        report.add(f"revisitop_map_{name}", round(r["map"], 6), f"revisitop mAP {name}", note)
+
+
+def _training_list(cfg, queries, index) -> dict | None:
+    """Which training list built the model (GLDv2 and ROxf/RPar share landmarks): from
+    --training_data, else carried by the embedding sets (landmark-embed writes it)."""
+    if cfg.training_data:
+        return provenance.find(cfg.training_data)
+    return index.training_list or queries.training_list
 
 
 def _report_query_crop(queries, q_rows: np.ndarray, report: Report) -> None:

@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from landmark_tf import fileio, workdir
+from landmark_tf.data import provenance
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import model as model_lib
 from landmark_tf.serving import kaggle_contract, signatures
@@ -104,6 +105,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         "checkpoint": found.path,
         "step": found.step,
         "signatures": list(signatures.SIGNATURES),
+        provenance.KEY: provenance.find(cfg.workdir),
     }
     size = write_savedmodel(module, cfg.export_dir, metadata, cfg.overwrite)
     return summary(cfg.export_dir, metadata, size)
