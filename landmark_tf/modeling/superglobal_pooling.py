@@ -102,6 +102,13 @@ def build_embedding_model(backbone: keras.Model, neck) -> keras.Model:
     return keras.Model(image, normalized, name="superglobal_embedding_model")
 
 
+def scales_for(inference_pooling: str, given: list[float] | None) -> list[float] | None:
+    """The scales a user gave, else SuperGlobal's three with its pooling (None: the default)."""
+    if given is None and inference_pooling == NAME:
+        return list(SCALES)
+    return given
+
+
 def combine_scales(parts: list, how: str):
     """Per-scale descriptors [B, D] -> [B, D] (not normalised): `mean` of the descriptors as
     they are, or `max`, SuperGlobal's Scale-GeM: elementwise max of the L2-normalised ones."""

@@ -72,7 +72,7 @@ def rerank_shortlists(
     if q_count == 0 or m == 0:
         return out_ids, out_scores
     dim = queries.shape[1]
-    step = max(1, _CHUNK_BYTES // (m * dim * 4 * 4 + m * m * 16))
+    step = max(1, _CHUNK_BYTES // (m * dim * 4 * 2 + m * m * 16))
     for s in range(0, q_count, step):
         e = min(s + step, q_count)
         x = np.asarray(gather(ids[s:e]), np.float32)  # [c, M, D]
@@ -86,7 +86,12 @@ def rerank_shortlists(
 
 def _score_chunk(q: np.ndarray, x: np.ndarray, valid: np.ndarray, neighbours: int,
                  beta: float) -> np.ndarray:
-    """(q . d~ + q~ . d~) / 2 for one chunk: q [c, D], x [c, M, D], valid bool[c, M] -> [c, M]."""
+    """(q . d~ + q~ . d~) / 2 for one chunk: q [c, D], x [c, M, D], valid bool[c, M] -> [c, M].
+
+    d~ is linear in x, so v . d~_i = sum_j w_ij (v . x_j) / sum_j w_ij: the scores need the
+    refined vectors only for the K members that make q~, not all M (M x D per query saved
+    twice over; the M x M x D shortlist Gram matrix is the one big product).
+    """
     c, m, _ = x.shape
     x[~valid] = 0.0
     k = max(1, min(int(neighbours), m))
@@ -96,29 +101,37 @@ def _score_chunk(q: np.ndarray, x: np.ndarray, valid: np.ndarray, neighbours: in
     del sims
     weights = np.where(np.isfinite(nbr_sims), beta * nbr_sims, 0.0).astype(np.float32)
     weights[..., 0] = 1.0
-    rows = np.arange(c)[:, None]
-    refined = np.zeros_like(x)
-    for j in range(k):  # K (10) steps, each over the whole chunk
-        refined += weights[..., j, None] * x[rows, nbr[..., j]]
-    total = weights.sum(axis=-1, keepdims=True)
-    refined /= np.where(np.abs(total) > 1e-12, total, 1.0)
-    first = np.einsum("cd,cmd->cm", q, refined)
+    total = weights.sum(axis=-1)
+    total = np.where(np.abs(total) > 1e-12, total, 1.0)
+
+    def refined_dot(v):  # v [c, D] -> v . d~_i for every member: [c, M]
+        vx = np.einsum("cd,cmd->cm", v, x)
+        picked = np.take_along_axis(vx, nbr.reshape(c, -1), axis=1).reshape(c, m, k)
+        return np.einsum("cmk,cmk->cm", weights, picked) / total
+
+    first = refined_dot(q)
     first[~valid] = -np.inf
     top, top_scores = _top(first[:, None, :], k)
-    expanded = refined[rows, top[:, 0]]  # [c, k, D]
-    expanded[~np.isfinite(top_scores[:, 0])] = -np.inf
+    top, top_ok = top[:, 0], np.isfinite(top_scores[:, 0])  # [c, k]
+    rows = np.arange(c)[:, None, None]
+    members = x[rows, np.take_along_axis(nbr, top[..., None], axis=1)]  # [c, k, k, D]
+    member_w = np.take_along_axis(weights, top[..., None], axis=1)  # [c, k, k]
+    expanded = np.einsum("ckj,ckjd->ckd", member_w, members)
+    expanded /= np.take_along_axis(total, top, axis=1)[..., None]
+    expanded[~top_ok] = -np.inf
     q_tilde = expanded.max(axis=1)  # [c, D]; at least one member is valid
-    second = np.einsum("cd,cmd->cm", np.where(np.isfinite(q_tilde), q_tilde, 0.0), refined)
+    second = refined_dot(np.where(np.isfinite(q_tilde), q_tilde, 0.0).astype(np.float32))
     return np.where(valid, (first + second) / 2.0, -np.inf).astype(np.float32)
 
 
 def _top(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the k largest along the last axis, largest first (ties: lower
     index first, as a stable descending sort gives)."""
-    if k < values.shape[-1]:
-        part = np.argpartition(-values, k - 1, axis=-1)[..., :k]
+    n = values.shape[-1]
+    if k < n:
+        part = np.argpartition(values, n - k, axis=-1)[..., n - k:]
     else:
-        part = np.broadcast_to(np.arange(values.shape[-1]), values.shape)
+        part = np.broadcast_to(np.arange(n), values.shape)
     part_values = np.take_along_axis(values, part, axis=-1)
     order = np.lexsort((part, -part_values), axis=-1)
     idx = np.take_along_axis(part, order, axis=-1)
