@@ -127,3 +127,9 @@ def test_export_loads_in_tensorflow_2_2(exported, tmp_path):
     want = np.load(os.path.join(exported["root"], "got.npz"))["default"]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert r["padded_max_diff"] < 1e-5
+
+
+def test_embed_refuses_the_option_for_a_savedmodel(tmp_path):
+    proc = fx.run_cli("landmark-embed", f"--model={tmp_path}", f"--output={tmp_path}/x.npz",
+                      "--csv=x.csv", "--inference_pooling=superglobal")
+    fx.assert_one_line_error(proc, "--inference_pooling applies to --workdir")

@@ -138,3 +138,14 @@ def test_evaluate_prints_the_list_beside_every_revisitop_score(tmp_path):
     (tmp_path / "unknown").mkdir()
     r = evaluate(EvalConfig(**_revisitop_files(tmp_path / "unknown", None)))
     assert r["revisitop_training_list"] == provenance.UNKNOWN
+
+
+def test_cli_flag_reaches_the_plan(small, tmp_path):
+    bad = _list(tmp_path, "301\nRadcliffe\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "landmark_tf.cli.tfrecords",
+         f"--train_csv={small['root']}/train.csv", f"--image_dir={small['root']}/img", f"--output_dir={tmp_path}/out",
+         f"--exclude_landmarks={bad}", "--noprogress"],
+        capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "landmark-tfrecords" in ln]
+    assert proc.returncode == 2 and "exclude.txt:2: 'Radcliffe' is not a landmark id" in lines[-1]
