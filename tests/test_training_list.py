@@ -144,7 +144,8 @@ def test_cli_flag_reaches_the_plan(small, tmp_path):
     bad = _list(tmp_path, "301\nRadcliffe\n")
     proc = subprocess.run(
         [sys.executable, "-m", "landmark_tf.cli.tfrecords",
-         f"--train_csv={small['root']}/train.csv", f"--image_dir={small['root']}/img", f"--output_dir={tmp_path}/out",
+         f"--train_csv={small['root']}/train.csv", f"--image_dir={small['root']}/img",
+         f"--output_dir={tmp_path}/out",
          f"--exclude_landmarks={bad}", "--noprogress"],
         capture_output=True, text=True, timeout=300)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "landmark-tfrecords" in ln]
