@@ -120,7 +120,7 @@ def scale(a) -> dict:
     if not os.path.exists(index):
         scale_bench.write_set(index, gen, a.n, a.n, "x")
     rows = {}
-    for method in SCALE:
+    for method in (a.methods.split(",") if a.methods else SCALE):
         if "dba" in method and a.n > a.dba_max:
             continue
         r = evaluate([f"--index={index}", f"--queries={queries}", f"--rerank={method}"])
@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--dba_max", type=int, default=100_000)
+    ap.add_argument("--methods", default="", help="scale: comma list (default: all)")
     a = ap.parse_args()
     a.workdir = a.workdir or f"/tmp/superglobal_bench_{a.set}"
     result = synthetic(a) if a.set == "synthetic" else scale(a)
