@@ -136,8 +136,16 @@ def test_evaluate_prints_the_list_beside_every_revisitop_score(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["revisitop_training_record"] == rec
     (tmp_path / "unknown").mkdir()
-    r = evaluate(EvalConfig(**_revisitop_files(tmp_path / "unknown", None)))
+    plain = _revisitop_files(tmp_path / "unknown", None)
+    r = evaluate(EvalConfig(**plain))
     assert r["revisitop_training_list"] == provenance.UNKNOWN
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "metadata.json").write_text(json.dumps({provenance.KEY: rec}))
+    named = evaluate(EvalConfig(**plain, training_data=str(export)))
+    assert named["revisitop_training_record"] == rec
+    with pytest.raises(UserError, match="not a landmark-tfrecords output"):
+        evaluate(EvalConfig(**plain, training_data=str(tmp_path / "unknown")))
 
 
 def test_cli_flag_reaches_the_plan(small, tmp_path):

@@ -135,6 +135,8 @@ def _read_ground_truth(cfg: EvalConfig) -> dict:
                                                               "recognition")
     if cfg.revisitop_gnd and cfg.index:
         out["revisitop_gnd"] = revisitop.load_gnd(cfg.revisitop_gnd)
+    if cfg.training_data:  # before the search: a bad path fails in seconds
+        out["training_data"] = provenance.find(cfg.training_data)
     return out
 
 
@@ -341,7 +343,7 @@ def _revisitop(cfg, queries, index, q_final, searcher: knn.Searcher, report: Rep
                                            **_superglobal_args(cfg))
     results = revisitop.evaluate(ranks, gnd["gnd"])
     report.add("revisitop", results)
-    record = _training_list(cfg, queries, index)
+    record = _training_list(report, queries, index)
     note = provenance.describe(record)
     report.add("revisitop_training_list", note)
     report.add("revisitop_training_record", record)
@@ -351,11 +353,11 @@ def _revisitop(cfg, queries, index, q_final, searcher: knn.Searcher, report: Rep
         report.add(f"revisitop_map_{name}", round(r["map"], 6), f"revisitop mAP {name}", note)
 
 
-def _training_list(cfg, queries, index) -> dict | None:
+def _training_list(report: Report, queries, index) -> dict | None:
     """Which training list built the model (GLDv2 and ROxf/RPar share landmarks): from
     --training_data, else carried by the embedding sets (landmark-embed writes it)."""
-    if cfg.training_data:
-        return provenance.find(cfg.training_data)
+    if "training_data" in report.ground_truth:
+        return report.ground_truth["training_data"]
     return index.training_list or queries.training_list
 
 
