@@ -144,3 +144,18 @@ def test_embed_refuses_the_option_for_a_savedmodel(tmp_path):
     proc = fx.run_cli("landmark-embed", f"--model={tmp_path}", f"--output={tmp_path}/x.npz",
                       "--csv=x.csv", "--inference_pooling=superglobal")
     fx.assert_one_line_error(proc, "--inference_pooling applies to --workdir")
+
+
+def test_embed_workdir_path_gives_the_export_descriptors(exported):
+    """landmark-embed --workdir --inference_pooling=superglobal (default strategy, CPU) gives
+    what the superglobal export gives, image for image."""
+    import load_savedmodel
+
+    from landmark_tf.serving import embed_accel
+
+    accel = embed_accel.AccelConfig(workdir=exported["workdir"], image_size=48,
+                                    scales=sgp.SCALES, inference_pooling="superglobal")
+    embedder = embed_accel.AccelEmbedder(accel, batch_size=2)
+    got = embedder(load_savedmodel.make_images(EXPORT_SIZES))
+    np.testing.assert_allclose(got, _serving_default(exported), atol=1e-5, rtol=0)
+    assert embedder.fingerprint()["inference_pooling"] == "superglobal"
