@@ -314,7 +314,8 @@ def test_kill_9_then_rerun_equals_uninterrupted_run(heavy, tmp_path):
 
 
 def test_dataset_info_has_not_clean_counts_only_when_every_report_has_them():
-    plan = types.SimpleNamespace(label_map={10: 0, 11: 1}, stats={})
+    plan = types.SimpleNamespace(label_map={10: 0, 11: 1}, stats={}, skipped=[],
+                                 training_list=None)
     new = {"shard": "train-00000-of-00002.tfrec", "examples": 3, "skipped": [],
            "label_counts": {"0": 2, "1": 1}, "not_clean_label_counts": {"0": 1}}
     also_new = {**new, "shard": "train-00001-of-00002.tfrec", "not_clean_label_counts": {"1": 1}}

@@ -20,6 +20,7 @@ from absl import flags
 from landmark_tf import config
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
+from landmark_tf.modeling import superglobal_pooling
 from landmark_tf.serving import embed, embed_accel, export
 
 _D = embed.EmbedConfig(model="", output="")
@@ -39,6 +40,11 @@ flags.DEFINE_enum("precision", "auto", list(config.PRECISIONS),
 flags.DEFINE_list("scales", ["1"], "With --workdir: input sizes as multiples of --image_size "
                   "(multi-scale: mean of the descriptors), as landmark-export's --scales.")
 flags.DEFINE_integer("image_size", None, "With --workdir: model input side (default: trained).")
+flags.DEFINE_enum("inference_pooling", embed_accel.AccelConfig.inference_pooling,
+                  list(superglobal_pooling.POOLINGS),
+                  "With --workdir: as landmark-export's --inference_pooling (superglobal: "
+                  "regional GeM + GeM p 4.6, scales 0.7071,1,1.4142 unless --scales, combined "
+                  "by max). A SavedModel (--model) has its pooling built in.")
 flags.DEFINE_string("records", None, "Glob of TFRecord shards (landmark-tfrecords output).")
 flags.DEFINE_string("csv", None, "Instead of --records: CSV with id (and landmark_id) columns.")
 flags.DEFINE_string("image_dir", None,
@@ -62,6 +68,11 @@ flags.DEFINE_enum("dtype", _D.dtype, ["float32", "float16"],
 flags.DEFINE_integer("num_threads", embed.default_threads(), "Threads reading/decoding images.")
 
 
+def _scales() -> list[float]:
+    given = export.parse_float_list(FLAGS.scales, "--scales") if FLAGS["scales"].present else None
+    return superglobal_pooling.scales_for(FLAGS.inference_pooling, given) or [1.0]
+
+
 def main(argv: list[str]) -> dict:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -69,12 +80,15 @@ def main(argv: list[str]) -> dict:
         raise UserError("--output is required")
     if bool(FLAGS.model) == bool(FLAGS.workdir):
         raise UserError("give either --model (a SavedModel) or --workdir (a training workdir)")
+    if FLAGS.model and FLAGS["inference_pooling"].present:
+        raise UserError("--inference_pooling applies to --workdir; a SavedModel has its pooling "
+                        "built in (landmark-export --inference_pooling)")
     accel = None
     if FLAGS.workdir:
         accel = embed_accel.AccelConfig(
             workdir=FLAGS.workdir, strategy=FLAGS.strategy, tpu=FLAGS.tpu,
             precision=FLAGS.precision, image_size=FLAGS.image_size,
-            scales=export.parse_float_list(FLAGS.scales, "--scales"),
+            scales=_scales(), inference_pooling=FLAGS.inference_pooling,
         )
     cfg = embed.EmbedConfig(
         model=FLAGS.model or "", accel=accel, output=FLAGS.output, records=FLAGS.records,

@@ -13,6 +13,9 @@ Retrieval with the GLR2019 winner's discriminative re-ranking (after alpha-QE):
 Retrieval with diffusion (or --rerank egt) over the index's k-NN graph, kept for other query sets:
   landmark-evaluate --index index.npz --queries test.npz --rerank diffusion \
       --graph_cache /data/graphs --solution retrieval_solution_v2.1.csv
+Retrieval with SuperGlobal re-ranking of the top 400 (training-free), after database augmentation:
+  landmark-evaluate --index index.npz --queries test.npz --rerank superglobal+dba \
+      --solution retrieval_solution_v2.1.csv
 Revisited Oxford/Paris:
   landmark-evaluate --index roxford_db.npz --queries roxford_q.npz --revisitop_gnd gnd_roxford5k.pkl
 
@@ -69,7 +72,23 @@ flags.DEFINE_enum(
     "of the query's landmark ahead and insert unretrieved ones; needs --train. "
     "diffusion: Iscen et al. 2017 on the index's mutual k-NN graph (--diffusion_*); egt[+dba+aqe]: "
     "explore-exploit graph traversal, Chang et al. 2019 (--egt_*); both build the index's k-NN "
-    "graph first (a self-search of the index; cache it with --graph_cache).",
+    "graph first (a self-search of the index; cache it with --graph_cache). "
+    "superglobal[+...]: SuperGlobal re-ranking (Shao et al. 2023) of each query's top "
+    "--superglobal_shortlist by refined global descriptors, after aqe/dba vectors and before "
+    "the discriminative step; also re-orders the revisitop rankings.",
+)
+flags.DEFINE_integer(
+    "superglobal_shortlist", _D.superglobal_shortlist,
+    "superglobal: database images re-ranked per query (M; the search retrieves max(k, M)).",
+)
+flags.DEFINE_integer(
+    "superglobal_neighbours", _D.superglobal_neighbours,
+    "superglobal: shortlist neighbours averaged into each refined vector (itself included), "
+    "and refined vectors whose elementwise max expands the query (K + 1 of the paper's code).",
+)
+flags.DEFINE_float(
+    "superglobal_beta", _D.superglobal_beta,
+    "superglobal: a neighbour's weight is beta x its similarity (the vector itself weighs 1).",
 )
 flags.DEFINE_string(
     "graph_cache",
@@ -119,6 +138,13 @@ flags.DEFINE_string(
     None,
     "Revisited Oxford/Paris ground truth (gnd_roxford5k.pkl layout); index and "
     "query ids must equal its imlist/qimlist names.",
+)
+flags.DEFINE_string(
+    "training_data",
+    None,
+    "Which training list built the model, printed beside every revisitop score: a "
+    "landmark-tfrecords folder, a training workdir or an export. Without it, the list the "
+    "embedding sets carry (landmark-embed writes it), else 'unknown training list'.",
 )
 flags.DEFINE_string(
     "nonlandmark",

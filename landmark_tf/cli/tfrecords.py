@@ -1,6 +1,7 @@
 """landmark-tfrecords: GLDv2 CSV + image tree -> sharded TFRecords + dataset_info.json.
 
-  landmark-tfrecords --train_csv=train.csv [--clean_csv=train_clean.csv] --image_dir=train/
+  landmark-tfrecords --train_csv=train.csv [--clean_csv=train_clean.csv]
+      [--exclude_landmarks=roxf_rpar_overlap.txt] --image_dir=train/
       --output_dir=gs://bucket/gldv2 [--min_images_per_class=25 --val_fraction=0.05 --seed=0
       --max_image_side=800 --jpeg_quality=90 --shard_size_mb=150 --num_workers=8]
   landmark-tfrecords --csv=index.csv --split=index --image_dir=index/ --output_dir=...
@@ -34,6 +35,12 @@ flags.DEFINE_string("split", "", "Split name for --csv, e.g. index or test.")
 flags.DEFINE_string("clean_csv", "",
                     "train_clean.csv next to a full train.csv: its images get image/is_clean=1, "
                     "the others 0 (so training can down-weight them).")
+flags.DEFINE_string("exclude_landmarks", "",
+                    "Text file of landmark ids to leave out (one per line, or a CSV with a "
+                    "landmark_id column), e.g. the GLDv2-clean landmarks that overlap Revisited "
+                    "Oxford/Paris as RGLDv2-clean (CVPR 2024) lists them. Their images are "
+                    "skipped (reason 'excluded landmark'); dataset_info.json records the list's "
+                    "path and sha256, and landmark-evaluate prints it beside ROxf/RPar scores.")
 flags.DEFINE_string("image_dir", "",
                     "Folder holding the a/b/c/<id>.jpg tree of the CSV's images (local or gs://).")
 flags.DEFINE_string("output_dir", "", "Folder (local or gs://) for shards and dataset_info.json.")
@@ -77,6 +84,7 @@ def config_from_flags() -> convert.ConvertConfig:
     return convert.ConvertConfig(
         image_dir=FLAGS.image_dir, output_dir=FLAGS.output_dir, train_csv=FLAGS.train_csv,
         csv=FLAGS.csv, split=FLAGS.split, clean_csv=FLAGS.clean_csv,
+        exclude_landmarks=FLAGS.exclude_landmarks,
         min_images_per_class=FLAGS.min_images_per_class, val_fraction=FLAGS.val_fraction,
         seed=FLAGS.seed, max_image_side=FLAGS.max_image_side, jpeg_quality=FLAGS.jpeg_quality,
         shard_size_mb=FLAGS.shard_size_mb, num_shards=FLAGS.num_shards,

@@ -45,6 +45,7 @@ class ConvertConfig:
     csv: str = ""
     split: str = ""
     clean_csv: str = ""
+    exclude_landmarks: str = ""
     min_images_per_class: int = 1
     val_fraction: float = 0.0
     seed: int = 0
@@ -112,10 +113,14 @@ def convert_dataset(
     with Workers(cfg.num_workers) as workers:
         plan = planning.build_plan(
             train_csv=cfg.train_csv, csv=cfg.csv, split=cfg.split, clean_csv=cfg.clean_csv,
+            exclude_landmarks=cfg.exclude_landmarks,
             min_images_per_class=cfg.min_images_per_class, val_fraction=cfg.val_fraction,
             seed=cfg.seed,
         )
         source = {**cfg.source(), "plan_sha256": plan.digest()}
+        excluded = (plan.training_list or {}).get("exclude_landmarks")
+        if excluded:  # the list's content, not only its path, defines the output
+            source["exclude_landmarks_sha256"] = excluded["sha256"]
         manifest = output_dir.prepare(cfg, source, plan, workers)
         tasks = _tasks(cfg, plan, manifest["num_shards"])
         finished, damaged = output_dir.finished_shards(cfg.output_dir)

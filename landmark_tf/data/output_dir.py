@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import tensorflow as tf
 
 from landmark_tf import fileio
-from landmark_tf.data import records
+from landmark_tf.data import provenance, records
 from landmark_tf.data.planning import ConversionPlan
 from landmark_tf.data.shards import ImageOptions, check_shard, record_size
 from landmark_tf.data.workers import Workers
@@ -168,7 +168,7 @@ def finished_shards(out: str) -> tuple[set[str], dict[str, str]]:
 def dataset_info(plan: ConversionPlan, source: dict, reports: list[dict]) -> dict:
     num_classes = len(plan.label_map)
     splits: dict[str, dict] = {}
-    skipped = []
+    skipped = list(plan.skipped)  # left out by the plan (excluded landmarks), then per shard
     for report in reports:
         split = records.parse_shard_name(report["shard"])[0]
         entry = splits.setdefault(split, {"examples": 0, "shards": [],
@@ -199,6 +199,7 @@ def dataset_info(plan: ConversionPlan, source: dict, reports: list[dict]) -> dic
         "num_skipped": len(skipped),
         "skipped": skipped,
         "source": {**source, **plan.stats},
+        provenance.KEY: plan.training_list,
     }
 
 

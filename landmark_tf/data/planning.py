@@ -13,6 +13,7 @@ import hashlib
 import random
 from collections.abc import Iterable
 
+from landmark_tf.data import provenance
 from landmark_tf.data.gldv2 import UNLABELLED, Example, Row, read_csv
 from landmark_tf.errors import UserError
 
@@ -102,6 +103,9 @@ class ConversionPlan:
     splits: dict[str, list[Example]]
     label_map: dict[int, int]  # landmark id -> contiguous label; empty when unlabelled
     stats: dict[str, int]
+    # Inputs left out before planning ({"id", "path", "reason"}, as shard reports list them).
+    skipped: list[dict] = dataclasses.field(default_factory=list)
+    training_list: dict | None = None  # provenance.record of a labelled plan
 
     def split_order(self) -> list[str]:
         return sorted(self.splits, key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s))
@@ -122,12 +126,14 @@ def build_plan(
     csv: str = "",
     split: str = "",
     clean_csv: str = "",
+    exclude_landmarks: str = "",
     min_images_per_class: int = 1,
     val_fraction: float = 0.0,
     seed: int = 0,
 ) -> ConversionPlan:
     """Reads the CSV(s) and plans the splits. `train_csv`: labelled train (+ val) splits;
-    `csv`: one split named `split` with label -1. Raises UserError for any bad input."""
+    `csv`: one split named `split` with label -1. `exclude_landmarks`: a list of landmark ids
+    whose images are left out (reported as skipped). Raises UserError for any bad input."""
     path = train_csv or csv
     kind, rows = read_csv(path)
     if train_csv and kind == "unlabelled":
@@ -136,8 +142,17 @@ def build_plan(
     if clean_csv:
         flags, stats["clean_ids_not_in_csv"] = _clean(rows, clean_csv)
         stats["clean_rows"] = sum(flags)
+    exclusion = provenance.read_exclusion_list(exclude_landmarks) if exclude_landmarks else None
+    rows, flags, skipped = _exclude(rows, flags, exclusion)
+    if exclusion is not None:
+        stats["excluded_images"] = len(skipped)
+        stats["excluded_landmarks"] = len({s["landmark_id"] for s in skipped})
+    training_list = provenance.record(train_csv, clean_csv, exclusion,
+                                      stats.get("excluded_landmarks", 0), len(skipped))
+    skipped = [{k: s[k] for k in ("id", "path", "reason")} for s in skipped]
     if not train_csv:
-        return ConversionPlan({split: sorted(unlabelled_examples(rows, flags))}, {}, stats)
+        return ConversionPlan({split: sorted(unlabelled_examples(rows, flags))}, {}, stats,
+                              skipped)
     labels = label_map(rows, min_images_per_class)
     if not labels:
         raise UserError(f"{path}: no landmark has at least {min_images_per_class} images")
@@ -145,7 +160,25 @@ def build_plan(
     stats["classes_dropped"] = len(landmark_counts(rows)) - len(labels)
     stats["rows_dropped"] = len(rows) - len(examples)
     train, val = stratified_split(examples, val_fraction, seed)
-    return ConversionPlan({"train": train, "val": val} if val else {"train": train}, labels, stats)
+    return ConversionPlan({"train": train, "val": val} if val else {"train": train}, labels, stats,
+                          skipped, training_list)
+
+
+def _exclude(rows: list[Row], flags: list[bool], exclusion) -> tuple[list, list, list[dict]]:
+    """Rows and clean flags without the excluded landmarks' images, and those images as
+    skipped entries (with their landmark id for counting)."""
+    if exclusion is None:
+        return rows, flags, []
+    out_rows, out_flags, skipped = [], [], []
+    for row, flag in zip(rows, flags, strict=True):
+        if row.landmark_id != UNLABELLED and row.landmark_id in exclusion.landmark_ids:
+            skipped.append({"id": row.image_id, "path": "", "landmark_id": row.landmark_id,
+                            "reason": f"excluded landmark: {row.landmark_id} is listed in "
+                                      f"{exclusion.path}"})
+        else:
+            out_rows.append(row)
+            out_flags.append(flag)
+    return out_rows, out_flags, skipped
 
 
 def _clean(rows: list[Row], clean_csv: str) -> tuple[list[bool], int]:

@@ -16,7 +16,13 @@ import keras
 from landmark_tf import workdir as workdir_lib
 from landmark_tf.config import ModelConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import backbones, checkpoint, head_variants, legacy_checkpoints
+from landmark_tf.modeling import (
+    backbones,
+    checkpoint,
+    head_variants,
+    legacy_checkpoints,
+    superglobal_pooling,
+)
 from landmark_tf.modeling.pooling import EmbeddingNeck
 from landmark_tf.workdir import CHECKPOINT_DIR, CONFIG_FILE, read_model_config  # noqa: F401
 
@@ -127,15 +133,23 @@ def restore_train_state(models: LandmarkModels, found: checkpoint.Found, optimiz
     return int(state["step"])
 
 
-def restore_embedding_model(workdir: str) -> tuple[keras.Model, ModelConfig]:
+def restore_embedding_model(workdir: str, pooling: str = "trained",
+                            ) -> tuple[keras.Model, ModelConfig]:
     """Builds the embedding model from workdir/config.json and restores the latest checkpoint.
 
+    pooling: "trained" (the model's own pooling) or "superglobal" (regional GeM + GeM p=4.6 in
+    front of the trained neck; modeling/superglobal_pooling.py).
     The head (C x D, large) is neither built nor read.
     """
+    if pooling not in superglobal_pooling.POOLINGS:
+        raise UserError(f"unknown inference pooling {pooling!r}; expected one of "
+                        f"{superglobal_pooling.POOLINGS}")
     cfg = read_model_config(workdir)
     found = latest_checkpoint(workdir)
     models = build_models(cfg, with_head=False)
     restore_parts(models, found, ["backbone", "neck"])
+    if pooling == superglobal_pooling.NAME:
+        return superglobal_pooling.build_embedding_model(models.backbone, models.neck), cfg
     return models.embedding_model, cfg
 
 

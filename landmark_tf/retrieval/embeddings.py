@@ -7,6 +7,8 @@ Layout (numpy .npz, no pickled objects):
   landmark_ids  int64[N]    optional, for labelled sets; -1 means "no landmark"
   cropped       bool[N]     optional: 1 where the image was cropped to its ground-truth box
                 before it was described (revisited Oxford/Paris queries, as published)
+  training_list str[]       optional: JSON of the training list that built the model
+                (landmark_tf.data.provenance; the exclusion list's path and sha256)
 
 Files of any size: `open_embeddings` validates and serves the embeddings in float32 row chunks
 without loading them (members are read at their offset in the zip, see npzstream), and
@@ -17,6 +19,7 @@ without loading them (members are read at their offset in the zip, see npzstream
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -31,6 +34,7 @@ DTYPES = ("float32", "float16")
 # (float16 storage rounds norms by up to ~1e-3).
 NORM_TOLERANCE = 2e-3
 CROPPED = "cropped"
+TRAINING_LIST = "training_list"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +139,8 @@ def check_rows(ids: np.ndarray, emb: np.ndarray, source: str, start: int = 0) ->
 
 
 def write_embeddings(path: str, ids, chunks: Iterable[np.ndarray], n: int, dim: int,
-                     landmark_ids=None, dtype: str = "float32", cropped=None) -> int:
+                     landmark_ids=None, dtype: str = "float32", cropped=None,
+                     training_list: dict | None = None) -> int:
     """Streams `chunks` (float arrays [*, dim] summing to n rows) into a new embedding set.
 
     Each chunk is checked (finite, non-zero) as it passes; ids must be unique. Only one chunk is
@@ -155,6 +160,8 @@ def write_embeddings(path: str, ids, chunks: Iterable[np.ndarray], n: int, dim: 
             w.write("landmark_ids", landmark_ids)
         if cropped is not None:
             w.write(CROPPED, np.asarray(cropped, dtype=bool).reshape(n))
+        if training_list:
+            w.write(TRAINING_LIST, np.array(json.dumps(training_list, sort_keys=True)))
         with w.stream("embeddings", dtype, (n, dim)) as put:
             for chunk in chunks:
                 chunk = np.asarray(chunk)
@@ -192,6 +199,7 @@ class EmbeddingFile:
       ids: str[N]; landmark_ids: int64[N] or None; dim: D; dtype: the stored float dtype.
       renormalised: rows whose stored norm is not 1 (they are normalised when read).
       cropped: bool[N] or None: rows described from a crop (revisitop query bbx).
+      training_list: dict or None: the training list that built the model (see provenance).
     """
 
     def __init__(self, path: str, chunk_rows: int = CHUNK_ROWS):
@@ -222,6 +230,7 @@ class EmbeddingFile:
         lm = members["landmark_ids"].read() if "landmark_ids" in members else None
         crop = members.get(CROPPED)
         self.cropped = crop.read().astype(bool) if crop is not None else None
+        self.training_list = _training_list(members.get(TRAINING_LIST))
         self.landmark_ids = _as_landmark_ids(lm, len(self.ids), self.path)
         _check_unique(self.ids, self.path)
         self.dim, self.dtype = int(shape[1]), dtype
@@ -281,3 +290,13 @@ def load_embeddings(path: str) -> EmbeddingSet:
         for s, c in f._raw_chunks():
             emb[s : s + len(c)] = c
         return EmbeddingSet(f.ids, emb, f.landmark_ids)
+
+
+def _training_list(member) -> dict | None:
+    if member is None:
+        return None
+    try:
+        rec = json.loads(str(member.read()))
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None

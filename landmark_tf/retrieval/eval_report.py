@@ -18,10 +18,11 @@ class Report:
         # in seconds, not after the search, and with nothing printed before its error line.
         self.ground_truth: dict = ground_truth or {}
 
-    def add(self, key: str, value, label: str | None = None) -> None:
+    def add(self, key: str, value, label: str | None = None, note: str = "") -> None:
+        """A result; with `label` also a table row, with `note` beside its value."""
         self.result[key] = value
         if label is not None:
-            self.rows.append((label, str(value)))
+            self.rows.append((label, f"{value}  ({note})" if note else str(value)))
 
     def warn(self, key: str, count: int, message: str) -> None:
         self.result[key] = count

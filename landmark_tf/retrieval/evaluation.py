@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from landmark_tf.data import provenance
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import (
     discriminative,
@@ -32,14 +33,19 @@ from landmark_tf.retrieval import (
     rerank,
     revisitop,
     solutions,
+    superglobal,
 )
 from landmark_tf.retrieval.embeddings import EmbeddingFile, load_embeddings, open_embeddings
 from landmark_tf.retrieval.eval_report import Report, check_coverage, score
 from landmark_tf.retrieval.recognition_eval import recognize
 
-# alpha-QE / DBA, each optionally followed by two-stage discriminative re-ranking (needs --train).
-RERANK_METHODS = rerank.METHODS + tuple(
-    discriminative.NAME if m == "none" else f"{discriminative.NAME}+{m}" for m in rerank.METHODS
+# alpha-QE / DBA, each optionally followed by SuperGlobal re-ranking of the shortlist and/or
+# two-stage discriminative re-ranking (needs --train); or a graph re-ranker (diffusion, egt).
+RERANK_METHODS = tuple(
+    "+".join(post + ((m,) if m != "none" else ())) or "none"
+    for post in ((), (discriminative.NAME,), (superglobal.NAME,),
+                 (discriminative.NAME, superglobal.NAME))
+    for m in rerank.METHODS
 ) + graph_rerank.METHODS
 
 
@@ -81,6 +87,10 @@ class EvalConfig:
     diffusion_iterations: int = 20
     egt_k: int = 100
     egt_threshold: float = float("inf")
+    superglobal_shortlist: int = superglobal.SHORTLIST
+    superglobal_neighbours: int = superglobal.NEIGHBOURS
+    superglobal_beta: float = superglobal.BETA
+    training_data: str | None = None
 
     def check(self) -> None:
         if not self.queries:
@@ -93,7 +103,8 @@ class EvalConfig:
         needs_train = (self.recognition_solution, self.recognition_submission)
         if not self.train and any(needs_train):
             raise UserError("--recognition_solution/--recognition_submission need --train")
-        for name in ("k", "batch_size", "nprobe", "recognition_k"):
+        for name in ("k", "batch_size", "nprobe", "recognition_k", "superglobal_shortlist",
+                     "superglobal_neighbours"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.rerank not in RERANK_METHODS:
@@ -137,6 +148,8 @@ def _read_ground_truth(cfg: EvalConfig) -> dict:
                                                               "recognition")
     if cfg.revisitop_gnd and cfg.index:
         out["revisitop_gnd"] = revisitop.load_gnd(cfg.revisitop_gnd)
+    if cfg.training_data:  # before the search: a bad path fails in seconds
+        out["training_data"] = provenance.find(cfg.training_data)
     return out
 
 
@@ -182,8 +195,9 @@ def _load_database(cfg: EvalConfig, path: str, queries, report: Report, name: st
 def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
     index, searcher = _load_database(cfg, cfg.index, queries, report, "index")
     t0 = time.perf_counter()
-    _, rest = graph_rerank.split_method(cfg.rerank)
-    vector_method, _ = discriminative.split_method(rest)
+    graph, rest = graph_rerank.split_method(cfg.rerank)
+    vector_method, uses_superglobal = superglobal.split_method(
+        discriminative.split_method(rest)[0])
     q_final, searcher = rerank.rerank_vectors(
         q_vecs, searcher, vector_method, cfg.qe_k, cfg.aqe_alpha, in_place=True
     )
@@ -192,15 +206,22 @@ def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
         report.add("k_clamped_to", searcher.size, f"k (--k={cfg.k} > index size)")
         print(f"landmark-evaluate: note: --k={cfg.k} > the index's {searcher.size} images: "
               f"{searcher.size} neighbours per query", file=sys.stderr)
-    scores, ids = searcher.search(q_final, graph_rerank.search_depth(cfg), desc="search")
+    if uses_superglobal:
+        ids, plain_ids = superglobal.search(searcher, q_final, cfg.k, **_superglobal_args(cfg))
+    else:
+        scores, ids = searcher.search(q_final, graph_rerank.search_depth(cfg), desc="search")
+        plain_ids = ids[:, : cfg.k]
     t2 = time.perf_counter()
     if searcher.ivf is not None:
-        _ivf_recall(cfg, searcher, q_final, ids[:, : cfg.k], report)
-    ids = graph_rerank.rerank(cfg, searcher, scores, ids, report)
+        _ivf_recall(cfg, searcher, q_final, plain_ids, report)
+    if graph:
+        ids = graph_rerank.rerank(cfg, searcher, scores, ids, report)
     ids = _rerank_results(cfg, queries, q_vecs, ids, report)
     report.add("rerank", cfg.rerank, "re-ranking")
     report.add("rerank_seconds", round(t1 - t0, 3))
     report.add("search_queries_per_second", round(len(q_final) / max(t2 - t1, 1e-9), 1), "q/s")
+    if uses_superglobal:
+        report.add("superglobal_shortlist", cfg.superglobal_shortlist, "SuperGlobal shortlist")
     index_ids = index.ids.tolist()  # rows below share these str objects: no copy per hit
     ranked = [[index_ids[j] for j in row if j >= 0] for row in ids.tolist()]
     predictions = dict(zip(queries.ids.tolist(), ranked, strict=True))
@@ -213,6 +234,11 @@ def _retrieval(cfg: EvalConfig, queries, q_vecs, report: Report) -> None:
         report.add("submission", cfg.submission, "submission")
     if cfg.revisitop_gnd:
         _revisitop(cfg, queries, index, q_final, searcher, report)
+
+
+def _superglobal_args(cfg: EvalConfig) -> dict:
+    return dict(shortlist=cfg.superglobal_shortlist, neighbours=cfg.superglobal_neighbours,
+                beta=cfg.superglobal_beta)
 
 
 def _rerank_results(cfg: EvalConfig, queries, q_vecs: np.ndarray, ids: np.ndarray,
@@ -328,12 +354,27 @@ def _revisitop(cfg, queries, index, q_final, searcher: knn.Searcher, report: Rep
     _report_query_crop(queries, q_rows, report)
     ranks = revisitop.ranking_from_chunks(searcher.chunks(), searcher.size, q_final[q_rows],
                                           db_rows)
+    if superglobal.split_method(cfg.rerank)[1]:
+        ranks = superglobal.rerank_ranking(ranks, q_final[q_rows], searcher, db_rows,
+                                           **_superglobal_args(cfg))
     results = revisitop.evaluate(ranks, gnd["gnd"])
     report.add("revisitop", results)
+    record = _training_list(report, queries, index)
+    note = provenance.describe(record)
+    report.add("revisitop_training_list", note)
+    report.add("revisitop_training_record", record)
     for name, r in results.items():
         if r["queries"] == 0:
             continue  # no query has positives under this protocol
-        report.add(f"revisitop_map_{name}", round(r["map"], 6), f"revisitop mAP {name}")
+        report.add(f"revisitop_map_{name}", round(r["map"], 6), f"revisitop mAP {name}", note)
+
+
+def _training_list(report: Report, queries, index) -> dict | None:
+    """Which training list built the model (GLDv2 and ROxf/RPar share landmarks): from
+    --training_data, else carried by the embedding sets (landmark-embed writes it)."""
+    if "training_data" in report.ground_truth:
+        return report.ground_truth["training_data"]
+    return index.training_list or queries.training_list
 
 
 def _report_query_crop(queries, q_rows: np.ndarray, report: Report) -> None:

@@ -31,6 +31,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from landmark_tf import fileio
+from landmark_tf.data import provenance
 from landmark_tf.errors import UserError
 from landmark_tf.retrieval import npzstream
 from landmark_tf.retrieval.embeddings import DTYPES, write_embeddings
@@ -115,14 +116,26 @@ def embed_set(cfg: EmbedConfig) -> dict[str, Any]:
             part = _embed_chunk(chunk, embedder, pool, cfg, bar)
             done += len(part["ids"]) + len(part["skipped_ids"])
             _write_npz(path, part)
-    result = _merge(parts_dir, names, cfg.output, source.labelled, embedder.dim, cfg.dtype)
+    training_list = _training_list(cfg, embedder)
+    result = _merge(parts_dir, names, cfg.output, source.labelled, embedder.dim, cfg.dtype,
+                    training_list)
     tf.io.gfile.rmtree(parts_dir)
     seconds = max(time.time() - start, 1e-9)
     facts = {"model": cfg.model}
     if cfg.accel is not None:
         facts = {"workdir": embedder.workdir, "policy": embedder.policy,
                  "replicas": embedder.strategy.num_replicas_in_sync}  # fmt: skip
+    facts["training_list"] = provenance.describe(training_list)
     return {**result, "images_per_second": round(done / seconds, 2), **facts}
+
+
+def _training_list(cfg: EmbedConfig, embedder) -> dict | None:
+    """The model's training list: from the workdir, or the export's metadata.json (exports by
+    others have none: unknown)."""
+    if cfg.accel is not None:
+        return provenance.find(embedder.workdir)
+    meta = fileio.join(cfg.model, "metadata.json")
+    return provenance.find(cfg.model) if fileio.exists(meta) else None
 
 
 def _check_config(cfg: EmbedConfig) -> None:
@@ -268,7 +281,8 @@ def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
     fileio.write_bytes_atomic(path, buf.getvalue())
 
 
-def _merge(parts_dir, names, output, labelled, dim, dtype="float32") -> dict[str, Any]:
+def _merge(parts_dir, names, output, labelled, dim, dtype="float32",
+           training_list=None) -> dict[str, Any]:
     """Streams the parts into `output`: one part's rows in memory at a time (ids and labels,
     small, are gathered first); rows are checked (finite, non-zero) as they pass."""
     paths = [fileio.join(parts_dir, n) for n in names]
@@ -297,7 +311,8 @@ def _merge(parts_dir, names, output, labelled, dim, dtype="float32") -> dict[str
     if cropped is not None and not cropped.any():
         cropped = None  # only revisitop query sets carry the member
     write_embeddings(output, ids, _part_rows(paths), len(ids), dim,
-                     landmark_ids if labelled else None, dtype, cropped)  # fmt: skip
+                     landmark_ids if labelled else None, dtype, cropped,
+                     training_list)  # fmt: skip
     return {
         "output": output, "count": len(ids), "dim": dim, "skipped": len(skipped),
         "skipped_list": skipped_path, "labelled": labelled, "chunks": len(names), "dtype": dtype,

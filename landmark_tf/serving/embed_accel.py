@@ -42,6 +42,7 @@ class AccelConfig:
     precision: str = "auto"
     scales: Sequence[float] = (1.0,)
     image_size: int | None = None
+    inference_pooling: str = "trained"  # or "superglobal", as landmark-export's
 
 
 class AccelEmbedder(StrategyEmbedder):
@@ -56,12 +57,15 @@ class AccelEmbedder(StrategyEmbedder):
         keras.config.set_dtype_policy(self.policy)
         try:
             with strategy.scope():
-                model, mcfg = model_lib.restore_embedding_model(self.workdir)
+                model, mcfg = model_lib.restore_embedding_model(self.workdir,
+                                                                cfg.inference_pooling)
         finally:
             keras.config.set_dtype_policy(saved)
         sizes = export.scaled_sizes(int(cfg.image_size or mcfg.image_size), cfg.scales)
         self.dim = mcfg.embedding_dim
-        super().__init__(model, strategy, sizes, batch_size, distribute.use_jit("auto", kind))
+        self.inference_pooling = cfg.inference_pooling
+        super().__init__(model, strategy, sizes, batch_size, distribute.use_jit("auto", kind),
+                         combine=export.scale_combine(cfg.inference_pooling))
 
     def fingerprint(self) -> dict:
         """What must not change between a run and its resumption."""
@@ -69,7 +73,8 @@ class AccelEmbedder(StrategyEmbedder):
         digest = hashlib.sha256(checkpoint.fingerprint(found).encode())
         digest.update(fileio.read_bytes(fileio.join(self.workdir, workdir.CONFIG_FILE)))
         return {"workdir": self.workdir, "checkpoint": found.path, "policy": self.policy,
-                "input_sizes": self.sizes, "model_sha256": digest.hexdigest()}  # fmt: skip
+                "input_sizes": self.sizes, "inference_pooling": self.inference_pooling,
+                "model_sha256": digest.hexdigest()}  # fmt: skip
 
     def __call__(self, images: list[np.ndarray]) -> np.ndarray:
         return self.embed_stream(images)

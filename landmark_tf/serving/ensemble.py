@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from landmark_tf.data import provenance
 from landmark_tf.errors import UserError
 from landmark_tf.serving import export, signatures
 
@@ -64,6 +65,7 @@ def build_ensemble(cfg: EnsembleConfig) -> dict[str, Any]:
         "weights": weights,
         "members": members,
         "signatures": list(signatures.SIGNATURES),
+        provenance.KEY: provenance.combine([m.get(provenance.KEY) for m in metas]),
     }
     size = export.write_savedmodel(module, cfg.export_dir, metadata, cfg.overwrite)
     return {**export.summary(cfg.export_dir, metadata, size), "members": len(members)}

@@ -22,8 +22,10 @@ import tensorflow as tf
 from absl import logging
 
 from landmark_tf import fileio, workdir
+from landmark_tf.data import provenance
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import model as model_lib
+from landmark_tf.modeling import superglobal_pooling
 from landmark_tf.serving import kaggle_contract, signatures
 
 FORMAT = "landmark-tf/savedmodel/v1"
@@ -44,6 +46,7 @@ class ExportConfig:
     scales: Sequence[float] = (1.0,)
     image_size: int | None = None
     overwrite: bool = False
+    inference_pooling: str = "trained"  # or "superglobal" (modeling/superglobal_pooling.py)
 
 
 def parse_float_list(values: Sequence[str], flag: str) -> list[float]:
@@ -70,6 +73,12 @@ def scaled_sizes(image_size: int, scales: Sequence[float]) -> list[int]:
     return sizes
 
 
+def scale_combine(inference_pooling: str) -> str:
+    """How the scales combine: SuperGlobal's max of normalised descriptors with its pooling,
+    else the mean."""
+    return "max" if inference_pooling == superglobal_pooling.NAME else "mean"
+
+
 def export_model(cfg: ExportConfig) -> dict[str, Any]:
     """Exports the latest checkpoint of `cfg.workdir`; returns the closing-JSON facts.
 
@@ -87,8 +96,9 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {image_size}")
     sizes = scaled_sizes(image_size, cfg.scales)  # before the slow part: fail fast
     found = model_lib.latest_checkpoint(cfg.workdir)
-    embedding_model, mcfg = model_lib.restore_embedding_model(cfg.workdir)
-    branch = signatures.KerasBranch(embedding_model, sizes, name="embedding")
+    embedding_model, mcfg = model_lib.restore_embedding_model(cfg.workdir, cfg.inference_pooling)
+    combine = scale_combine(cfg.inference_pooling)
+    branch = signatures.KerasBranch(embedding_model, sizes, name="embedding", combine=combine)
     module = signatures.DescriptorModule([branch], [1.0])
     metadata = {
         "format": FORMAT,
@@ -99,11 +109,14 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
         "trained_image_size": mcfg.image_size,
         "scales": [float(s) for s in cfg.scales],
         "input_sizes": sizes,
+        "inference_pooling": cfg.inference_pooling,
+        "scale_combine": combine,
         "embedding_dim": mcfg.embedding_dim,
         "config_sha256": hashlib.sha256(fileio.read_bytes(config_path)).hexdigest(),
         "checkpoint": found.path,
         "step": found.step,
         "signatures": list(signatures.SIGNATURES),
+        provenance.KEY: provenance.find(cfg.workdir),
     }
     size = write_savedmodel(module, cfg.export_dir, metadata, cfg.overwrite)
     return summary(cfg.export_dir, metadata, size)

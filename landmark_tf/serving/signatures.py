@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
+from landmark_tf.modeling.superglobal_pooling import combine_scales
 from landmark_tf.preprocess import resize_for_model
 from landmark_tf.serving import portable_savedmodel
 
@@ -63,16 +64,19 @@ def crop_and_resize(images: tf.Tensor, sizes: tf.Tensor, image_size: int) -> tf.
 
 
 class KerasBranch(tf.Module):
-    """A Keras embedding model at one or more square input sizes (multi-scale: mean of scales).
+    """A Keras embedding model at one or more square input sizes (multi-scale: `combine` the
+    per-scale descriptors, "mean" or SuperGlobal's "max" of the normalised ones).
 
     Only the model's variables are tracked (as `keras.export.ExportArchive` does), so the
     SavedModel holds weights and traced graphs but no Keras objects: it loads with plain TF.
     """
 
-    def __init__(self, model: keras.Model, sizes: Sequence[int], name: str | None = None):
+    def __init__(self, model: keras.Model, sizes: Sequence[int], name: str | None = None,
+                 combine: str = "mean"):
         super().__init__(name=name)
         self.model_variables = list(model.variables)
         self._sizes = [int(s) for s in sizes]
+        self._combine = combine
         # Traced once for all signatures and scales (tracing EfficientNet is the slow part of
         # saving). A closure, not an attribute: tf.Module would track the Keras object graph.
         self._call = tf.function(
@@ -82,12 +86,14 @@ class KerasBranch(tf.Module):
         )
 
     def batch(self, images: tf.Tensor) -> tf.Tensor:
-        """uint8 [B, H, W, 3] (one size) -> float32 [B, D], mean over scales."""
-        return _mean([self._call(resize_for_model(images, s)) for s in self._sizes])
+        """uint8 [B, H, W, 3] (one size) -> float32 [B, D], combined over scales."""
+        parts = [self._call(resize_for_model(images, s)) for s in self._sizes]
+        return combine_scales(parts, self._combine)
 
     def padded(self, images: tf.Tensor, sizes: tf.Tensor) -> tf.Tensor:
-        """uint8 [B, H, W, 3] zero-padded + int32 [B, 2] -> float32 [B, D], mean over scales."""
-        return _mean([self._call(crop_and_resize(images, sizes, s)) for s in self._sizes])
+        """uint8 [B, H, W, 3] zero-padded + int32 [B, 2] -> float32 [B, D], combined over scales."""
+        parts = [self._call(crop_and_resize(images, sizes, s)) for s in self._sizes]
+        return combine_scales(parts, self._combine)
 
 
 class SavedModelBranch(tf.Module):
@@ -103,10 +109,6 @@ class SavedModelBranch(tf.Module):
     def padded(self, images: tf.Tensor, sizes: tf.Tensor) -> tf.Tensor:
         fn = self.loaded.signatures[PADDED]
         return fn(**{INPUT_IMAGES: images, IMAGE_SIZES: sizes})[OUTPUTS]
-
-
-def _mean(parts: list[tf.Tensor]) -> tf.Tensor:
-    return parts[0] if len(parts) == 1 else tf.add_n(parts) / float(len(parts))
 
 
 class DescriptorModule(tf.Module):

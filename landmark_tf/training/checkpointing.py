@@ -19,7 +19,7 @@ from absl import logging
 
 from landmark_tf import fileio, workdir
 from landmark_tf.config import RESUME_SAFE, ModelConfig, TrainConfig
-from landmark_tf.data import records
+from landmark_tf.data import provenance, records
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import checkpoint
 from landmark_tf.workdir import CONFIG_FILE
@@ -29,7 +29,8 @@ def workdir_config(model_cfg: ModelConfig, cfg: TrainConfig, num_classes: int) -
     """The config.json of a run; data.label_map_sha256 names what each class number means."""
     data = {"data_dir": cfg.data_dir, "num_classes": num_classes,
             "image_size": model_cfg.image_size,
-            LABEL_MAP_KEY: label_map_digest(cfg.data_dir)}
+            LABEL_MAP_KEY: label_map_digest(cfg.data_dir),
+            provenance.KEY: provenance.of_data_dir(cfg.data_dir)}
     return {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "data": data}
 
 

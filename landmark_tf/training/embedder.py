@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from landmark_tf.modeling.superglobal_pooling import combine_scales
 from landmark_tf.preprocess import resize_for_model
 
 
@@ -71,21 +72,22 @@ class BatchEmbedder:
 class StrategyEmbedder(BatchEmbedder):
     """A Keras embedding model whose variables live under a tf.distribute `strategy`.
 
-    model: float32[B, S, S, 3] (0..255) -> [B, D] (any dtype policy); jit: XLA (TPU/GPU).
+    model: float32[B, S, S, 3] (0..255) -> [B, D] (any dtype policy); jit: XLA (TPU/GPU);
+    combine: how the scales' descriptors combine (superglobal_pooling.combine_scales).
     """
 
     def __init__(self, model, strategy, sizes: Sequence[int], batch_size: int,
-                 jit: bool = False):
+                 jit: bool = False, combine: str = "mean"):
         super().__init__(sizes, batch_size, strategy.num_replicas_in_sync,
                          int(model.output_shape[-1]))
-        self.model, self.strategy = model, strategy
+        self.model, self.strategy, self.combine = model, strategy, combine
         self._step = tf.function(self._distributed, jit_compile=jit)
 
     def _replica(self, batch: dict) -> tuple[tf.Tensor, tf.Tensor]:
         parts = [tf.cast(self.model(batch[f"s{s}"], training=False), tf.float32)
                  for s in self.sizes]  # fmt: skip
-        mean = parts[0] if len(parts) == 1 else tf.add_n(parts) / float(len(parts))
-        return tf.math.l2_normalize(mean, axis=-1), batch["valid"]
+        combined = combine_scales(parts, self.combine)  # mean, or SuperGlobal's max
+        return tf.math.l2_normalize(combined, axis=-1), batch["valid"]
 
     def _distributed(self, batch: dict):
         return self.strategy.run(self._replica, args=(batch,))
