@@ -27,9 +27,13 @@ SIZES = "37x501,64x48,33x33"
 def _tiny_backbone(name, weights_path=None):
     # The pooling and neck ops are what differ per option; EfficientNet's own ops are in the B0
     # exports loaded in TF 2.2 by test_export / test_jax_train (B1-B7 use the same layer types).
+    # Layers named like EfficientNet's stages 5 and 7: the taps of --neck=dolg.
     image = keras.Input((None, None, 3))
-    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False)(image)
-    x = keras.layers.Activation("swish")(keras.layers.BatchNormalization()(x))
+    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False, name="block5a_conv")(image)
+    x = keras.layers.BatchNormalization(name="block5a_bn")(x)
+    x = keras.layers.Activation("swish", name="block5a_activation")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="block7a_conv")(x)
+    x = keras.layers.Activation("swish", name="block7a_activation")(x)
     return keras.Model(image, x, name="tiny_backbone")
 
 

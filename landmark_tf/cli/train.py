@@ -151,7 +151,14 @@ flags.DEFINE_float("gem_p", _M.gem_p, "Initial GeM exponent (trainable).")
 flags.DEFINE_integer("embedding_dim", _M.embedding_dim, "Descriptor dimension.")
 _define_choice("neck", _M.neck, config.NECKS, "Embedding layer after pooling: "
                   "Dense -> BatchNorm (dense_bn), Dense -> BatchNorm over all replicas "
-                  "(dense_syncbn), or Dense alone (dense: the GLR2020 winner's).")
+                  "(dense_syncbn), Dense alone (dense: the GLR2020 winner's), or dolg: the "
+                  "GLR2021 winner's DOLG (EfficientNet only): multi-atrous convolutions and "
+                  "spatial attention on the stride-16 map, fused orthogonally with the "
+                  "--pooling of the last stage (1024 + 1024), then Dense -> BatchNorm -> PReLU "
+                  "(with --head=dynamic_arcface --scale=45 as released).")
+flags.DEFINE_list("dolg_dilations", [str(d) for d in _M.dolg_dilations], "--neck=dolg: "
+                  "dilations of its three 3x3 atrous convolutions (GLR2021 1st: 3,6,9 with "
+                  "B6/B7, 6,12,18 with B5).")
 _define_choice("neck_activation", _M.neck_activation, config.NECK_ACTIVATIONS, "Activation "
                   "of the neck's Dense (the GLR2020 winner: swish).")
 _define_choice("head", _M.head, config.HEADS, "Classification head; adacos_per_batch is the "
@@ -201,7 +208,15 @@ def model_config() -> ModelConfig:
         head_rank=FLAGS.head_rank, dynamic_margin_a=FLAGS.dynamic_margin_a,
         dynamic_margin_b=FLAGS.dynamic_margin_b, npairs_weight=FLAGS.npairs_weight,
         npairs_l2_reg=FLAGS.npairs_l2_reg, backbone_mode=FLAGS.backbone_mode,
+        dolg_dilations=_whole_numbers("dolg_dilations", FLAGS.dolg_dilations),
     )
+
+
+def _whole_numbers(name: str, values: list[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{name}={','.join(values)}: expected whole numbers") from None
 
 
 def train_config() -> TrainConfig:

@@ -16,7 +16,7 @@ import keras
 from landmark_tf import workdir as workdir_lib
 from landmark_tf.config import ModelConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import backbones, checkpoint, head_variants, legacy_checkpoints
+from landmark_tf.modeling import backbones, checkpoint, dolg, head_variants, legacy_checkpoints
 from landmark_tf.modeling.pooling import EmbeddingNeck
 from landmark_tf.workdir import CHECKPOINT_DIR, CONFIG_FILE, read_model_config  # noqa: F401
 
@@ -36,7 +36,7 @@ class LandmarkModels:
 
     config: ModelConfig
     backbone: keras.Model
-    neck: EmbeddingNeck
+    neck: EmbeddingNeck | dolg.DOLGNeck
     head: keras.layers.Layer | None
     embedding_model: keras.Model
     train_model: keras.Model | None
@@ -57,8 +57,9 @@ def build_models(
     """
     cfg.validate()
     backbone = backbones.build_backbone(cfg.backbone, pretrained_weights)
-    neck = EmbeddingNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, cfg.neck,
-                         cfg.neck_activation, name="neck")
+    neck = _build_neck(cfg)
+    if cfg.neck == "dolg":  # two feature maps, same layers (without the unused top conv)
+        backbone = dolg.feature_taps(backbone)
     image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
     # frozen_bn: the wrapper fixes the backbone's mode; `backbone` stays the object that
     # checkpoints save and restore (the wrapper holds no variables of its own).
@@ -86,6 +87,14 @@ def build_models(
     return LandmarkModels(
         cfg, backbone, neck, head, embedding_model, train_model, eval_logits_model
     )
+
+
+def _build_neck(cfg: ModelConfig):
+    if cfg.neck == "dolg":
+        return dolg.DOLGNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, cfg.dolg_dilations,
+                             cfg.neck_activation, name="neck")
+    return EmbeddingNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, cfg.neck,
+                         cfg.neck_activation, name="neck")
 
 
 def make_checkpoint(models: LandmarkModels, **extra: Any):
@@ -148,9 +157,13 @@ def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, An
     The caller checks that a kept head's classes mean the same landmarks (label maps).
     """
     source, mine = read_model_config(workdir_from), models.config
-    for field in ("backbone", "pooling", "embedding_dim", "neck_activation", "neck"):
-        if field == "neck" and (source.neck == "dense") == (mine.neck == "dense"):
-            continue  # dense_bn and dense_syncbn hold the same variables
+    same_variables = {"dense_bn", "dense_syncbn"}  # the two hold the same variables
+    for field in ("backbone", "pooling", "embedding_dim", "neck_activation", "neck",
+                  "dolg_dilations"):
+        if field == "neck" and {source.neck, mine.neck} <= same_variables:
+            continue
+        if field == "dolg_dilations" and mine.neck != "dolg":
+            continue
         if getattr(source, field) != getattr(mine, field):
             raise UserError(
                 f"cannot start from {workdir_from}: its {field} is {getattr(source, field)!r}, "
