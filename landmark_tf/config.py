@@ -12,6 +12,9 @@ from typing import Any
 from landmark_tf.errors import UserError
 
 BACKBONES = tuple(f"efficientnet-b{i}" for i in range(8))
+# --backbone=hub:SOURCE: a keras-hub backbone (modeling/hub_backbones.py) from a preset folder
+# (local or gs://), a hub handle (online only) or one of the tiny random-init test configs.
+HUB_PREFIX = "hub:"
 POOLINGS = ("gap", "gem")
 # Pool -> Dense(embedding_dim, neck_activation) -> then: BatchNorm (dense_bn), BatchNorm with
 # statistics over all replicas (dense_syncbn), or nothing (dense: the GLR2020 winner's neck).
@@ -81,7 +84,9 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         """Raises UserError naming the first bad field and its value; returns self."""
         checks = [
-            ("backbone", self.backbone in BACKBONES, f"one of {BACKBONES}"),
+            ("backbone", self.backbone in BACKBONES or (
+                self.backbone.startswith(HUB_PREFIX) and len(self.backbone) > len(HUB_PREFIX)),
+             f"one of {BACKBONES} or hub:SOURCE (a keras-hub preset)"),
             ("pooling", self.pooling in POOLINGS, f"one of {POOLINGS}"),
             ("head", self.head in HEADS, f"one of {HEADS}"),
             ("neck", self.neck in NECKS, f"one of {NECKS}"),

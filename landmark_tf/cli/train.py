@@ -138,7 +138,16 @@ flags.DEFINE_string("init_from", _T.init_from, "Workdir of an earlier stage: bac
 flags.DEFINE_string("pretrained_weights", _T.pretrained_weights, "Keras ImageNet weights "
                     "efficientnetbN_notop.h5 (local or gs://) for a fresh backbone.")
 # Model.
-_define_choice("backbone", _M.backbone, config.BACKBONES, "EfficientNet backbone.")
+flags.DEFINE_string("backbone", _M.backbone, f"{', '.join(config.BACKBONES)} "
+                    "(keras.applications; ImageNet weights from --pretrained_weights), or "
+                    "hub:SOURCE, a keras-hub backbone (pip install 'landmark-tf[hub]'): SOURCE "
+                    "a keras-hub preset folder, local or gs:// (EfficientNet(V2), ViT, DINOv2, "
+                    "...: its weights load at the start, its architecture on every restore, so "
+                    "keep it readable), a kaggle:// or hf:// handle (only where the machine is "
+                    "online), or a small random-init test config: hub:tiny_vit, "
+                    "hub:tiny_dinov2, hub:tiny_efficientnetv2. The preset's input scaling is "
+                    "in the model. ViT/DINOv2 give their class token (use --pooling=gap) and "
+                    "take only --image_size x --image_size inputs.")
 _define_choice("backbone_mode", _M.backbone_mode, config.BACKBONE_MODES, "How the backbone "
                   "runs in a training step. train: BatchNorm on batch statistics (moving "
                   "averages updated), drop-connect on. frozen_bn: inference mode, as the GLR2020 "

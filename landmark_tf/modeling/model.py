@@ -16,7 +16,14 @@ import keras
 from landmark_tf import workdir as workdir_lib
 from landmark_tf.config import ModelConfig
 from landmark_tf.errors import UserError
-from landmark_tf.modeling import backbones, checkpoint, dolg, head_variants, legacy_checkpoints
+from landmark_tf.modeling import (
+    backbones,
+    checkpoint,
+    dolg,
+    head_variants,
+    hub_backbones,
+    legacy_checkpoints,
+)
 from landmark_tf.modeling.pooling import EmbeddingNeck
 from landmark_tf.workdir import CHECKPOINT_DIR, CONFIG_FILE, read_model_config  # noqa: F401
 
@@ -45,22 +52,25 @@ class LandmarkModels:
 
 def build_models(
     cfg: ModelConfig, pretrained_weights: str | None = None, *, with_head: bool = True,
-    class_counts: list[int] | None = None,
+    class_counts: list[int] | None = None, preset_weights: bool = False,
 ) -> LandmarkModels:
     """Builds all models for `cfg`. Call under `strategy.scope()` to place the variables.
 
     pretrained_weights: Keras `efficientnetbN_notop.h5` ImageNet file (local or gs://), or None.
     class_counts: train images per class (dataset_info.json), for the dynamic_arcface margins.
+    preset_weights: with a `hub:` backbone, load the preset's weights (a training run's start);
+      else only its architecture is built (restores read the checkpoint).
     The backbone computes in the global dtype policy; neck, embeddings and logits are float32.
     With `cfg.backbone_mode == "frozen_bn"` the backbone runs in inference mode in every call
     (`backbones.InferenceModeBackbone`); the neck and head follow the call's `training`.
     """
     cfg.validate()
-    backbone = backbones.build_backbone(cfg.backbone, pretrained_weights)
+    backbone = _build_backbone(cfg, pretrained_weights, preset_weights)
     neck = _build_neck(cfg)
     if cfg.neck == "dolg":  # two feature maps, same layers (without the unused top conv)
         backbone = dolg.feature_taps(backbone)
-    image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
+    # [None, None, 3], or [S, S, 3] for backbones whose position embeddings fix the size.
+    image = keras.Input(shape=backbone.input_shape[1:], dtype="float32", name="image")
     # frozen_bn: the wrapper fixes the backbone's mode; `backbone` stays the object that
     # checkpoints save and restore (the wrapper holds no variables of its own).
     run_backbone = (backbones.InferenceModeBackbone(backbone, name="frozen_bn_backbone")
@@ -87,6 +97,19 @@ def build_models(
     return LandmarkModels(
         cfg, backbone, neck, head, embedding_model, train_model, eval_logits_model
     )
+
+
+def _build_backbone(cfg: ModelConfig, pretrained_weights: str | None, preset_weights: bool):
+    if not hub_backbones.is_hub(cfg.backbone):
+        return backbones.build_backbone(cfg.backbone, pretrained_weights)
+    if pretrained_weights:
+        raise UserError(f"--pretrained_weights is for keras.applications EfficientNets; "
+                        f"--backbone={cfg.backbone} takes its weights from the preset")
+    backbone = hub_backbones.build(cfg.backbone, cfg.image_size, preset_weights)
+    if isinstance(backbone.layers[-1], hub_backbones.ClassToken) and cfg.pooling != "gap":
+        raise UserError(f"--backbone={cfg.backbone} gives its class token (already pooled, "
+                        f"signed values that GeM would clamp): use --pooling=gap")
+    return backbone
 
 
 def _build_neck(cfg: ModelConfig):
