@@ -38,20 +38,12 @@ PREFIX = "hub:"
 # EfficientNet image converters hold; the tiny configs use it too.
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET_SCALE = [1.0 / (255.0 * s) for s in _STD]
-IMAGENET_OFFSET = [-m / s for m, s in zip(_MEAN, _STD)]
+IMAGENET_OFFSET = [-m / s for m, s in zip(_MEAN, _STD, strict=True)]
 TINY_CONFIGS = ("tiny_vit", "tiny_dinov2", "tiny_efficientnetv2")
 
 
 def is_hub(backbone: str) -> bool:
     return backbone.startswith(PREFIX)
-
-
-def check_name(backbone: str) -> str | None:
-    """None when `backbone` is a well-formed hub:SOURCE, else what is wrong."""
-    source = backbone[len(PREFIX):]
-    if not source:
-        return "hub: needs a preset folder, a hub handle or one of " + ", ".join(TINY_CONFIGS)
-    return None
 
 
 def is_token_backbone(backbone: str) -> bool | None:
@@ -102,7 +94,7 @@ def _freeze_mask_tokens(net: keras.Model) -> None:
 
 def _from_preset(keras_hub, source: str, image_size: int, load_weights: bool):
     kwargs = {}
-    config = _preset_backbone_config(keras_hub, source)
+    config = _preset_backbone_config(source)
     if "image_shape" in config.get("config", {}):  # token backbones fix their input size
         kwargs["image_shape"] = (image_size, image_size, 3)
     try:
@@ -119,7 +111,7 @@ def _from_preset(keras_hub, source: str, image_size: int, load_weights: bool):
     return net, _floats(scale), _floats(offset)
 
 
-def _preset_backbone_config(keras_hub, source: str) -> dict:
+def _preset_backbone_config(source: str) -> dict:
     from keras_hub.src.utils import preset_utils
 
     try:
