@@ -117,6 +117,11 @@ def test_cli_trains_a_preset_and_its_export_loads_in_tf22(dinov2_preset, tmp_pat
     np.testing.assert_allclose(np.load(tmp_path / "fresh.npz")["default"], want, atol=1e-4)
     fx.load_in_tf22(export_dir, sizes, str(tmp_path / "tf22.npz"))
     np.testing.assert_allclose(np.load(tmp_path / "tf22.npz")["default"], want, atol=1e-4)
+    proc = subprocess.run([sys.executable, "-m", "landmark_tf.cli.export",
+                           f"--workdir={workdir}", f"--export_dir={tmp_path}/e2",
+                           "--scales=1,1.5"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    fx.assert_one_line_error(proc, "takes only 32 x 32 inputs", "--scales=1")
 
 
 def test_hub_backbone_trains_and_resumes_on_jax(tmp_path):

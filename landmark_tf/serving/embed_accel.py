@@ -60,6 +60,7 @@ class AccelEmbedder(StrategyEmbedder):
         finally:
             keras.config.set_dtype_policy(saved)
         sizes = export.scaled_sizes(int(cfg.image_size or mcfg.image_size), cfg.scales)
+        export.check_input_sizes(model, sizes)
         self.dim = mcfg.embedding_dim
         super().__init__(model, strategy, sizes, batch_size, distribute.use_jit("auto", kind))
 
