@@ -206,6 +206,10 @@ def _check_choices() -> None:
         value = getattr(FLAGS, name)
         if value not in choices:
             raise UserError(f"--{name}={value}: expected one of {', '.join(choices)}")
+    hub = FLAGS.backbone.startswith(config.HUB_PREFIX) and FLAGS.backbone != config.HUB_PREFIX
+    if FLAGS.backbone not in config.BACKBONES and not hub:
+        raise UserError(f"--backbone={FLAGS.backbone}: expected one of "
+                        f"{', '.join(config.BACKBONES)}, or hub:SOURCE (a keras-hub preset)")
 
 
 def model_config() -> ModelConfig:
