@@ -17,8 +17,10 @@ levers_train) and a 128-d descriptor; scored by test->index mAP@100 and test GAP
   hub_b0  keras-hub's EfficientNetBackbone with timm's B0 configuration (what keras-hub's
           efficientnet_b0_ra_imagenet preset converts to), written here as a random-weight
           preset folder and trained as --backbone=hub:FOLDER -> GAP -> Dense -> BN. Compare
-          with `gap`: same architecture family, other library (no zero-gamma init of residual
-          BatchNorms: keras.applications' random init here has it).
+          with `gap`: same architecture, other library; its random init keeps gamma = 1 in
+          the BatchNorm ending each residual branch, and timm's B0 has no drop-connect here
+  hub_b0_zg  the same preset with those gammas 0, as backbones.py initialises
+          keras.applications' EfficientNets (zero-gamma): the init rule of `gap`
 hub_b0 needs keras-hub (pip install '.[hub]'). Results go to OUT/results.json after each row
 (a rerun skips rows already there); a markdown table with the spread (max - min) is printed.
 """
@@ -37,17 +39,18 @@ from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.synth import plan as synth_plan
 from landmark_tf.training import train
 
-ROWS = ("gap", "gem", "dolg", "hub_b0")
+ROWS = ("gap", "gem", "dolg", "hub_b0", "hub_b0_zg")
 HEAD = {"head": "cosface", "margin": 0.15}
 MODELS = {
     "gap": {"pooling": "gap"},
     "gem": {"pooling": "gem"},
     "dolg": {"pooling": "gem", "neck": "dolg", "dolg_dilations": [1, 2, 3]},
     "hub_b0": {"pooling": "gap"},
+    "hub_b0_zg": {"pooling": "gap"},
 }
 
 
-def hub_b0_preset(path: str) -> str:
+def hub_b0_preset(path: str, zero_gamma: bool) -> str:
     """A keras-hub preset folder of EfficientNet-B0 (timm's configuration, random weights) with
     the ImageNet scaling of keras-hub's EfficientNet image converter."""
     if os.path.exists(os.path.join(path, "config.json")):
@@ -55,9 +58,14 @@ def hub_b0_preset(path: str) -> str:
     import keras_hub
     from keras_hub.src.utils.timm import convert_efficientnet
 
+    from landmark_tf.modeling import backbones
+
     config = convert_efficientnet.convert_backbone_config(
         {"architecture": "efficientnet_b0"})
-    keras_hub.models.EfficientNetBackbone(**config).save_to_preset(path)
+    net = keras_hub.models.EfficientNetBackbone(**config)
+    if zero_gamma:  # keras-hub names its layers as keras.applications does (blockNx_add)
+        backbones._zero_init_residual_gammas(net)
+    net.save_to_preset(path)
     from landmark_tf.modeling import hub_backbones
 
     keras_hub.layers.EfficientNetImageConverter(
@@ -67,8 +75,9 @@ def hub_b0_preset(path: str) -> str:
 
 
 def fit(row: str, data_dir: str, workdir: str, steps: int, seed: int, out: str) -> dict:
-    backbone = ("hub:" + hub_b0_preset(os.path.join(out, "hub_b0_preset"))
-                if row == "hub_b0" else "efficientnet-b0")
+    backbone = "efficientnet-b0"
+    if row.startswith("hub_b0"):
+        backbone = "hub:" + hub_b0_preset(os.path.join(out, f"{row}_preset"), row == "hub_b0_zg")
     cfg = ModelConfig(backbone=backbone, image_size=lt.SIZE, embedding_dim=lt.DIM,
                       **HEAD, **MODELS[row])
     tcfg = TrainConfig(data_dir=data_dir, workdir=workdir, train_steps=steps,
