@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml
 # Test tools, notebooks and Apache Beam (its DirectRunner tests) only where tests run.
 $(TEST_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e ".[cpu,test,notebooks,beam,report]"
+	# keras-hub (the hub extra) without tensorflow-text, which would add the full tensorflow
+	# wheel beside tensorflow-cpu: the tests build backbones, no tokenizer.
+	$(PY) -m pip install -q --no-deps "keras-hub>=0.32,<0.33"
+	$(PY) -m pip install -q regex "kagglehub!=1.0.1" "kagglesdk==0.1.28" sentencepiece tokenizers
 	touch $(TEST_STAMP)
 
 $(VENV_TF220)/.installed: pyproject.toml

@@ -12,10 +12,16 @@ from typing import Any
 from landmark_tf.errors import UserError
 
 BACKBONES = tuple(f"efficientnet-b{i}" for i in range(8))
+# --backbone=hub:SOURCE: a keras-hub backbone (modeling/hub_backbones.py) from a preset folder
+# (local or gs://), a hub handle (online only) or one of the tiny random-init test configs.
+HUB_PREFIX = "hub:"
 POOLINGS = ("gap", "gem")
 # Pool -> Dense(embedding_dim, neck_activation) -> then: BatchNorm (dense_bn), BatchNorm with
 # statistics over all replicas (dense_syncbn), or nothing (dense: the GLR2020 winner's neck).
-NECKS = ("dense_bn", "dense_syncbn", "dense")
+# dolg: the GLR2021 winner's DOLG (modeling/dolg.py): a multi-atrous, attention-weighted local
+# branch on EfficientNet's stride-16 map fused orthogonally with the pooled global branch,
+# then Dense -> BatchNorm -> PReLU.
+NECKS = ("dense_bn", "dense_syncbn", "dense", "dolg")
 NECK_ACTIVATIONS = ("linear", "swish", "relu", "gelu")
 # How the backbone runs inside a training step. train: BatchNorm on batch statistics (moving
 # averages updated), drop-connect on. frozen_bn: inference mode (BatchNorm on its stored moving
@@ -45,6 +51,8 @@ class ModelConfig:
     `backbone_mode` (BACKBONE_MODES): "frozen_bn" runs the backbone in inference mode inside
     training steps (the GLR2020 winner's release); "train", the default, as workdirs written
     before the field existed trained.
+    `neck="dolg"` (GLR2021 1st place) takes the dilations of its multi-atrous local branch from
+    `dolg_dilations`; `pooling` is its global branch's pooling.
     """
 
     backbone: str = "efficientnet-b0"
@@ -65,6 +73,7 @@ class ModelConfig:
     npairs_weight: float = 0.0
     npairs_l2_reg: float = 0.002
     backbone_mode: str = "train"
+    dolg_dilations: list[int] = dataclasses.field(default_factory=lambda: [3, 6, 9])
 
     def effective_scale(self) -> float:
         """The logit scale actually used; auto is sqrt(2) * ln(C - 1) (AdaCos fixed scale)."""
@@ -75,7 +84,9 @@ class ModelConfig:
     def validate(self) -> ModelConfig:
         """Raises UserError naming the first bad field and its value; returns self."""
         checks = [
-            ("backbone", self.backbone in BACKBONES, f"one of {BACKBONES}"),
+            ("backbone", self.backbone in BACKBONES or (
+                self.backbone.startswith(HUB_PREFIX) and len(self.backbone) > len(HUB_PREFIX)),
+             f"one of {BACKBONES} or hub:SOURCE (a keras-hub preset)"),
             ("pooling", self.pooling in POOLINGS, f"one of {POOLINGS}"),
             ("head", self.head in HEADS, f"one of {HEADS}"),
             ("neck", self.neck in NECKS, f"one of {NECKS}"),
@@ -96,6 +107,11 @@ class ModelConfig:
             ("npairs_weight", self.npairs_weight >= 0, ">= 0"),
             ("npairs_l2_reg", self.npairs_l2_reg >= 0, ">= 0"),
             ("backbone_mode", self.backbone_mode in BACKBONE_MODES, f"one of {BACKBONE_MODES}"),
+            ("dolg_dilations", len(self.dolg_dilations) == 3 and all(
+                isinstance(d, int) and d >= 1 for d in self.dolg_dilations),
+             "3 whole numbers >= 1"),
+            ("neck", self.neck != "dolg" or self.backbone.startswith("efficientnet-"),
+             "not dolg with this backbone (DOLG taps EfficientNet's stage 5 and 7 outputs)"),
         ]
         for field, ok, expected in checks:
             if not ok:

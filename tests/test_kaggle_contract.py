@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from stage_named_backbone import stage_named_backbone
 
 from landmark_tf import config
 from landmark_tf.config import ModelConfig
@@ -24,13 +25,9 @@ from landmark_tf.serving import export, kaggle_contract, portable_savedmodel, si
 SIZES = "37x501,64x48,33x33"
 
 
-def _tiny_backbone(name, weights_path=None):
-    # The pooling and neck ops are what differ per option; EfficientNet's own ops are in the B0
-    # exports loaded in TF 2.2 by test_export / test_jax_train (B1-B7 use the same layer types).
-    image = keras.Input((None, None, 3))
-    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False)(image)
-    x = keras.layers.Activation("swish")(keras.layers.BatchNormalization()(x))
-    return keras.Model(image, x, name="tiny_backbone")
+# The pooling and neck ops are what differ per option; EfficientNet's own ops are in the B0
+# exports loaded in TF 2.2 by test_export / test_jax_train (B1-B7 use the same layer types).
+_tiny_backbone = stage_named_backbone
 
 
 @pytest.fixture(scope="module")

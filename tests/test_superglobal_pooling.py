@@ -159,3 +159,18 @@ def test_embed_workdir_path_gives_the_export_descriptors(exported):
     got = embedder(load_savedmodel.make_images(EXPORT_SIZES))
     np.testing.assert_allclose(got, _serving_default(exported), atol=1e-5, rtol=0)
     assert embedder.fingerprint()["inference_pooling"] == "superglobal"
+
+
+def test_models_it_cannot_pool_are_a_one_line_error():
+    """DOLG's two-branch neck has no pooling to replace: refused, not an AttributeError."""
+    from landmark_tf.config import ModelConfig
+    from landmark_tf.errors import UserError
+    from landmark_tf.modeling import model
+
+    dolg = model.build_models(ModelConfig(image_size=32, embedding_dim=8, num_classes=3,
+                                          neck="dolg", pooling="gem"), with_head=False)
+    with pytest.raises(UserError, match="not --neck=dolg"):
+        model.check_superglobal_pooling(dolg)
+    plain = model.build_models(ModelConfig(image_size=32, embedding_dim=8, num_classes=3),
+                               with_head=False)
+    model.check_superglobal_pooling(plain)

@@ -139,7 +139,16 @@ flags.DEFINE_string("init_from", _T.init_from, "Workdir of an earlier stage: bac
 flags.DEFINE_string("pretrained_weights", _T.pretrained_weights, "Keras ImageNet weights "
                     "efficientnetbN_notop.h5 (local or gs://) for a fresh backbone.")
 # Model.
-_define_choice("backbone", _M.backbone, config.BACKBONES, "EfficientNet backbone.")
+flags.DEFINE_string("backbone", _M.backbone, f"{', '.join(config.BACKBONES)} "
+                    "(keras.applications; ImageNet weights from --pretrained_weights), or "
+                    "hub:SOURCE, a keras-hub backbone (pip install 'landmark-tf[hub]'): SOURCE "
+                    "a keras-hub preset folder, local or gs:// (EfficientNet(V2), ViT, DINOv2, "
+                    "...: its weights load at the start, its architecture on every restore, so "
+                    "keep it readable), a kaggle:// or hf:// handle (only where the machine is "
+                    "online), or a small random-init test config: hub:tiny_vit, "
+                    "hub:tiny_dinov2, hub:tiny_efficientnetv2. The preset's input scaling is "
+                    "in the model. ViT/DINOv2 give their class token (use --pooling=gap) and "
+                    "take only --image_size x --image_size inputs.")
 _define_choice("backbone_mode", _M.backbone_mode, config.BACKBONE_MODES, "How the backbone "
                   "runs in a training step. train: BatchNorm on batch statistics (moving "
                   "averages updated), drop-connect on. frozen_bn: inference mode, as the GLR2020 "
@@ -152,7 +161,14 @@ flags.DEFINE_float("gem_p", _M.gem_p, "Initial GeM exponent (trainable).")
 flags.DEFINE_integer("embedding_dim", _M.embedding_dim, "Descriptor dimension.")
 _define_choice("neck", _M.neck, config.NECKS, "Embedding layer after pooling: "
                   "Dense -> BatchNorm (dense_bn), Dense -> BatchNorm over all replicas "
-                  "(dense_syncbn), or Dense alone (dense: the GLR2020 winner's).")
+                  "(dense_syncbn), Dense alone (dense: the GLR2020 winner's), or dolg: the "
+                  "GLR2021 winner's DOLG (EfficientNet only): multi-atrous convolutions and "
+                  "spatial attention on the stride-16 map, fused orthogonally with the "
+                  "--pooling of the last stage (1024 + 1024), then Dense -> BatchNorm -> PReLU "
+                  "(with --head=dynamic_arcface --scale=45 as released).")
+flags.DEFINE_list("dolg_dilations", [str(d) for d in _M.dolg_dilations], "--neck=dolg: "
+                  "dilations of its three 3x3 atrous convolutions (GLR2021 1st: 3,6,9 with "
+                  "B6/B7, 6,12,18 with B5).")
 _define_choice("neck_activation", _M.neck_activation, config.NECK_ACTIVATIONS, "Activation "
                   "of the neck's Dense (the GLR2020 winner: swish).")
 _define_choice("head", _M.head, config.HEADS, "Classification head; adacos_per_batch is the "
@@ -191,6 +207,10 @@ def _check_choices() -> None:
         value = getattr(FLAGS, name)
         if value not in choices:
             raise UserError(f"--{name}={value}: expected one of {', '.join(choices)}")
+    hub = FLAGS.backbone.startswith(config.HUB_PREFIX) and FLAGS.backbone != config.HUB_PREFIX
+    if FLAGS.backbone not in config.BACKBONES and not hub:
+        raise UserError(f"--backbone={FLAGS.backbone}: expected one of "
+                        f"{', '.join(config.BACKBONES)}, or hub:SOURCE (a keras-hub preset)")
 
 
 def model_config() -> ModelConfig:
@@ -202,7 +222,15 @@ def model_config() -> ModelConfig:
         head_rank=FLAGS.head_rank, dynamic_margin_a=FLAGS.dynamic_margin_a,
         dynamic_margin_b=FLAGS.dynamic_margin_b, npairs_weight=FLAGS.npairs_weight,
         npairs_l2_reg=FLAGS.npairs_l2_reg, backbone_mode=FLAGS.backbone_mode,
+        dolg_dilations=_whole_numbers("dolg_dilations", FLAGS.dolg_dilations),
     )
+
+
+def _whole_numbers(name: str, values: list[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise UserError(f"--{name}={','.join(values)}: expected whole numbers") from None
 
 
 def train_config() -> TrainConfig:

@@ -19,7 +19,9 @@ from landmark_tf.errors import UserError
 from landmark_tf.modeling import (
     backbones,
     checkpoint,
+    dolg,
     head_variants,
+    hub_backbones,
     legacy_checkpoints,
     superglobal_pooling,
 )
@@ -42,7 +44,7 @@ class LandmarkModels:
 
     config: ModelConfig
     backbone: keras.Model
-    neck: EmbeddingNeck
+    neck: EmbeddingNeck | dolg.DOLGNeck
     head: keras.layers.Layer | None
     embedding_model: keras.Model
     train_model: keras.Model | None
@@ -51,21 +53,25 @@ class LandmarkModels:
 
 def build_models(
     cfg: ModelConfig, pretrained_weights: str | None = None, *, with_head: bool = True,
-    class_counts: list[int] | None = None,
+    class_counts: list[int] | None = None, preset_weights: bool = False,
 ) -> LandmarkModels:
     """Builds all models for `cfg`. Call under `strategy.scope()` to place the variables.
 
     pretrained_weights: Keras `efficientnetbN_notop.h5` ImageNet file (local or gs://), or None.
     class_counts: train images per class (dataset_info.json), for the dynamic_arcface margins.
+    preset_weights: with a `hub:` backbone, load the preset's weights (a training run's start);
+      else only its architecture is built (restores read the checkpoint).
     The backbone computes in the global dtype policy; neck, embeddings and logits are float32.
     With `cfg.backbone_mode == "frozen_bn"` the backbone runs in inference mode in every call
     (`backbones.InferenceModeBackbone`); the neck and head follow the call's `training`.
     """
     cfg.validate()
-    backbone = backbones.build_backbone(cfg.backbone, pretrained_weights)
-    neck = EmbeddingNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, cfg.neck,
-                         cfg.neck_activation, name="neck")
-    image = keras.Input(shape=(None, None, 3), dtype="float32", name="image")
+    backbone = _build_backbone(cfg, pretrained_weights, preset_weights)
+    neck = _build_neck(cfg)
+    if cfg.neck == "dolg":  # two feature maps, same layers (without the unused top conv)
+        backbone = dolg.feature_taps(backbone)
+    # [None, None, 3], or [S, S, 3] for backbones whose position embeddings fix the size.
+    image = keras.Input(shape=backbone.input_shape[1:], dtype="float32", name="image")
     # frozen_bn: the wrapper fixes the backbone's mode; `backbone` stays the object that
     # checkpoints save and restore (the wrapper holds no variables of its own).
     run_backbone = (backbones.InferenceModeBackbone(backbone, name="frozen_bn_backbone")
@@ -92,6 +98,27 @@ def build_models(
     return LandmarkModels(
         cfg, backbone, neck, head, embedding_model, train_model, eval_logits_model
     )
+
+
+def _build_backbone(cfg: ModelConfig, pretrained_weights: str | None, preset_weights: bool):
+    if not hub_backbones.is_hub(cfg.backbone):
+        return backbones.build_backbone(cfg.backbone, pretrained_weights)
+    if pretrained_weights:
+        raise UserError(f"--pretrained_weights is for keras.applications EfficientNets; "
+                        f"--backbone={cfg.backbone} takes its weights from the preset")
+    backbone = hub_backbones.build(cfg.backbone, cfg.image_size, preset_weights)
+    if isinstance(backbone.layers[-1], hub_backbones.ClassToken) and cfg.pooling != "gap":
+        raise UserError(f"--backbone={cfg.backbone} gives its class token (already pooled, "
+                        f"signed values that GeM would clamp): use --pooling=gap")
+    return backbone
+
+
+def _build_neck(cfg: ModelConfig):
+    if cfg.neck == "dolg":
+        return dolg.DOLGNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, cfg.dolg_dilations,
+                             cfg.neck_activation, name="neck")
+    return EmbeddingNeck(cfg.pooling, cfg.gem_p, cfg.embedding_dim, cfg.neck,
+                         cfg.neck_activation, name="neck")
 
 
 def make_checkpoint(models: LandmarkModels, **extra: Any):
@@ -149,8 +176,20 @@ def restore_embedding_model(workdir: str, pooling: str = "trained",
     models = build_models(cfg, with_head=False)
     restore_parts(models, found, ["backbone", "neck"])
     if pooling == superglobal_pooling.NAME:
+        check_superglobal_pooling(models)
         return superglobal_pooling.build_embedding_model(models.backbone, models.neck), cfg
     return models.embedding_model, cfg
+
+
+def check_superglobal_pooling(models: LandmarkModels) -> None:
+    """UserError unless SuperGlobal's pooling can replace the model's: it pools a backbone's
+    map of any size in front of the Dense of a pooling neck (not DOLG's two-branch neck, nor
+    a fixed-size token backbone)."""
+    cfg = models.config
+    if not isinstance(models.neck, EmbeddingNeck) or models.backbone.input_shape[1]:
+        raise UserError(f"--inference_pooling={superglobal_pooling.NAME} replaces the pooling "
+                        "of a --neck=dense|dense_bn|dense_syncbn model on a convolutional "
+                        f"backbone, not --neck={cfg.neck} on --backbone={cfg.backbone}")
 
 
 def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, Any]:
@@ -162,9 +201,13 @@ def restore_for_stage(models: LandmarkModels, workdir_from: str) -> dict[str, An
     The caller checks that a kept head's classes mean the same landmarks (label maps).
     """
     source, mine = read_model_config(workdir_from), models.config
-    for field in ("backbone", "pooling", "embedding_dim", "neck_activation", "neck"):
-        if field == "neck" and (source.neck == "dense") == (mine.neck == "dense"):
-            continue  # dense_bn and dense_syncbn hold the same variables
+    same_variables = {"dense_bn", "dense_syncbn"}  # the two hold the same variables
+    for field in ("backbone", "pooling", "embedding_dim", "neck_activation", "neck",
+                  "dolg_dilations"):
+        if field == "neck" and {source.neck, mine.neck} <= same_variables:
+            continue
+        if field == "dolg_dilations" and mine.neck != "dolg":
+            continue
         if getattr(source, field) != getattr(mine, field):
             raise UserError(
                 f"cannot start from {workdir_from}: its {field} is {getattr(source, field)!r}, "

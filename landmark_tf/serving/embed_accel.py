@@ -62,6 +62,7 @@ class AccelEmbedder(StrategyEmbedder):
         finally:
             keras.config.set_dtype_policy(saved)
         sizes = export.scaled_sizes(int(cfg.image_size or mcfg.image_size), cfg.scales)
+        export.check_input_sizes(model, sizes)
         self.dim = mcfg.embedding_dim
         self.inference_pooling = cfg.inference_pooling
         super().__init__(model, strategy, sizes, batch_size, distribute.use_jit("auto", kind),

@@ -79,6 +79,16 @@ def scale_combine(inference_pooling: str) -> str:
     return "max" if inference_pooling == superglobal_pooling.NAME else "mean"
 
 
+def check_input_sizes(embedding_model, sizes: Sequence[int]) -> None:
+    """UserError when the model takes one fixed size (ViT/DINOv2: position embeddings) and
+    `sizes` asks for another."""
+    fixed = embedding_model.input_shape[1]
+    if fixed is not None and any(size != fixed for size in sizes):
+        raise UserError(f"this model takes only {fixed} x {fixed} inputs (its backbone's "
+                        f"position embeddings), not {sizes}: use --image_size={fixed} "
+                        "--scales=1")
+
+
 def export_model(cfg: ExportConfig) -> dict[str, Any]:
     """Exports the latest checkpoint of `cfg.workdir`; returns the closing-JSON facts.
 
@@ -97,6 +107,7 @@ def export_model(cfg: ExportConfig) -> dict[str, Any]:
     sizes = scaled_sizes(image_size, cfg.scales)  # before the slow part: fail fast
     found = model_lib.latest_checkpoint(cfg.workdir)
     embedding_model, mcfg = model_lib.restore_embedding_model(cfg.workdir, cfg.inference_pooling)
+    check_input_sizes(embedding_model, sizes)
     combine = scale_combine(cfg.inference_pooling)
     branch = signatures.KerasBranch(embedding_model, sizes, name="embedding", combine=combine)
     module = signatures.DescriptorModule([branch], [1.0])

@@ -287,7 +287,8 @@ class Run:
         keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed
         with t.placement():
             self.models = model.build_models(model_cfg, cfg.pretrained_weights or None,
-                                             class_counts=plan.class_counts)
+                                             class_counts=plan.class_counts,
+                                             preset_weights=True)
             net = self.models.train_model
             set_bn_momentum(net, cfg.bn_momentum)
             batch_stats.configure(net, cfg.bn_statistics, t.replicas, t.backend)
