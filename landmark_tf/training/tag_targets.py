@@ -81,7 +81,8 @@ def parse_tags(serialized: tf.Tensor, width: int) -> tf.Tensor:
     spec = {records.TAGS_FEATURE: tf.io.VarLenFeature(tf.int64)}
     tags = tf.io.parse_single_example(serialized, spec)[records.TAGS_FEATURE].values[:width]
     tags = tf.cast(tags, tf.int32)
-    return tf.pad(tags, [[0, width - tf.shape(tags)[0]]], constant_values=-1)
+    tags = tf.pad(tags, [[0, width - tf.shape(tags)[0]]], constant_values=-1)
+    return tf.ensure_shape(tags, [width])  # static: batches have static shapes (JAX shards them)
 
 
 def tag_weights(tags: tf.Tensor, table: tf.Tensor | None) -> tf.Tensor:
