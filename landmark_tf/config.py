@@ -28,8 +28,12 @@ NECK_ACTIVATIONS = ("linear", "swish", "relu", "gelu")
 # statistics, which stay as they are; gamma/beta still train; no drop-connect), as the GLR2020
 # winner's released step `cosine = model(images)` without training= ran in tf.keras 2.
 BACKBONE_MODES = ("train", "frozen_bn")
+# Heads over title tags instead of landmarks (tag pretraining, training/tag_targets.py): a
+# softmax over the tag vocabulary; multilabel sums the cross-entropy over an image's tags (WT-Set),
+# label_weighted weights each tag's cross-entropy (LW-Set).
+TAG_HEADS = ("multilabel", "label_weighted")
 HEADS = ("cosface", "arcface", "adacos", "subcenter_arcface", "softmax", "adacos_per_batch",
-         "dynamic_arcface")
+         "dynamic_arcface", *TAG_HEADS)
 
 
 def auto_scale(num_classes: int) -> float:
@@ -100,8 +104,11 @@ class ModelConfig:
             ("subcenters", self.subcenters >= 1, ">= 1"),
             ("num_classes", self.num_classes >= 2, ">= 2"),
             ("head_rank", self.head_rank >= 0, ">= 0 (0 = full class matrix)"),
-            ("head_rank", self.head_rank == 0 or self.head not in ("adacos", "softmax"),
-             "0 with the adacos and softmax heads"),
+            ("head_rank", self.head_rank == 0 or self.head not in ("adacos", "softmax",
+                                                                     *TAG_HEADS),
+             "0 with the adacos, softmax and tag heads"),
+            ("npairs_weight", self.npairs_weight == 0 or self.head not in TAG_HEADS,
+             "0 with the tag heads (the n-pairs loss needs landmark labels)"),
             ("dynamic_margin_a", self.dynamic_margin_a >= 0, ">= 0"),
             ("dynamic_margin_b", 0 <= self.dynamic_margin_b < math.pi / 2, "in [0, pi/2)"),
             ("npairs_weight", self.npairs_weight >= 0, ">= 0"),

@@ -506,3 +506,25 @@ def test_setup_packs_tracked_and_unignored_files_only(tmp_path):
                              text=True, check=True).stdout.split()
     assert sorted(listing) == [".gitignore", "kept.txt", "launch/tpu_vm.sh", "untracked.txt"]
     assert _verbs(log) == ["scp", "ssh", "ssh"]
+
+
+TAGS = ROOT / "launch" / "tag_pretraining"
+
+
+def test_tag_pretraining_stage_comes_before_stage_1():
+    stage0 = TAGS / "b7_stage0_tags_wt512.flags"
+    stage1 = TAGS / "b7_stage1_clean512_from_tags.flags"
+    recipe1 = RECIPE / "b7_stage1_clean512.flags"
+    parsed = _parse_flagfiles({"landmark_tf.cli.train": [stage0, stage1, recipe1]})
+    tags, landmarks, recipe = (_values(parsed, p) for p in (stage0, stage1, recipe1))
+    assert tags["head"] == "multilabel" and landmarks["head"] == "adacos_per_batch"
+    assert landmarks["init_from"] == tags["workdir"] and "pretrained_weights" not in landmarks
+    same = ("backbone", "pooling", "neck", "neck_activation", "embedding_dim", "backbone_mode")
+    assert {k: tags[k] for k in same} == {k: recipe[k] for k in same}  # --init_from needs them
+    assert {k: v for k, v in landmarks.items() if k not in ("workdir", "init_from")} == {
+        k: v for k, v in recipe.items() if k not in ("workdir", "pretrained_weights")}
+    for path in (stage0, stage1):
+        header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+        for key in ("Command:", "TPU:", "Expected time:", "Published target:", "ESTIMATE"):
+            assert key in header, f"{path.name}: header lacks {key!r}"
+        assert path.name in re.search(r"Command:\s+(.*)", header).group(1)

@@ -66,6 +66,15 @@ flags.DEFINE_integer("num_workers", 0,
 flags.DEFINE_bool("overwrite", False,
                   "Replace a conversion with other settings found in --output_dir (without it "
                   "that is an error).")
+flags.DEFINE_string("attribution_csv", "",
+                    "GLDv2 train_attribution.csv (id,...,title): title keywords become per-image "
+                    "tag ids (image/tags) for tag pretraining (--head=multilabel/label_weighted); "
+                    "the vocabulary goes to tag_vocab.csv. --runner=local only.")
+flags.DEFINE_integer("tag_min_df", _D.tag_min_df,
+                     "Keep a title keyword only if at least this many titles hold it.")
+flags.DEFINE_float("tag_max_df", _D.tag_max_df,
+                   "Keep a title keyword only if at most this share of titles holds it (drops "
+                   "words too common to tell images apart).")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 flags.DEFINE_enum("runner", "local", ["local", "beam"],
                   "local: a process pool on this machine (--num_workers). beam: the same "
@@ -89,6 +98,8 @@ def config_from_flags() -> convert.ConvertConfig:
         seed=FLAGS.seed, max_image_side=FLAGS.max_image_side, jpeg_quality=FLAGS.jpeg_quality,
         shard_size_mb=FLAGS.shard_size_mb, num_shards=FLAGS.num_shards,
         num_workers=FLAGS.num_workers or os.cpu_count() or 1, overwrite=FLAGS.overwrite,
+        attribution_csv=FLAGS.attribution_csv, tag_min_df=FLAGS.tag_min_df,
+        tag_max_df=FLAGS.tag_max_df,
     )
 
 

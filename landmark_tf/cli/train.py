@@ -173,7 +173,11 @@ _define_choice("neck_activation", _M.neck_activation, config.NECK_ACTIVATIONS, "
                   "of the neck's Dense (the GLR2020 winner: swish).")
 _define_choice("head", _M.head, config.HEADS, "Classification head; adacos_per_batch is the "
                   "GLR2020 winner's (AdaCos scale recomputed per batch from sqrt(2) ln(C-1), "
-                  "margin 0).")
+                  "margin 0). multilabel / label_weighted: tag pretraining on title tags "
+                  "(records from landmark-tfrecords --attribution_csv): a softmax over the tag "
+                  "vocabulary, the sum of the tags' cross-entropies (WT-Set) or their "
+                  "idf-weighted mean (LW-Set); the next stage starts from it with --init_from "
+                  "and a landmark head.")
 flags.DEFINE_string("scale", "auto", "Logit scale: a float, or auto = sqrt(2) * ln(C - 1).")
 flags.DEFINE_float("margin", _M.margin, "Margin of CosFace/ArcFace heads.")
 flags.DEFINE_integer("subcenters", _M.subcenters, "Sub-centres per class (subcenter_arcface, "

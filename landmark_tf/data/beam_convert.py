@@ -61,6 +61,9 @@ def convert_dataset_beam(
     apache-beam is missing, for bad options, and when the job fails.
     """
     cfg.validate()
+    if cfg.attribution_csv:
+        raise UserError("--attribution_csv works with --runner=local only (the Beam plan lines "
+                        "carry no tags yet)")
     args = pipeline_args(cfg, beam_runner, beam_options)
     writer = _BeamShardWriter(args, progress)
     summary = convert.convert_dataset(cfg, progress=progress, write_shards=writer)

@@ -25,7 +25,7 @@ import PIL
 from tqdm import tqdm
 
 from landmark_tf import fileio
-from landmark_tf.data import images, output_dir, planning, records
+from landmark_tf.data import images, output_dir, planning, records, tags
 from landmark_tf.data.planning import ConversionPlan
 from landmark_tf.data.shards import ImageOptions, ShardTask, write_shard
 from landmark_tf.data.workers import Workers
@@ -55,6 +55,12 @@ class ConvertConfig:
     num_shards: int = 0
     num_workers: int = 1
     overwrite: bool = False
+    # Title keywords as per-image tags (data/tags.py): GLDv2's train_attribution.csv, and the
+    # document-frequency window of a kept keyword: in >= tag_min_df titles and in at most a
+    # tag_max_df share of them (WeChat's WT-Set drops the most and least common words).
+    attribution_csv: str = ""
+    tag_min_df: int = 3
+    tag_max_df: float = 0.5
 
     def source(self) -> dict[str, Any]:
         """The settings that define the output (not num_workers/overwrite), plus Pillow's version
@@ -62,6 +68,9 @@ class ConvertConfig:
         out = dataclasses.asdict(self)
         for key in ("output_dir", "num_workers", "overwrite"):
             out.pop(key)
+        if not self.attribution_csv:  # a conversion without tags keeps its older manifest
+            for key in ("attribution_csv", "tag_min_df", "tag_max_df"):
+                out.pop(key)
         out["pillow_version"] = PIL.__version__
         return out
 
@@ -78,6 +87,8 @@ class ConvertConfig:
             (self.shard_size_mb > 0, "--shard_size_mb must be > 0"),
             (self.num_shards >= 0, "--num_shards must be >= 0 (0: from --shard_size_mb)"),
             (self.num_workers >= 1, "--num_workers must be >= 1"),
+            (self.tag_min_df >= 1, "--tag_min_df must be >= 1"),
+            (0 < self.tag_max_df <= 1, "--tag_max_df must be in (0, 1]"),
         ]
         if self.csv:
             checks += [
@@ -117,6 +128,7 @@ def convert_dataset(
             min_images_per_class=cfg.min_images_per_class, val_fraction=cfg.val_fraction,
             seed=cfg.seed,
         )
+        vocab = _attach_tags(cfg, plan) if cfg.attribution_csv else None
         source = {**cfg.source(), "plan_sha256": plan.digest()}
         excluded = (plan.training_list or {}).get("exclude_landmarks")
         if excluded:  # the list's content, not only its path, defines the output
@@ -142,9 +154,44 @@ def convert_dataset(
                for t in tasks]
     info = output_dir.dataset_info(plan, source, reports)
     output_dir.write_label_map(cfg.output_dir, plan, info["class_counts"])
+    if vocab is not None:
+        info["tags"] = _tag_info(cfg, vocab, info)
+        fileio.write_text_atomic(fileio.join(cfg.output_dir, tags.TAG_VOCAB), tags.vocab_csv(vocab))
     fileio.write_json_atomic(info_path, info)
     summary = _summary(cfg, info, start, len(todo), planned, resumed=len(tasks) - len(todo))
     return {**summary, "shards_damaged": sorted(damaged)}
+
+
+def _attach_tags(cfg: ConvertConfig, plan: ConversionPlan) -> list[tuple[str, int]]:
+    """Reads the attribution CSV twice (document frequencies, then tag ids), sets every planned
+    example's tags (b"" without an attribution row) and returns the vocabulary."""
+    counts, num_titles = tags.document_frequency(cfg.attribution_csv)
+    vocab = tags.vocabulary(counts, num_titles, cfg.tag_min_df, cfg.tag_max_df)
+    del counts
+    table = tags.TagTable.from_csv(cfg.attribution_csv, vocab)
+    missing = 0
+    for split, examples in plan.splits.items():
+        found = table.lookup([ex.image_id for ex in examples])
+        missing += sum(t is None for t in found)
+        plan.splits[split] = [ex._replace(tags=t or b"") for ex, t in zip(examples, found,
+                                                                         strict=True)]
+    plan.stats.update(attribution_rows=num_titles, examples_without_attribution=missing)
+    return vocab
+
+
+def _tag_info(cfg: ConvertConfig, vocab: list[tuple[str, int]], info: dict) -> dict:
+    """dataset_info.json's "tags": vocabulary size, filter settings and sha256 of tag_vocab.csv,
+    the longest tag list (max_tags: the width training pads to) and images without tags."""
+    splits = info["splits"].values()
+    return {
+        "vocab_size": len(vocab), "vocab_file": tags.TAG_VOCAB,
+        "vocab_sha256": tags.vocab_sha256(vocab),
+        "min_df": cfg.tag_min_df, "max_df": cfg.tag_max_df,
+        "attribution_csv": cfg.attribution_csv,
+        "max_tags": max((s.get("max_tags", 0) for s in splits), default=0),
+        "untagged_examples": sum(s.get("untagged_examples", 0) for s in splits),
+        "examples_without_attribution": info["source"]["examples_without_attribution"],
+    }
 
 
 def _write_local(

@@ -18,6 +18,7 @@ from landmark_tf import fileio
 from landmark_tf.data import provenance, records
 from landmark_tf.data.planning import ConversionPlan
 from landmark_tf.data.shards import ImageOptions, check_shard, record_size
+from landmark_tf.data.tags import TAG_VOCAB
 from landmark_tf.data.workers import Workers
 from landmark_tf.errors import UserError
 
@@ -131,7 +132,8 @@ def _clear(out: str, state: str) -> None:
         return
     for name in tf.io.gfile.listdir(out):
         name = name.rstrip("/")
-        if records.parse_shard_name(name) or name in (records.DATASET_INFO, records.LABEL_MAP):
+        if records.parse_shard_name(name) or name in (records.DATASET_INFO, records.LABEL_MAP,
+                                                      TAG_VOCAB):
             tf.io.gfile.remove(fileio.join(out, name))
     if tf.io.gfile.isdir(state):
         tf.io.gfile.rmtree(state)
@@ -175,6 +177,9 @@ def dataset_info(plan: ConversionPlan, source: dict, reports: list[dict]) -> dic
                                           "class_counts": [0] * num_classes})
         entry["examples"] += report["examples"]
         entry["shards"].append(report["shard"])
+        if "untagged" in report:
+            entry["untagged_examples"] = entry.get("untagged_examples", 0) + report["untagged"]
+            entry["max_tags"] = max(entry.get("max_tags", 0), report["max_tags"])
         if num_classes:
             for label, count in report["label_counts"].items():
                 entry["class_counts"][int(label)] += count

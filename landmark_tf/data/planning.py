@@ -116,7 +116,9 @@ class ConversionPlan:
         for split in self.split_order():
             h.update(f"[{split}]\n".encode())
             for ex in self.splits[split]:
-                h.update(f"{ex.image_id},{ex.label},{ex.landmark_id},{int(ex.is_clean)}\n".encode())
+                tags = "" if ex.tags is None else f",{ex.tags.hex()}"  # unchanged without tags
+                h.update(f"{ex.image_id},{ex.label},{ex.landmark_id},{int(ex.is_clean)}{tags}\n"
+                         .encode())
         return h.hexdigest()
 
 

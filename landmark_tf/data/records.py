@@ -7,11 +7,14 @@ Schema (tf.train.Example):
   image/class/landmark_id int64   original GLDv2 landmark id, -1 when unlabelled
   image/height, image/width int64 size of the encoded JPEG
   image/is_clean          int64   1 when in the clean subset (or no clean list was given), else 0
+  image/tags              int64[] title keyword ids (tag_vocab.csv), variable length; only in
+                                  conversions given an attribution CSV (empty: no tags)
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -20,6 +23,7 @@ from landmark_tf import fileio
 from landmark_tf.errors import UserError
 
 DATASET_INFO = "dataset_info.json"
+TAGS_FEATURE = "image/tags"
 LABEL_MAP = "label_map.csv"
 SHARD_SUFFIX = ".tfrec"
 _SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrec$")
@@ -63,6 +67,7 @@ def make_example(
     height: int,
     width: int,
     is_clean: bool,
+    tags: Sequence[int] | None = None,
 ) -> bytes:
     """Serialises one tf.train.Example in the schema above; the same fields give the same bytes."""
     feature = {
@@ -74,6 +79,9 @@ def make_example(
         "image/width": _int(width),
         "image/is_clean": _int(1 if is_clean else 0),
     }
+    if tags is not None:
+        feature[TAGS_FEATURE] = tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[int(t) for t in tags]))
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     # The feature map's wire order otherwise varies between processes (protobuf map iteration
     # is hash-seeded): deterministic=True sorts it, so shards are byte-identical across workers.

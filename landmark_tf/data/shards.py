@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 from landmark_tf import fileio
@@ -64,6 +65,7 @@ def serialize(example: gldv2.Example, image_dir: str, options: ImageOptions) -> 
         height=height,
         width=width,
         is_clean=example.is_clean,
+        tags=None if example.tags is None else np.frombuffer(example.tags, "<i4").tolist(),
     )
 
 
@@ -109,7 +111,7 @@ def write_shard(task: ShardTask, on_image: Callable[[], None] | None = None) -> 
 def _write_shard_as(task: ShardTask, tmp: str, on_image: Callable[[], None] | None) -> dict:
     counts: collections.Counter = collections.Counter()
     not_clean: collections.Counter = collections.Counter()
-    skipped, size = [], 0
+    skipped, size, untagged, max_tags = [], 0, 0, 0
     with tf.io.TFRecordWriter(tmp) as writer:
         for ex in task.examples:
             try:
@@ -122,6 +124,9 @@ def _write_shard_as(task: ShardTask, tmp: str, on_image: Callable[[], None] | No
                 counts[ex.label] += 1
                 not_clean[ex.label] += 0 if ex.is_clean else 1
                 size += len(record) + _RECORD_FRAMING
+                if ex.tags is not None:
+                    untagged += not ex.tags
+                    max_tags = max(max_tags, len(ex.tags) // 4)
             if on_image is not None:
                 on_image()
     report = {
@@ -134,6 +139,8 @@ def _write_shard_as(task: ShardTask, tmp: str, on_image: Callable[[], None] | No
         "skipped": skipped,
         "tail_crc32": tail_crc32(tmp, size),
     }
+    if any(ex.tags is not None for ex in task.examples):
+        report.update(untagged=untagged, max_tags=max_tags)
     if task.report_path:
         fileio.write_json_atomic(task.report_path, report)
     tf.io.gfile.rename(tmp, task.path, overwrite=True)

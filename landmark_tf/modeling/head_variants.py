@@ -13,6 +13,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from landmark_tf.config import TAG_HEADS
 from landmark_tf.errors import UserError
 from landmark_tf.modeling.heads import (
     _EPS,
@@ -160,6 +161,8 @@ def build_training_head(head: str, num_classes: int, *, scale: float | None = No
     if rank > 0 and head not in _LOW_RANK:
         raise UserError(f"a factorised head (rank {rank}) is available for "
                         f"{sorted(_LOW_RANK)}, not {head!r}")
+    if head in TAG_HEADS:  # a softmax over the tag vocabulary; the loss is in step_math
+        return build_head("softmax", num_classes, name=name)
     if head == "dynamic_arcface":
         cls = LowRankDynamicMarginArcFace if rank > 0 else DynamicMarginArcFace
         extra = {"rank": rank} if rank > 0 else {}

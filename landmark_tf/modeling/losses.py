@@ -111,3 +111,23 @@ def weighted_cross_entropy(labels, logits, weights, global_batch_size: int):
         ops.cast(labels, "int32"), ops.cast(logits, "float32"), from_logits=True
     )
     return ops.sum(ce * ops.cast(weights, "float32")) / float(global_batch_size)
+
+
+def tag_cross_entropy(tags, logits, weights, global_batch_size: int):
+    """This replica's share of the global mean of per-image weighted sums of tag cross-entropies
+    (float32 scalar), the tag-pretraining loss (WeChat AI's WT-Set / LW-Set, GLD2019):
+
+      loss_i = sum_t weights[i, t] * -log softmax(logits_i)[tags[i, t]]
+
+    Args:
+      tags: int[B, T] tag ids, padded with -1 (padding and images without tags are masked).
+      logits: [B, V] logits over the tag vocabulary, any float dtype; computed in float32.
+      weights: float32[B, T] per-(image, tag) weights (1 for WT-Set's plain sum, an image's
+        normalised tag weights for LW-Set; 0 on padding).
+      global_batch_size: as in weighted_cross_entropy.
+    """
+    tags = ops.cast(tags, "int32")
+    log_p = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+    picked = ops.take_along_axis(log_p, ops.maximum(tags, 0), axis=-1)  # [B, T]
+    w = ops.cast(weights, "float32") * ops.cast(tags >= 0, "float32")
+    return -ops.sum(picked * w) / float(global_batch_size)

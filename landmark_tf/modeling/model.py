@@ -14,7 +14,7 @@ from typing import Any
 import keras
 
 from landmark_tf import workdir as workdir_lib
-from landmark_tf.config import ModelConfig
+from landmark_tf.config import TAG_HEADS, ModelConfig
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import (
     backbones,
@@ -86,7 +86,9 @@ def build_models(
         subcenters=cfg.subcenters, rank=cfg.head_rank, class_counts=class_counts,
         margin_a=cfg.dynamic_margin_a, margin_b=cfg.dynamic_margin_b, name="head",
     )
-    label = keras.Input(shape=(), dtype="int32", name="label")
+    # Tag heads train on int32 [B, T] tag ids (padded with -1), landmark heads on int32 [B].
+    label = keras.Input(shape=(None,) if cfg.head in TAG_HEADS else (), dtype="int32",
+                        name="label")
     train_features = features
     if cfg.npairs_weight > 0:  # adds its loss to train_model.losses in training
         train_features = head_variants.NPairsLoss(cfg.npairs_weight, cfg.npairs_l2_reg,

@@ -14,6 +14,10 @@ Output (`output_dir`):
   synth_config.json              the settings; a rerun with the same settings resumes
   train_noise.csv                id,landmark_id of the train images that are noise (the truth,
                                  for measuring landmark-clean; not a GLDv2 file)
+  train_attribution.csv          id,url,author,license,title: noisy web-style file titles naming
+                                 what each train image shows (see titles.py)
+  train_label_to_hierarchical.csv landmark_id,category,supercategory,hierarchical_label,
+                                 natural_or_human_made (GLDv2's hierarchy file)
 
 Every landmark is a procedural scene (`scenes`), every image a random view of it (`views`).
 Train landmarks have a Zipf-like number of images from `max_images` down to `min_images`.
@@ -25,6 +29,7 @@ images really are noise: views of an unrelated scene, like the mislabelled image
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -34,7 +39,7 @@ from tqdm import tqdm
 from landmark_tf import fileio
 from landmark_tf.data import gldv2
 from landmark_tf.errors import UserError
-from landmark_tf.synth import scenes, views
+from landmark_tf.synth import scenes, titles, views
 from landmark_tf.synth.plan import (
     NOISE_FILE,
     Item,
@@ -56,11 +61,19 @@ def image_path(root: str, split: str, image_id: str) -> str:
     return gldv2.image_path(fileio.join(root, split), image_id)  # refuses ids that escape root
 
 
-def _scene(cfg: SynthConfig, plan: SynthPlan, index: int) -> scenes.Scene:
+def _scene(cfg: SynthConfig, plan: SynthPlan, index: int,
+           words: list[str] | None = None) -> scenes.Scene:
     rng = np.random.default_rng([cfg.seed, 1, index])
     if index < plan.num_landmark_scenes:
-        return scenes.make_scene(rng)
-    return scenes.make_distractor(rng)
+        return scenes.make_scene(rng, words)
+    return scenes.make_distractor(rng, words)
+
+
+def scene_words(cfg: SynthConfig, plan: SynthPlan, index: int) -> list[str]:
+    """What scene `index` shows, in words (see scenes.make_scene), for file titles."""
+    words: list[str] = []
+    _scene(cfg, plan, index, words)
+    return words
 
 
 def render_item(cfg: SynthConfig, plan: SynthPlan, item: Item, cache: dict | None = None) -> bytes:
@@ -148,6 +161,11 @@ def generate(cfg: SynthConfig, output_dir: str, progress: bool = True) -> dict:
     for name, text in csv_files(plan).items():
         fileio.write_text_atomic(fileio.join(output_dir, name), text)
     fileio.write_text_atomic(fileio.join(output_dir, NOISE_FILE), noise_csv(plan))
+    words_of = functools.partial(scene_words, cfg, plan)
+    fileio.write_text_atomic(fileio.join(output_dir, titles.ATTRIBUTION_FILE),
+                             titles.attribution_csv(cfg.seed, plan, words_of))
+    fileio.write_text_atomic(fileio.join(output_dir, titles.HIERARCHY_FILE),
+                             titles.hierarchy_csv(cfg.seed, plan, words_of))
     counts = {split: len(plan.split(split)) for split in SPLITS}
     return {
         "output_dir": output_dir,

@@ -78,51 +78,81 @@ def random_color(rng: np.random.Generator, sat=(0.1, 0.8), val=(0.2, 0.95)) -> n
     return np.array(rgb, dtype=np.float64)
 
 
+COLOR_NAMES = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
+
+
+def color_name(rgb: np.ndarray) -> str:
+    """A web-title colour word for an RGB 0..1 colour: white/black/grey for low saturation or
+    value, else the hue's name (8 equal hue sectors starting at red)."""
+    hue, sat, val = colorsys.rgb_to_hsv(*(float(c) for c in rgb))
+    if val < 0.25:
+        return "black"
+    if sat < 0.2:
+        return "white" if val > 0.75 else "grey"
+    return COLOR_NAMES[int(((hue + 1 / 16) % 1.0) * len(COLOR_NAMES))]
+
+
 def _contrast(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
     """A colour clearly lighter or darker than `base`, so facade details survive colour jitter."""
     dark = base.mean() > 0.5
     return random_color(rng, val=(0.05, 0.3) if dark else (0.7, 1.0))
 
 
-def make_scene(rng: np.random.Generator) -> Scene:
-    """A landmark: ground, optional far skyline, 1-4 buildings, optional foreground structure."""
+def make_scene(rng: np.random.Generator, words: list[str] | None = None) -> Scene:
+    """A landmark: ground, optional far skyline, 1-4 buildings, optional foreground structure.
+
+    `words`, when given, receives what the scene shows (the main building's colour, roof and
+    facade, a road, mountains or skyline, the foreground structure), for synthetic file titles;
+    recording them draws nothing from `rng`, so the pixels are the same with or without it.
+    """
+    words = [] if words is None else words
     horizon = rng.uniform(0.6, 0.8)
     shapes = [Shape(rect(WORLD_MIN, horizon, WORLD_MAX, WORLD_MAX), random_color(rng))]
     if rng.random() < 0.5:
         road = [[0.5 - 0.03, horizon], [0.5 + 0.03, horizon], [1.1, WORLD_MAX], [-0.1, WORLD_MAX]]
         shapes.append(Shape(np.array(road) + [rng.uniform(-0.3, 0.3), 0], random_color(rng)))
+        words.append("road")
     if rng.random() < 0.7:
-        shapes += _far_silhouette(rng, horizon)
-    for box in _layout(rng, horizon):
-        shapes += _building(rng, *box)
+        shapes += _far_silhouette(rng, horizon, words)
+    boxes = _layout(rng, horizon)
+    for i, box in enumerate(boxes):  # the main building is the last box: only it is described
+        shapes += _building(rng, *box, words=words if i == len(boxes) - 1 else None)
     if rng.random() < 0.4:
-        shapes += _foreground(rng, horizon)
+        shapes += _foreground(rng, horizon, words)
     return Scene.from_shapes(shapes)
 
 
-def make_distractor(rng: np.random.Generator) -> Scene:
-    """An image of no landmark: half are unique landmark-like scenes, half open landscapes."""
+def make_distractor(rng: np.random.Generator, words: list[str] | None = None) -> Scene:
+    """An image of no landmark: half are unique landmark-like scenes, half open landscapes.
+    `words` as in `make_scene`."""
+    words = [] if words is None else words
     if rng.random() < 0.5:
-        return make_scene(rng)
+        return make_scene(rng, words)
+    words.append("landscape")
     horizon = rng.uniform(0.45, 0.8)
     shapes = [Shape(rect(WORLD_MIN, horizon, WORLD_MAX, WORLD_MAX), random_color(rng))]
     for _ in range(rng.integers(1, 4)):
-        shapes += _far_silhouette(rng, horizon + rng.uniform(0, 0.2))
+        shapes += _far_silhouette(rng, horizon + rng.uniform(0, 0.2), words)
     for _ in range(rng.integers(0, 6)):
         x, y, s = rng.uniform(-0.1, 1.1), rng.uniform(horizon, 1.0), rng.uniform(0.05, 0.25)
         shapes += tree(rng, x, y, s)
+        words.append("trees")
     return Scene.from_shapes(shapes)
 
 
-def _far_silhouette(rng: np.random.Generator, horizon: float) -> list[Shape]:
+def _far_silhouette(rng: np.random.Generator, horizon: float,
+                    words: list[str] | None = None) -> list[Shape]:
     """Mountains (a jagged ridge) or a distant skyline of blocks, paler than the foreground."""
     color = random_color(rng, sat=(0.05, 0.4), val=(0.45, 0.85))
+    words = [] if words is None else words
     if rng.random() < 0.5:
+        words.append("mountains")
         xs = np.linspace(WORLD_MIN, WORLD_MAX, rng.integers(5, 12))
         ys = horizon - rng.uniform(0.03, 0.3, len(xs))
         feet = [[WORLD_MAX, horizon], [WORLD_MIN, horizon]]
         ridge = np.concatenate([np.stack([xs, ys], 1), feet])
         return [Shape(ridge, color)]
+    words.append("skyline")
     edges = np.cumsum(rng.uniform(0.03, 0.12, 40)) + WORLD_MIN
     edges = edges[edges < WORLD_MAX]
     tops = horizon - rng.uniform(0.03, 0.2, len(edges))
@@ -143,8 +173,11 @@ def _layout(rng: np.random.Generator, horizon: float) -> list[tuple[float, ...]]
     return boxes + [main]
 
 
-def _building(rng, x0: float, top: float, x1: float, base: float) -> list[Shape]:
+def _building(rng, x0: float, top: float, x1: float, base: float,
+              words: list[str] | None = None) -> list[Shape]:
     body = random_color(rng)
+    words = [] if words is None else words
+    words.append(color_name(body))
     shapes = []
     if rng.random() < 0.5:
         d = rng.uniform(0.03, 0.08) * rng.choice([-1, 1])
@@ -152,15 +185,16 @@ def _building(rng, x0: float, top: float, x1: float, base: float) -> list[Shape]
         side = [[xe, base], [xe + d, base - abs(d) * 0.6], [xe + d, top - abs(d) * 0.6], [xe, top]]
         shapes.append(Shape(np.array(side), body, SIDE))
     shapes.append(Shape(rect(x0, top, x1, base), body))
-    shapes += _roof(rng, x0, top, x1, body)
-    shapes += _facade(rng, x0, top, x1, base, body)
+    shapes += _roof(rng, x0, top, x1, body, words)
+    shapes += _facade(rng, x0, top, x1, base, body, words)
     return shapes
 
 
-def _roof(rng, x0: float, top: float, x1: float, body: np.ndarray) -> list[Shape]:
+def _roof(rng, x0: float, top: float, x1: float, body: np.ndarray, words: list[str]) -> list[Shape]:
     w, cx = x1 - x0, (x0 + x1) / 2
     color = _contrast(rng, body) if rng.random() < 0.5 else random_color(rng)
     kind = rng.choice(["flat", "gable", "dome", "spire", "stepped", "battlements"])
+    words.append(str(kind))
     if kind == "flat":
         return [Shape(rect(x0 - 0.01, top - 0.025, x1 + 0.01, top), color)]
     if kind == "gable":
@@ -188,11 +222,13 @@ def _roof(rng, x0: float, top: float, x1: float, body: np.ndarray) -> list[Shape
     return [Shape(rect(a, top - h, b, top + 0.001), body) for a, b in merlons]
 
 
-def _facade(rng, x0: float, top: float, x1: float, base: float, body: np.ndarray) -> list[Shape]:
+def _facade(rng, x0: float, top: float, x1: float, base: float, body: np.ndarray,
+            words: list[str]) -> list[Shape]:
     """Windows, columns, bands or tiles, plus maybe a door and a round window."""
     detail = _contrast(rng, body)
     w, h = x1 - x0, base - top
     kind = rng.choice(["windows", "columns", "bands", "tiles", "windows"])
+    words.append(str(kind))
     shapes = []
     if kind == "windows":
         rows, cols = rng.integers(1, 7), rng.integers(1, 7)
@@ -229,10 +265,11 @@ def _facade(rng, x0: float, top: float, x1: float, base: float, body: np.ndarray
     return shapes
 
 
-def _foreground(rng, horizon: float) -> list[Shape]:
+def _foreground(rng, horizon: float, words: list[str]) -> list[Shape]:
     """A colonnade, an obelisk or a fence in front of the buildings."""
     color, base = random_color(rng), horizon + rng.uniform(0.04, 0.12)
     kind = rng.choice(["colonnade", "obelisk", "fence"])
+    words.append(str(kind))
     if kind == "obelisk":
         x, w, h = rng.uniform(0.15, 0.85), rng.uniform(0.02, 0.05), rng.uniform(0.25, 0.45)
         tip = [[x - w, base - h], [x + w, base - h], [x, base - h - 2 * w]]

@@ -5,6 +5,8 @@ parallel: stream_files), and each host builds the streams of the replicas it fee
 have the per-replica size and static shapes (`drop_remainder=True`):
   {"image": uint8[b, S, S, 3], "label": int32[b], "weight": float32[b],
    "flip": bool[b]}   # images to mirror; the train step applies it (step_math.prepare_images)
+(tag heads, `tag_width` T > 0: "label" int32[b, T] title tags padded with -1, "weight"
+float32[b, T]; see tag_targets).
 Images cross host -> device as uint8 (`infeed_dtype`), a quarter of float32's bytes (403 MB ->
 101 MB per step at 128 x 512^2); the resized pixels are rounded to integers on the host and the
 step casts them to float32 on the device. infeed_dtype="float32" keeps the unrounded floats.
@@ -39,7 +41,7 @@ import tensorflow as tf
 
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import losses
-from landmark_tf.training import augment, sampling
+from landmark_tf.training import augment, sampling, tag_targets
 
 AUTOTUNE = tf.data.AUTOTUNE
 _MAX_CYCLE = 16  # files read at once per host
@@ -70,6 +72,10 @@ class TrainInput:
     # > 0: each per-replica batch is batch_classes-image groups of one class each (P x K
     # sampling, sampling.class_groups); 0: the i.i.d. stream.
     batch_classes: int = 0
+    # > 0: tag pretraining (tag_targets): "label" is int32 [b, tag_width] title tags, -1
+    # padded, and "weight" float32 [b, tag_width]; tag_weights float32 [V] or None (all 1).
+    tag_width: int = 0
+    tag_weights: np.ndarray | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +236,8 @@ def _replica_stream(spec: TrainInput, stream: int, streams: int,
         spec.class_weights if spec.class_weights is not None else [1.0], tf.float32
     )
     weighted = spec.class_weights is not None
+    tag_table = (None if spec.tag_weights is None
+                 else tf.constant(spec.tag_weights, tf.float32))
     crop = "crop" in spec.augment
 
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
@@ -252,7 +260,10 @@ def _replica_stream(spec: TrainInput, stream: int, streams: int,
         draws = augment.example_draws(augment.fold(_fold(base, e), index))
         if "flip" not in spec.augment:
             draws["flip"] = tf.zeros_like(draws["flip"])
-        return {"image": image, "label": label, "clean": clean, **draws}
+        out = {"image": image, "label": label, "clean": clean, **draws}
+        if spec.tag_width:
+            out["tags"] = tag_targets.parse_tags(serialized, spec.tag_width)
+        return out
 
     def finish_batch(b: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image = b["image"]
@@ -260,6 +271,9 @@ def _replica_stream(spec: TrainInput, stream: int, streams: int,
             image = to_infeed(augment.color_batch(image, b["delta"], b["factor"]),
                               spec.infeed_dtype)
         index = b["label"] if weighted else tf.zeros_like(b["label"])
+        if spec.tag_width:
+            w = tag_targets.tag_weights(b["tags"], tag_table)
+            return {"image": image, "label": b["tags"], "weight": w, "flip": b["flip"]}
         w = losses.example_weights(index, b["clean"], table, spec.not_clean_weight)
         return {"image": image, "label": b["label"], "weight": w, "flip": b["flip"]}
 

@@ -29,22 +29,40 @@ def prepare_images(batch: dict):
 def micro_loss(label, logits, weight, global_batch: int, extra_losses, share: float):
     """A micro-batch's share of the step's loss (float32 scalar): its part of the global mean
     weighted cross-entropy plus `share` of the layer regularisers (`extra_losses`, a list of
-    scalars: a replica's and micro-step's part, so that they count once per optimizer step)."""
-    loss = losses.weighted_cross_entropy(label, logits, weight, global_batch)
+    scalars: a replica's and micro-step's part, so that they count once per optimizer step).
+    label int [B] and weight float32 [B] for landmark heads; int [B, T] tag ids (-1 padded) and
+    float32 [B, T] weights for the tag heads (losses.tag_cross_entropy)."""
+    if is_tags(label):
+        loss = losses.tag_cross_entropy(label, logits, weight, global_batch)
+    else:
+        loss = losses.weighted_cross_entropy(label, logits, weight, global_batch)
     if extra_losses:
         loss = loss + ops.sum(ops.stack([ops.cast(x, "float32") for x in extra_losses])) * share
     return loss
 
 
+def is_tags(label) -> bool:
+    """True for tag targets (int [B, T]), False for landmark labels (int [B]); static."""
+    return len(label.shape) == 2
+
+
 def top1_hits(label, logits):
-    """float32 scalar: how many rows of logits [B, C] have their maximum at label int32 [B]."""
-    hits = ops.equal(ops.cast(ops.argmax(logits, axis=-1), "int32"), ops.cast(label, "int32"))
+    """float32 scalar: how many rows of logits [B, C] have their maximum at label int32 [B]
+    (for tag targets int [B, T]: at one of the image's tags)."""
+    top = ops.cast(ops.argmax(logits, axis=-1), "int32")
+    if is_tags(label):
+        hits = ops.any(ops.equal(top[:, None], ops.cast(label, "int32")), axis=-1)
+    else:
+        hits = ops.equal(top, ops.cast(label, "int32"))
     return ops.sum(ops.cast(hits, "float32"))
 
 
 def pair_anchors(label):
     """float32 scalar: how many of the labels int [B] have another example of their class in
-    the batch, i.e. the anchors with a positive that a pair loss (n-pairs) can use."""
+    the batch, i.e. the anchors with a positive that a pair loss (n-pairs) can use; 0 for tag
+    targets (no pair loss trains on them)."""
+    if is_tags(label):
+        return ops.sum(ops.zeros((1,), "float32"))
     label = ops.reshape(ops.cast(label, "int32"), (-1,))
     same = ops.cast(ops.equal(label[:, None], label[None, :]), "float32")
     return ops.sum(ops.cast(ops.sum(same, axis=1) > 1.0, "float32"))

@@ -28,7 +28,7 @@ import keras
 from absl import logging
 
 from landmark_tf import fileio
-from landmark_tf.config import ModelConfig, TrainConfig
+from landmark_tf.config import TAG_HEADS, ModelConfig, TrainConfig
 from landmark_tf.data import records
 from landmark_tf.errors import UserError
 from landmark_tf.modeling import checkpoint, head_variants, losses, model
@@ -38,6 +38,7 @@ from landmark_tf.training import (
     distribute,
     input_pipeline,
     sampling,
+    tag_targets,
     train_loop,
 )
 from landmark_tf.training.schedules import WarmupSchedule
@@ -58,6 +59,10 @@ class DataPlan:
     # Per class, how many train examples have image/is_clean 0; None for datasets written
     # before landmark-tfrecords recorded it.
     not_clean_counts: list[int] | None = None
+    # Tag heads (tag_targets.for_head): tags per image in the batch (0: landmark labels) and
+    # float32 [V] per-tag weights (label_weighted; None: every tag 1).
+    tag_width: int = 0
+    tag_weights: Any = None
 
 
 def make_plan(cfg: TrainConfig) -> DataPlan:
@@ -143,6 +148,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, retrieval_val=None) -> dict[
     cfg = dataclasses.replace(cfg.validate(), backend=backend.select(cfg.backend, cfg.tpu,
                                                                 cfg.strategy))
     plan = make_plan(cfg)
+    if model_cfg.head in TAG_HEADS:
+        plan = tag_targets.for_head(plan, cfg, model_cfg.head)
     loss_weights(cfg, plan)  # a dataset that cannot be weighted fails before any model is built
     model_cfg = dataclasses.replace(model_cfg, num_classes=plan.num_classes).validate()
     previous = keras.mixed_precision.global_policy()
@@ -177,6 +184,7 @@ def train_input(cfg: TrainConfig, plan: DataPlan, image_size: int,
         shuffle_buffer=cfg.shuffle_buffer, augment=tuple(cfg.augment), repeat_factors=factors,
         batch_classes=cfg.batch_classes,
         class_weights=loss_weights(cfg, plan), not_clean_weight=cfg.not_clean_weight,
+        tag_width=plan.tag_width, tag_weights=plan.tag_weights,
     )
 
 
@@ -203,7 +211,7 @@ def report_head_memory(model_cfg: ModelConfig) -> dict[str, int]:
     """Prints the float32 bytes of the class matrix for this run and for GLDv2's 203,094
     classes, full (D x C x K) and as configured (factorised when head_rank > 0); returns them
     for the closing JSON. SGD momentum doubles each figure, Adam triples it."""
-    if model_cfg.head == "softmax":
+    if model_cfg.head in ("softmax", *TAG_HEADS):
         return {}
     k = model_cfg.subcenters if model_cfg.head in ("subcenter_arcface", "dynamic_arcface") else 1
     size = {}
