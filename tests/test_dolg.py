@@ -129,6 +129,9 @@ def test_a_dense_bn_stage_cannot_start_from_a_dolg_workdir(dolg_run):
         model_lib.restore_for_stage(models, dolg_run["workdir"])
 
 
+# The DOLG neck's SavedModel loads in TF 2.2 in make test through test_kaggle_contract's
+# every pooling x neck case; this B0 export through the CLI runs with make test-slow.
+@pytest.mark.slow
 def test_dolg_export_keeps_the_kaggle_contract_and_loads_in_tf22(dolg_run):
     import load_savedmodel
 
