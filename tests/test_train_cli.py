@@ -83,3 +83,12 @@ def test_flagfile_is_read(tmp_path):
 
 def test_stray_arguments_are_rejected(tmp_path):
     _one_line_error(_run(f"--data_dir={tmp_path}", "extra"), "unexpected arguments: extra")
+
+
+def test_memory_check_needs_no_run_length():
+    """--memory_check compiles one step: it asks for no --train_steps (here it gets as far as
+    the TPU type, checked before any compilation)."""
+    proc = _run("--memory_check", "--num_classes=10", "--tpu_type=v9-8")
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("landmark-train:")]
+    assert lines == [lines[0]] and "--tpu_type=v9-8: expected e.g." in lines[0], proc.stderr

@@ -317,6 +317,8 @@ def _memory_check() -> dict:
     from landmark_tf.training import backend
 
     backend.select("jax")
+    if FLAGS.train_steps is None and FLAGS.epochs is None:
+        FLAGS.train_steps = 1  # the length sizes only the schedule, not the step's memory
     num_classes = FLAGS.num_classes
     if num_classes <= 0:
         if not FLAGS.data_dir:
