@@ -31,7 +31,7 @@ loop calls it, with its per-step host work, device transfer and metrics) fed one
 vs a bare step of the same model and batch (TF: a tf.function; JAX: one jax.jit of forward,
 float32 cross-entropy, gradient and the same SGD update, the batch already on the device),
 alternating over --rounds. Target: trainer >= 0.9x bare. Also the number of compilations of the
-JAX trainer's step over the whole run (1 = no recompilation).
+trainer's step over the whole run (1 = no recompilation).
 --parts ops: where XLA:CPU loses to TensorFlow's oneDNN kernels. One process runs each of
 EfficientNet's convolution kinds (3x3 depthwise, 1x1 pointwise, 3x3 dense), forward + gradients,
 as a jax.jit and as a tf.function, on the same shapes, alternating; ratio jax/tensorflow per op.
@@ -344,8 +344,7 @@ def bench_trainer(args) -> dict:
     seconds = _alternate(contenders, args.rounds)
     images = {k: executions * n * args.batch for k in contenders}
     out = _summary(f"trainer_{backend}", images, seconds, pair=("trainer", "bare"))
-    if backend == "jax":
-        out["trainer_jax_step_compilations"] = trainer._train_step._cache_size()
+    out[f"trainer_{backend}_step_compilations"] = trainer.compilations()
     trainer.close()
     return out
 
