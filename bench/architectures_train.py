@@ -4,11 +4,12 @@ at equal steps on landmark-synth, with seed spread (one table).
   PYTHONPATH=. nice -n 10 .venv/bin/python bench/architectures_train.py --out /tmp/arch \
       [--seeds 0,1] [--steps 150] [--rows gap,gem,dolg,hub_b0]
 
-Per synth seed (difficulty 0.7, the demo's set; as bench/levers_train.py): landmark-tfrecords,
-then `--steps` SGD steps (lr 0.1, cosine, 20 warm-up, batch 32, 64 px, random init, CPU
-float32), every row with the same head: CosFace m 0.15 with the auto scale (the levers
-baseline; dynamic_arcface at the released s = 45 does not train from scratch in so few steps:
-levers_train) and a 128-d descriptor; scored by test->index mAP@100 and test GAP (kNN vs train).
+Per synth seed (difficulty 0.7, the demo's set; not bench/levers.py's PHENOMENA):
+landmark-tfrecords, then `--steps` SGD steps (lr 0.1, cosine, 20 warm-up, batch 32, 64 px,
+random init, CPU float32), every row with the same head: CosFace m 0.15 with the auto scale
+(the random-init levers baseline; dynamic_arcface at the released s = 45 did not train from
+scratch in so few steps) and a 128-d descriptor; scored by test->index mAP@100 and test GAP
+(kNN vs train).
   gap     keras.applications EfficientNet-B0 -> GAP -> Dense -> BN
   gem     ... -> GeM (p 3, trainable) -> Dense -> BN
   dolg    --neck=dolg: local branch on stage 5 (4x4 at 64 px, hence dilations 1,2,3: the
@@ -28,12 +29,10 @@ hub_b0 needs keras-hub (pip install '.[hub]'). Results go to OUT/results.json af
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 
-import levers_train as lt
 import numpy as np
+import runs
 
 from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.synth import plan as synth_plan
@@ -69,7 +68,7 @@ def hub_b0_preset(path: str, zero_gamma: bool) -> str:
     from landmark_tf.modeling import hub_backbones
 
     keras_hub.layers.EfficientNetImageConverter(
-        image_size=(lt.SIZE, lt.SIZE), scale=hub_backbones.IMAGENET_SCALE,
+        image_size=(runs.SIZE, runs.SIZE), scale=hub_backbones.IMAGENET_SCALE,
         offset=hub_backbones.IMAGENET_OFFSET).save_to_preset(path)
     return path
 
@@ -78,34 +77,27 @@ def fit(row: str, data_dir: str, workdir: str, steps: int, seed: int, out: str) 
     backbone = "efficientnet-b0"
     if row.startswith("hub_b0"):
         backbone = "hub:" + hub_b0_preset(os.path.join(out, f"{row}_preset"), row == "hub_b0_zg")
-    cfg = ModelConfig(backbone=backbone, image_size=lt.SIZE, embedding_dim=lt.DIM,
+    cfg = ModelConfig(backbone=backbone, image_size=runs.SIZE, embedding_dim=runs.DIM,
                       **HEAD, **MODELS[row])
     tcfg = TrainConfig(data_dir=data_dir, workdir=workdir, train_steps=steps,
-                       batch_size=lt.BATCH, learning_rate=0.1, schedule="cosine",
+                       batch_size=runs.BATCH, learning_rate=0.1, schedule="cosine",
                        warmup_steps=20, val_split="", checkpoint_every=steps, seed=seed)
     return train.train(cfg, tcfg)
 
 
-def run_seed(out: str, seed: int, steps: int, rows: list[str], results: dict) -> None:
+def run_seed(out: str, seed: int, steps: int, rows: list[str]) -> dict:
     root = os.path.join(out, f"seed{seed}")
-    plan = synth_plan.make_plan(lt.synth(root, seed))
-    gldv2 = os.path.join(root, "gldv2")
-    data = lt.records(root, "train", os.path.join(gldv2, "train"),
-                      train_csv=os.path.join(gldv2, "train.csv"))
-    done = results.setdefault(str(seed), {})
-    for row in rows:
-        if row in done:
-            continue
-        start = time.time()
+    plan = synth_plan.make_plan(runs.synth(root, seed))
+    data = runs.train_records(root)
+
+    def run_row(row: str) -> dict:
         workdir = os.path.join(root, "runs", row)
         r = fit(row, data, workdir, steps, seed, out)
-        s = lt.score(workdir, root, plan, row)
-        done[row] = {"map@100": s["map@100"], "gap": s["gap"], "loss": r["loss"],
-                     "images_per_second": r["images_per_second"],
-                     "seconds": round(time.time() - start, 1)}
-        print(json.dumps({"seed": seed, "row": row, **done[row]}), flush=True)
-        with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        s = runs.score(workdir, root, plan, row)
+        return {"map@100": s["map@100"], "gap": s["gap"], "loss": r["loss"],
+                "images_per_second": r["images_per_second"]}
+
+    return runs.run_rows(os.path.join(out, "results.json"), seed, rows, run_row)
 
 
 def table(results: dict, rows: list[str]) -> str:
@@ -130,14 +122,9 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS))
     a = p.parse_args()
     rows = [r for r in a.rows.split(",") if r]
-    path = os.path.join(a.out, "results.json")
     results = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            results = json.load(f)
-    os.makedirs(a.out, exist_ok=True)
     for seed in [int(s) for s in a.seeds.split(",")]:
-        run_seed(a.out, seed, a.steps, rows, results)
+        results = run_seed(a.out, seed, a.steps, rows)
     print(table(results, rows))
 
 

@@ -7,9 +7,10 @@ The GLR2020 release trained its backbone in inference mode (`--backbone_mode=fro
 BatchNorm normalises with its stored statistics and keeps them, gamma/beta train, no
 drop-connect; v2clean_train.ipynb cell 11). This bench measures what that does where it
 matters, fine-tuning a pretrained network with few images per replica:
-  pretrain   EfficientNet-B0 at 64 px trained once (cached in OUT/pretrain) with training BN
-             on a separate landmark-synth set (seed 1000, 120 landmarks, no label noise: other
-             scenes and landmarks than the target, the stand-in for ImageNet)
+  pretrain   scripts/pretrain_synthetic.sh OUT/pretrain (cached): EfficientNet-B0 at 64 px,
+             400 steps with training BN on a separate landmark-synth set (seed 1000, 120
+             landmarks, no label noise: other scenes and landmarks than the target, the
+             stand-in for ImageNet)
   target     the demo's set (landmark-synth seed 0, difficulty 0.7)
   start      the pretrained backbone and neck, embedded as they are (no fine-tune)
   rows       `--steps` SGD steps (lr 0.01, cosine, 10 warm-up) from the pretrained backbone and
@@ -27,29 +28,13 @@ import json
 import os
 import time
 
-import levers_train as lt
 import numpy as np
+import runs
 
-from landmark_tf.synth import generator
 from landmark_tf.synth import plan as synth_plan
 
-PRETRAIN = {"seed": 1000, "num_landmarks": 120, "noisy_fraction": 0.0,
-            "unclean_landmarks": 0.0, "difficulty": 0.7}
-PRETRAIN_STEPS, LR = 400, 0.01
+LR = 0.01
 MODES = ("train", "frozen_bn")
-
-
-def pretrain(out: str) -> str:
-    """The cached pretrained workdir (trained with training BN, batch 32, lr 0.1)."""
-    root = os.path.join(out, "pretrain")
-    workdir = os.path.join(root, "run")
-    if not os.path.exists(os.path.join(workdir, "summary.json")):
-        gldv2 = os.path.join(root, "gldv2")
-        generator.generate(synth_plan.SynthConfig(**PRETRAIN), gldv2, progress=False)
-        data = lt.records(root, "train", os.path.join(gldv2, "train"),
-                          train_csv=os.path.join(gldv2, "train.csv"))
-        lt.fit(data, workdir, PRETRAIN_STEPS, 0)
-    return workdir
 
 
 def main() -> None:
@@ -60,20 +45,17 @@ def main() -> None:
     p.add_argument("--batches", default="4,8", help="Per-replica batch sizes.")
     a = p.parse_args()
     path = os.path.join(a.out, "results.json")
-    results = json.loads(lt._read(path)) if os.path.exists(path) else {}
+    results = runs.read_json(path, {})
 
     def save():
-        with open(path, "w") as f:
-            json.dump(results, f, indent=1)
+        runs.write_json(path, results)
 
-    start_dir = pretrain(a.out)
+    start_dir = runs.pretrain(os.path.join(a.out, "pretrain"))
     root = os.path.join(a.out, "target")
-    plan = synth_plan.make_plan(lt.synth(root, 0))
-    gldv2 = os.path.join(root, "gldv2")
-    data = lt.records(root, "train", os.path.join(gldv2, "train"),
-                      train_csv=os.path.join(gldv2, "train.csv"))
+    plan = synth_plan.make_plan(runs.synth(root, 0))
+    data = runs.train_records(root)
     if "start" not in results:
-        r = lt.score(start_dir, root, plan, "start")
+        r = runs.score(start_dir, root, plan, "start")
         results["start"] = {k: v for k, v in r.items() if k != "embeddings"}
         save()
     for batch in (int(b) for b in a.batches.split(",")):
@@ -84,10 +66,10 @@ def main() -> None:
                     continue
                 t0 = time.time()
                 workdir = os.path.join(root, "runs", key.replace("/", "_"))
-                r = lt.fit(data, workdir, a.steps, seed, init_from=start_dir,
+                r = runs.fit(data, workdir, a.steps, seed, init_from=start_dir,
                            batch_size=batch, learning_rate=LR, warmup_steps=10,
                            backbone_mode=mode)
-                s = lt.score(workdir, root, plan, key.replace("/", "_"))
+                s = runs.score(workdir, root, plan, key.replace("/", "_"))
                 results[key] = {"map@100": s["map@100"], "gap": s["gap"], "loss": r["loss"],
                                 "seconds": round(time.time() - t0)}
                 print(json.dumps({"run": key, **results[key]}), flush=True)

@@ -4,26 +4,25 @@ against the same number of steps without it, on landmark-synth.
   .venv/bin/python bench/tag_pretraining.py --out /tmp/tags [--seeds 0,1] [--steps 250]
       [--tag_steps 125]
 
-Per synth seed, the levers_train set (difficulty 0.7: 60 landmarks, 8-40 train images each,
+Per synth seed, the demo's set (difficulty 0.7: 60 landmarks, 8-40 train images each,
 10% noise images) with its noisy train_attribution.csv titles; one landmark-tfrecords output with
 --attribution_csv (landmark labels and title tags); EfficientNet-B0 at 64 px, batch 32, SGD lr 0.1
-cosine, embedding 128, random init, CPU float32 (levers_train.fit). Rows:
+cosine, embedding 128, random init, CPU float32 (runs.fit). Rows:
   control         cosface m 0.15 for tag_steps + steps (the same number of steps, no tags)
   wt_then_cosface --head=multilabel for tag_steps, then cosface for steps (--init_from: backbone
                   and neck kept, new head)
   lw_then_cosface --head=label_weighted for tag_steps, then the same landmark stage
-Scored like levers_train: test->index mAP@100 and test GAP. Results go to OUT/results.json after
+Scored like bench/levers.py: test->index mAP@100 and test GAP. Results go to OUT/results.json after
 each row (a rerun skips rows already there); a markdown table with the spread over seeds last.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 
-from levers_train import _read, fit, score, synth
+import runs
+from runs import fit
 
 from landmark_tf.data import convert
 from landmark_tf.synth import plan as synth_plan
@@ -42,14 +41,14 @@ def tag_records(root: str) -> str:
     return out
 
 
-def run_row(root: str, data: str, row: str, seed: int, steps: int, tag_steps: int) -> dict:
-    runs = os.path.join(root, "runs")
+def run_row_stages(root: str, data: str, row: str, seed: int, steps: int, tag_steps: int) -> dict:
+    run_dir = os.path.join(root, "runs")
     if row == "control":
-        r = fit(data, os.path.join(runs, row), steps + tag_steps, seed)
+        r = fit(data, os.path.join(run_dir, row), steps + tag_steps, seed)
         return {"loss": r["loss"]}
-    tags_dir = os.path.join(runs, f"{row}_tags")
+    tags_dir = os.path.join(run_dir, f"{row}_tags")
     t = fit(data, tags_dir, tag_steps, seed, head=TAG_HEADS[row])
-    r = fit(data, os.path.join(runs, row), steps, seed, init_from=tags_dir)
+    r = fit(data, os.path.join(run_dir, row), steps, seed, init_from=tags_dir)
     return {"tag_loss": t["loss"], "tag_accuracy": t["accuracy"], "loss": r["loss"],
             "restored": r["init_from"]["restored"]}
 
@@ -62,37 +61,19 @@ def main() -> None:
     p.add_argument("--tag_steps", type=int, default=125, help="Tag-stage steps.")
     a = p.parse_args()
     path = os.path.join(a.out, "results.json")
-    results = json.loads(_read(path)) if os.path.exists(path) else {}
+    results = {}
     for seed in (int(s) for s in a.seeds.split(",")):
         root = os.path.join(a.out, f"seed{seed}")
-        plan = synth_plan.make_plan(synth(root, seed))
+        plan = synth_plan.make_plan(runs.synth(root, seed))
         data = tag_records(root)
-        done = results.setdefault(str(seed), {})
-        for row in ROWS:
-            if row in done:
-                continue
-            start = time.time()
-            facts = run_row(root, data, row, seed, a.steps, a.tag_steps)
-            scored = score(os.path.join(root, "runs", row), root, plan, row)
-            done[row] = {**facts, "map@100": scored["map@100"], "gap": scored["gap"],
-                         "seconds": round(time.time() - start)}
-            print(json.dumps({"seed": seed, "row": row, **done[row]}), flush=True)
-            with open(path, "w") as f:
-                json.dump(results, f, indent=1)
-    print(table(results))
 
+        def run_row(row: str, root=root, data=data, seed=seed, plan=plan) -> dict:
+            facts = run_row_stages(root, data, row, seed, a.steps, a.tag_steps)
+            scored = runs.score(os.path.join(root, "runs", row), root, plan, row)
+            return {**facts, "map@100": scored["map@100"], "gap": scored["gap"]}
 
-def table(results: dict) -> str:
-    lines = ["| row | mAP@100 per seed | spread | GAP per seed | spread |", "|---|---|---|---|---|"]
-    for row in ROWS:
-        got = [results[s][row] for s in sorted(results) if row in results[s]]
-        if got:
-            cells = []
-            for key in ("map@100", "gap"):
-                v = [g[key] for g in got]
-                cells += [" / ".join(f"{x:.3f}" for x in v), f"{max(v) - min(v):.3f}"]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        results = runs.run_rows(path, seed, ROWS, run_row)
+    print(runs.per_seed_table(results, ROWS))
 
 
 if __name__ == "__main__":
