@@ -323,11 +323,16 @@ def test_everyday_nonlandmarks_replace_landmark_like_ones_outside_the_index():
                                           scenes.WORLD_MAX, scenes.WORLD_MAX))
 
 
-def test_the_phenomena_options_leave_the_default_dataset_alone():
+def test_the_phenomena_options_change_only_what_images_show():
     plain = synth_plan.make_plan(TINY)
     assert plain.everyday_scenes == frozenset()
     assert plain.num_landmark_scenes == len(plain.train_landmarks) + len(plain.novel_landmarks)
     # Without the options, each landmark is one scene and noise shows no landmark.
     assert all(plain.shows(it) in (it.landmark_id, -1) for it in plain.items)
-    assert synth_plan.make_plan(dataclasses.replace(TINY, facets=1, noise_other_landmarks=0.0,
-                                                    nonlandmark_style="landmark_like")) == plain
+    rich = synth_plan.make_plan(dataclasses.replace(
+        TINY, facets=3, noise_other_landmarks=0.5, nonlandmark_style="everyday"))
+    def key(it):
+        return it.split, it.id, it.landmark_id, it.serial
+    assert [key(it) for it in rich.items] == [key(it) for it in plain.items]
+    assert (rich.usage, rich.clean) == (plain.usage, plain.clean)
+    assert [it.scene for it in rich.items] != [it.scene for it in plain.items]
