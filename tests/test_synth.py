@@ -127,7 +127,7 @@ def test_clean_subset_drops_noise_and_some_landmarks(tiny):
     plan = synth_plan.make_plan(TINY)
     for it in plan.split("train"):  # the images left out of the clean list are real noise
         if it.landmark_id in clean:
-            shows_its_landmark = it.scene < plan.num_landmark_scenes
+            shows_its_landmark = plan.shows(it) == it.landmark_id
             assert shows_its_landmark == (it.id in clean[it.landmark_id])
 
 
@@ -178,7 +178,10 @@ def test_rerun_resumes_and_guards_the_folder(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(min_images=5, max_images=4), dict(num_landmarks=0),
-                                 dict(index_images=(0, 2)), dict(noisy_fraction=1.5)])
+                                 dict(index_images=(0, 2)), dict(noisy_fraction=1.5),
+                                 dict(facets=0), dict(nonlandmark_style="indoor"),
+                                 dict(noise_other_landmarks=1.2),
+                                 dict(num_landmarks=1, noise_other_landmarks=0.5)])
 def test_rejects_settings_that_cannot_work(bad, tmp_path):
     with pytest.raises(UserError):
         generator.generate(generator.SynthConfig(**bad), str(tmp_path), progress=False)
@@ -220,10 +223,14 @@ def _cli(tmp_path, *extra):
 
 
 def test_cli_prints_the_summary_last(tmp_path):
-    done = _cli(tmp_path)
+    done = _cli(tmp_path, "--facets=2", "--noise_other_landmarks=0.5",
+                "--nonlandmark_style=everyday")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["landmarks"] == 3
+    settings = json.loads((tmp_path / "out" / generator.CONFIG_FILE).read_text())
+    assert (settings["facets"], settings["noise_other_landmarks"],
+            settings["nonlandmark_style"]) == (2, 0.5, "everyday")
     assert result["images"] == sum(p.endswith(".jpg") for p in tree(tmp_path / "out"))
 
 
@@ -239,7 +246,8 @@ def test_cli_bad_flag_is_one_line_and_exit_2(tmp_path):
 def test_noise_truth_lists_exactly_the_images_of_unrelated_scenes(tiny):
     root, summary = tiny
     noise = {r[0]: int(r[1]) for r in read(root, "train_noise.csv")[1:]}
-    assert read(root, "train_noise.csv")[0] == ["id", "landmark_id"]
+    assert read(root, "train_noise.csv")[0] == ["id", "landmark_id", "shows_landmark_id"]
+    assert {r[2] for r in read(root, "train_noise.csv")[1:]} == {"-1"}  # by default: no landmark
     assert len(noise) == summary["noise_images"] > 0
     plan = synth_plan.make_plan(TINY)
     for it in plan.split("train"):
@@ -247,3 +255,84 @@ def test_noise_truth_lists_exactly_the_images_of_unrelated_scenes(tiny):
         assert noise.get(it.id, it.landmark_id) == it.landmark_id
     clean = {i for r in read(root, "train_clean.csv")[1:] for i in r[1].split()}
     assert not clean & set(noise)
+
+
+PHENOMENA = dataclasses.replace(TINY, facets=3, noisy_fraction=0.4, noise_other_landmarks=0.5,
+                                nonlandmark_style="everyday", test_distractors=3.0, seed=5)
+
+
+def test_facets_file_unrelated_scenes_under_one_landmark():
+    plan = synth_plan.make_plan(PHENOMENA)
+    n = len(plan.train_landmarks) + len(plan.novel_landmarks)
+    assert plan.num_landmark_scenes == 3 * n
+    facets_seen: dict[int, set[int]] = {}
+    for it in plan.items:
+        if it.landmark_id >= 0 and plan.shows(it) == it.landmark_id:
+            facets_seen.setdefault(it.landmark_id, set()).add(it.scene)
+    assert all(len(s) <= 3 for s in facets_seen.values())
+    assert sum(len(s) > 1 for s in facets_seen.values()) > len(facets_seen) / 2
+    # Two facets of one landmark are different scenes, as different as two landmarks.
+    lid, scenes_of = next((k, sorted(v)) for k, v in facets_seen.items() if len(v) > 1)
+    same = views.ViewConfig().scaled(0)
+    a, b = (views.render_view(generator._scene(PHENOMENA, plan, s), np.random.default_rng(1),
+                              48, same) for s in scenes_of[:2])
+    assert np.abs(a.astype(int) - b).mean() > 20
+    # The solution lists every index image of the landmark, whichever facet it shows.
+    files = synth_plan.csv_files(plan)
+    matches = {r[0]: set(r[1].split()) for r in csv.reader(io.StringIO(
+        files["retrieval_solution_v2.1.csv"])) if r[1] not in ("images", "None")}
+    index_of = {}
+    for it in plan.split("index"):
+        index_of.setdefault(it.landmark_id, set()).add(it.id)
+    for it in plan.split("test"):
+        if it.id in matches:
+            assert matches[it.id] == index_of[it.landmark_id]
+
+
+def test_noise_of_both_kinds_with_its_truth(tmp_path):
+    cfg = dataclasses.replace(PHENOMENA, nonlandmark_images=0.5)
+    generator.generate(cfg, str(tmp_path), progress=False)
+    plan = synth_plan.make_plan(cfg)
+    rows = read(tmp_path, "train_noise.csv")[1:]
+    shows = {r[0]: int(r[2]) for r in rows}
+    labels = {it.id: it.landmark_id for it in plan.split("train")}
+    other = [i for i, s in shows.items() if s >= 0]
+    assert other and len(other) < len(shows)  # both kinds
+    assert all(shows[i] != labels[i] and shows[i] in plan.train_landmarks for i in other)
+    for it in plan.split("train"):  # every image not in the truth shows its own landmark
+        assert (it.id in shows) == (plan.shows(it) != it.landmark_id)
+    clean = {i for r in read(tmp_path, "train_clean.csv")[1:] for i in r[1].split()}
+    assert not clean & set(shows)
+
+
+def test_everyday_nonlandmarks_replace_landmark_like_ones_outside_the_index():
+    plan = synth_plan.make_plan(PHENOMENA)
+    nonlandmark_scenes = {it.split: set() for it in plan.items}
+    for it in plan.items:
+        if plan.shows(it) == -1:
+            nonlandmark_scenes[it.split].add(it.scene)
+    assert not nonlandmark_scenes["index"] & plan.everyday_scenes  # the index stays landmark-like
+    for split in ("test", "nonlandmark", "train"):
+        assert nonlandmark_scenes[split] and nonlandmark_scenes[split] <= plan.everyday_scenes
+    # A majority of the test set shows no landmark, as in GLDv2.
+    assert len(nonlandmark_scenes["test"]) > len(plan.split("test")) / 2
+    for seed in range(20):  # each fills the frame: no sky, horizon or building in any view
+        scene = scenes.make_everyday(np.random.default_rng(seed))
+        np.testing.assert_array_equal(
+            scene.points[:4], scenes.rect(scenes.WORLD_MIN, scenes.WORLD_MIN,
+                                          scenes.WORLD_MAX, scenes.WORLD_MAX))
+
+
+def test_the_phenomena_options_change_only_what_images_show():
+    plain = synth_plan.make_plan(TINY)
+    assert plain.everyday_scenes == frozenset()
+    assert plain.num_landmark_scenes == len(plain.train_landmarks) + len(plain.novel_landmarks)
+    # Without the options, each landmark is one scene and noise shows no landmark.
+    assert all(plain.shows(it) in (it.landmark_id, -1) for it in plain.items)
+    rich = synth_plan.make_plan(dataclasses.replace(
+        TINY, facets=3, noise_other_landmarks=0.5, nonlandmark_style="everyday"))
+    def key(it):
+        return it.split, it.id, it.landmark_id, it.serial
+    assert [key(it) for it in rich.items] == [key(it) for it in plain.items]
+    assert (rich.usage, rich.clean) == (plain.usage, plain.clean)
+    assert [it.scene for it in rich.items] != [it.scene for it in plain.items]

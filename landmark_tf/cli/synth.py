@@ -2,6 +2,9 @@
 
   landmark-synth --output_dir=/tmp/synth [--num_landmarks=60 --min_images=8 --max_images=40
                  --image_size=96 --seed=0 --difficulty=1.0]
+  GLDv2's phenomena (what the demo and bench/levers.py use):
+  landmark-synth ... --facets=3 --noisy_fraction=0.2 --noise_other_landmarks=0.5 \
+                 --nonlandmark_style=everyday --test_distractors=3
 
 Writes train.csv, train_clean.csv, index.csv, test.csv, retrieval_solution_v2.1.csv,
 recognition_solution_v2.1.csv, nonlandmark.csv (a separate set of images of no landmark) and
@@ -16,7 +19,7 @@ from absl import flags
 
 from landmark_tf.cli import app as app_lib
 from landmark_tf.errors import UserError
-from landmark_tf.synth import generator
+from landmark_tf.synth import generator, plan
 
 _D = generator.SynthConfig()
 
@@ -56,6 +59,18 @@ flags.DEFINE_float("difficulty", _D.difficulty,
 flags.DEFINE_float("nonlandmark_images", _D.nonlandmark_images,
                    "Images in the separate non-landmark set (nonlandmark.csv + nonlandmark/ tree), "
                    "relative to the test set's size; 0 = none.")
+flags.DEFINE_integer("facets", _D.facets,
+                     "Unrelated scenes filed under each landmark id (GLDv2 files a church's "
+                     "exterior, interior and details under one id); each image shows one at "
+                     "random, so some relevant images look nothing like the query.")
+flags.DEFINE_float("noise_other_landmarks", _D.noise_other_landmarks,
+                   "Share of the noisy train images (--noisy_fraction) that show another train "
+                   "landmark; the rest show no landmark. train_noise.csv says which.")
+flags.DEFINE_enum("nonlandmark_style", _D.nonlandmark_style, plan.NONLANDMARK_STYLES,
+                  "Look of images of no landmark in test, the non-landmark set and train noise: "
+                  "landmark_like (one-off landmark-like scenes and landscapes) or everyday "
+                  "(rooms, food, people, documents, close-ups: most of GLDv2's test set). Index "
+                  "distractors stay landmark-like.")
 flags.DEFINE_bool("progress", True, "Show a progress bar on stderr.")
 
 
@@ -79,7 +94,9 @@ def config_from_flags() -> generator.SynthConfig:
         index_distractors=FLAGS.index_distractors, test_distractors=FLAGS.test_distractors,
         noisy_fraction=FLAGS.noisy_fraction, unclean_landmarks=FLAGS.unclean_landmarks,
         public_fraction=FLAGS.public_fraction, difficulty=FLAGS.difficulty,
-        nonlandmark_images=FLAGS.nonlandmark_images,
+        nonlandmark_images=FLAGS.nonlandmark_images, facets=FLAGS.facets,
+        noise_other_landmarks=FLAGS.noise_other_landmarks,
+        nonlandmark_style=FLAGS.nonlandmark_style,
     )
 
 

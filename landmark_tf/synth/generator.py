@@ -12,8 +12,9 @@ Output (`output_dir`):
                                       from train/index/test, for non-landmark handling)
   {train,index,test,nonlandmark}/a/b/c/<id>.jpg
   synth_config.json              the settings; a rerun with the same settings resumes
-  train_noise.csv                id,landmark_id of the train images that are noise (the truth,
-                                 for measuring landmark-clean; not a GLDv2 file)
+  train_noise.csv                id,landmark_id,shows_landmark_id of the train images that are
+                                 noise: their label and what they really show (-1: no landmark);
+                                 the truth for measuring landmark-clean, not a GLDv2 file
   train_attribution.csv          id,url,author,license,title: noisy web-style file titles naming
                                  what each train image shows (see titles.py)
   train_label_to_hierarchical.csv landmark_id,category,supercategory,hierarchical_label,
@@ -25,6 +26,13 @@ Index and test hold views of some train landmarks, of "novel" landmarks seen onl
 GLDv2, where retrieval landmarks need not be in train), and distractors of no landmark. A
 `noisy_fraction` of each landmark's train images is left out of train_clean.csv, and those
 images really are noise: views of an unrelated scene, like the mislabelled images in GLDv2.
+
+Options that give the set more of GLDv2's phenomena (defaults off; README "Synthetic data"):
+`facets` (several unrelated scenes under one landmark id, like a church's exterior, interior
+and altar), `noise_other_landmarks` (noise that shows another landmark, not only none),
+`nonlandmark_style="everyday"` (images of no landmark that are rooms, food, people and
+documents, like most of GLDv2's test set) and a large `test_distractors` (GLDv2's test set is
+mostly images of no landmark).
 """
 
 from __future__ import annotations
@@ -66,6 +74,8 @@ def _scene(cfg: SynthConfig, plan: SynthPlan, index: int,
     rng = np.random.default_rng([cfg.seed, 1, index])
     if index < plan.num_landmark_scenes:
         return scenes.make_scene(rng, words)
+    if index in plan.everyday_scenes:
+        return scenes.make_everyday(rng, words)
     return scenes.make_distractor(rng, words)
 
 
@@ -102,7 +112,8 @@ def _claim_output_dir(cfg: SynthConfig, output_dir: str) -> bool:
     path = fileio.join(output_dir, CONFIG_FILE)
     settings = json_roundtrip({"generator_version": GENERATOR_VERSION, **cfg.to_dict()})
     if fileio.exists(path):
-        stored = fileio.read_json(path)
+        # Settings added later are absent from older folders: there they had their defaults.
+        stored = {**json_roundtrip(SynthConfig().to_dict()), **fileio.read_json(path)}
         if stored != settings:
             changed = sorted(k for k in settings if stored.get(k) != settings[k])
             raise UserError(f"{output_dir} holds a synthetic dataset made with other settings "

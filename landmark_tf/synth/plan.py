@@ -18,7 +18,12 @@ from landmark_tf.errors import UserError
 from landmark_tf.synth import views
 
 LANDMARK_ID_RANGE = 200_000  # GLDv2 landmark ids go up to ~203k
-_FRACTIONS = ("retrieval_fraction", "noisy_fraction", "unclean_landmarks", "public_fraction")
+_FRACTIONS = ("retrieval_fraction", "noisy_fraction", "unclean_landmarks", "public_fraction",
+              "noise_other_landmarks")
+# What images of no landmark look like (test distractors, the non-landmark set, no-landmark
+# train noise): "landmark_like" = one-off landmark-like scenes and open landscapes (what the
+# index distractors always are), "everyday" = rooms, food, people, documents, close-ups.
+NONLANDMARK_STYLES = ("landmark_like", "everyday")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,13 @@ class SynthConfig:
     # Images of no landmark in the separate non-landmark set, relative to the test set's size
     # (for non-landmark handling in recognition; ids disjoint from every other split).
     nonlandmark_images: float = 2.0
+    # GLDv2 files the exterior, the interior and details of a place under one landmark id:
+    # each landmark gets this many unrelated scenes ("facets"), each image shows one at random.
+    facets: int = 1
+    # Share of the noisy train images that show another train landmark (mislabelled); the rest
+    # show no landmark. GLDv2's train noise holds both kinds.
+    noise_other_landmarks: float = 0.0
+    nonlandmark_style: str = "landmark_like"  # one of NONLANDMARK_STYLES
     view: views.ViewConfig = dataclasses.field(default_factory=views.ViewConfig)
 
     def validate(self) -> None:
@@ -61,6 +73,12 @@ class SynthConfig:
             (self.test_distractors >= 0, "test_distractors must be >= 0"),
             (self.difficulty >= 0, "difficulty must be >= 0"),
             (self.nonlandmark_images >= 0, "nonlandmark_images must be >= 0"),
+            (self.facets >= 1, "facets must be >= 1"),
+            (self.nonlandmark_style in NONLANDMARK_STYLES,
+             f"nonlandmark_style must be one of {', '.join(NONLANDMARK_STYLES)}, "
+             f"got {self.nonlandmark_style!r}"),
+            (self.noise_other_landmarks == 0 or self.num_landmarks >= 2,
+             "noise_other_landmarks needs num_landmarks >= 2"),
         ]
         for name in _FRACTIONS:
             value = getattr(self, name)
@@ -103,10 +121,20 @@ class SynthPlan:
     novel_landmarks: tuple[int, ...]
     clean: dict[int, list[str]]  # landmark id -> ids of its clean train images
     usage: dict[str, str]  # test id -> "Public" or "Private"
-    num_landmark_scenes: int
+    num_landmark_scenes: int  # scenes [0, num_landmark_scenes) are landmark facets
+    # Landmark shown by each landmark scene: scene s shows scene_landmarks[s]; facet f of the
+    # i-th landmark (train, then novel) is scene i + f * (number of landmarks).
+    scene_landmarks: tuple[int, ...] = ()
+    everyday_scenes: frozenset[int] = frozenset()  # scenes of no landmark drawn "everyday"
 
     def split(self, name: str) -> list[Item]:
         return [it for it in self.items if it.split == name]
+
+    def shows(self, item: Item) -> int:
+        """The landmark id `item`'s pixels show (-1: none), whatever its label says."""
+        if item.scene < self.num_landmark_scenes:
+            return self.scene_landmarks[item.scene]
+        return -1
 
 
 def _unique_ids(rng: np.random.Generator) -> Iterator[str]:
@@ -121,24 +149,43 @@ def _unique_ids(rng: np.random.Generator) -> Iterator[str]:
 def make_plan(cfg: SynthConfig) -> SynthPlan:
     """Decides ids, landmark ids, splits, clean subset and scoring usage from `cfg.seed`."""
     rng = np.random.default_rng([cfg.seed, 0])
+    # Facet and noise-kind draws have streams of their own, consulted only when those options
+    # are on, so that the default dataset stays byte-identical to earlier versions.
+    facet_rng, noise_rng = (np.random.default_rng([cfg.seed, k]) for k in (5, 6))
     n_train, n_all = cfg.num_landmarks, cfg.num_landmarks + cfg.novel_landmarks
     lids = [int(v) for v in rng.choice(LANDMARK_ID_RANGE, n_all, replace=False)]
     scene_of = {lid: i for i, lid in enumerate(lids)}
     counts = zipf_counts(n_train, cfg.min_images, cfg.max_images)[rng.permutation(n_train)]
     ids, items = _unique_ids(rng), []
-    next_scene = n_all  # distractor and noise scenes come after the landmark scenes
+    next_scene = n_all * cfg.facets  # distractor and noise scenes come after the landmarks'
+    everyday: set[int] = set()
+
+    def facet(lid: int) -> int:
+        if cfg.facets == 1:
+            return scene_of[lid]
+        return scene_of[lid] + n_all * int(facet_rng.integers(cfg.facets))
 
     def add(split: str, lid: int, scene: int) -> str:
         items.append(Item(split, next(ids), lid, scene, len(items)))
         return items[-1].id
 
+    def add_nonlandmark(split: str, lid: int = -1) -> None:
+        nonlocal next_scene
+        if cfg.nonlandmark_style == "everyday" and split != "index":
+            everyday.add(next_scene)
+        add(split, lid, next_scene)
+        next_scene += 1
+
     clean = {}
-    for lid, count in zip(lids[:n_train], counts, strict=True):
+    for i, (lid, count) in enumerate(zip(lids[:n_train], counts, strict=True)):
         noisy = min(round(cfg.noisy_fraction * count), count - 1)
-        clean[lid] = [add("train", lid, scene_of[lid]) for _ in range(count - noisy)]
+        clean[lid] = [add("train", lid, facet(lid)) for _ in range(count - noisy)]
         for _ in range(noisy):
-            add("train", lid, next_scene)
-            next_scene += 1
+            if cfg.noise_other_landmarks and noise_rng.random() < cfg.noise_other_landmarks:
+                other = lids[(i + 1 + int(noise_rng.integers(n_train - 1))) % n_train]
+                add("train", lid, facet(other))
+            else:
+                add_nonlandmark("train", lid)
     unclean = rng.choice(n_train, round(cfg.unclean_landmarks * n_train), replace=False)
     for i in unclean:
         del clean[lids[i]]
@@ -150,18 +197,16 @@ def make_plan(cfg: SynthConfig) -> SynthPlan:
         before = len(items)
         for lid in retrieval:
             for _ in range(rng.integers(low, high + 1)):
-                add(split, lid, scene_of[lid])
+                add(split, lid, facet(lid))
         for _ in range(round(share * (len(items) - before))):
-            add(split, -1, next_scene)
-            next_scene += 1
+            add_nonlandmark(split)
     usage = {it.id: "Public" if rng.random() < cfg.public_fraction else "Private"
              for it in items if it.split == "test"}
     # Drawn after everything else, so the other splits are those of a plan without this set.
     for _ in range(round(cfg.nonlandmark_images * len(usage))):
-        add("nonlandmark", -1, next_scene)
-        next_scene += 1
+        add_nonlandmark("nonlandmark")
     return SynthPlan(tuple(items), tuple(lids[:n_train]), tuple(lids[n_train:]), clean, usage,
-                     n_all)
+                     n_all * cfg.facets, tuple(lids) * cfg.facets, frozenset(everyday))
 
 
 def _csv(header: list[str], rows: list[list]) -> str:
@@ -209,12 +254,13 @@ NOISE_FILE = "train_noise.csv"
 
 
 def noise_items(plan: SynthPlan) -> list[Item]:
-    """The train images that are noise: labelled with a landmark but showing an unrelated scene
-    (the truth behind train_clean.csv, for measuring landmark-clean)."""
-    return [it for it in plan.split("train") if it.scene >= plan.num_landmark_scenes]
+    """The train images that are noise: labelled with a landmark but showing no landmark or
+    another one (the truth behind train_clean.csv, for measuring landmark-clean)."""
+    return [it for it in plan.split("train") if plan.shows(it) != it.landmark_id]
 
 
 def noise_csv(plan: SynthPlan) -> str:
-    """Text of train_noise.csv: id,landmark_id of every noise train image, sorted by id."""
-    rows = sorted((it.id, it.landmark_id) for it in noise_items(plan))
-    return _csv(["id", "landmark_id"], [list(r) for r in rows])
+    """Text of train_noise.csv: id,landmark_id,shows_landmark_id of every noise train image
+    (its label, and the landmark its pixels show, -1 for none), sorted by id."""
+    rows = sorted((it.id, it.landmark_id, plan.shows(it)) for it in noise_items(plan))
+    return _csv(["id", "landmark_id", "shows_landmark_id"], [list(r) for r in rows])

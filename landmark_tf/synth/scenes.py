@@ -140,6 +140,64 @@ def make_distractor(rng: np.random.Generator, words: list[str] | None = None) ->
     return Scene.from_shapes(shapes)
 
 
+EVERYDAY_KINDS = ("room", "food", "portrait", "document", "closeup")
+
+
+def make_everyday(rng: np.random.Generator, words: list[str] | None = None) -> Scene:
+    """An image of no landmark that does not look like one: a room, a plate of food, a person,
+    a page of text or a close-up of an object, filling the frame (no sky, horizon or building).
+
+    Most of GLDv2's test set is such images (people, food, interiors, objects; Weyand et al.
+    2020, sec. 3), unlike `make_distractor`'s landmark-like scenes. `words` as in `make_scene`.
+    """
+    words = [] if words is None else words
+    kind = str(rng.choice(EVERYDAY_KINDS))
+    words.append(kind)
+    lo, hi = WORLD_MIN, WORLD_MAX
+    back = random_color(rng, sat=(0.0, 0.5), val=(0.3, 0.95))
+    shapes = [Shape(rect(lo, lo, hi, hi), back)]  # covers every view: no sky shows
+    if kind == "room":
+        floor = rng.uniform(0.55, 0.8)
+        shapes.append(Shape(rect(lo, floor, hi, hi), random_color(rng, val=(0.2, 0.7))))
+        for _ in range(rng.integers(2, 6)):  # furniture and frames on the wall
+            x, w, h = rng.uniform(-0.1, 0.9), rng.uniform(0.1, 0.4), rng.uniform(0.1, 0.4)
+            y = floor - h if rng.random() < 0.5 else rng.uniform(0.05, floor - h)
+            shapes.append(Shape(rect(x, y, x + w, y + h), random_color(rng)))
+    elif kind == "food":
+        cx, cy, r = rng.uniform(0.35, 0.65), rng.uniform(0.4, 0.7), rng.uniform(0.3, 0.5)
+        shapes.append(Shape(ellipse(cx, cy, r, r * 0.8, n=32), random_color(rng, sat=(0, 0.1))))
+        for _ in range(rng.integers(3, 9)):
+            a, d = rng.uniform(0, 2 * np.pi), rng.uniform(0, r * 0.6)
+            s = rng.uniform(0.04, 0.12)
+            item = ellipse(cx + d * np.cos(a), cy + d * np.sin(a) * 0.8, s,
+                           s * rng.uniform(0.5, 1.0))
+            shapes.append(Shape(item, random_color(rng, sat=(0.5, 1))))
+    elif kind == "portrait":
+        cx, skin = rng.uniform(0.3, 0.7), random_color(rng, sat=(0.2, 0.6), val=(0.35, 0.95))
+        shapes.append(Shape(np.array([[cx - 0.4, hi], [cx - 0.3, 0.7], [cx + 0.3, 0.7],
+                                      [cx + 0.4, hi]]), random_color(rng)))
+        shapes.append(Shape(ellipse(cx, 0.45, 0.17, 0.22, n=32), skin))
+        shapes.append(Shape(ellipse(cx, 0.3, 0.19, 0.1, np.pi, 2 * np.pi), random_color(
+            rng, val=(0.05, 0.5))))
+        for dx in (-0.07, 0.07):
+            shapes.append(Shape(ellipse(cx + dx, 0.43, 0.025, 0.018), np.zeros(3)))
+    elif kind == "document":
+        x0, x1 = rng.uniform(-0.1, 0.2), rng.uniform(0.8, 1.1)
+        shapes.append(Shape(rect(x0, -0.1, x1, 1.1), random_color(rng, sat=(0, 0.1),
+                                                                   val=(0.85, 1.0))))
+        ink = random_color(rng, val=(0.0, 0.3))
+        for y in np.arange(rng.uniform(0.0, 0.1), 1.05, rng.uniform(0.05, 0.09)):
+            end = x1 - 0.05 - rng.uniform(0, 0.3) * (rng.random() < 0.3)
+            shapes.append(Shape(rect(x0 + 0.05, y, end, y + 0.02), ink))
+    else:  # a close-up: a few large overlapping blobs and stripes of one object
+        for _ in range(rng.integers(2, 6)):
+            cx, cy, rx, ry = rng.uniform(0, 1), rng.uniform(0, 1), *rng.uniform(0.15, 0.6, 2)
+            blob = ellipse(cx, cy, rx, ry, n=24) if rng.random() < 0.6 else rect(
+                cx - rx, cy - ry / 4, cx + rx, cy + ry / 4)
+            shapes.append(Shape(blob, random_color(rng)))
+    return Scene.from_shapes(shapes)
+
+
 def _far_silhouette(rng: np.random.Generator, horizon: float,
                     words: list[str] | None = None) -> list[Shape]:
     """Mountains (a jagged ridge) or a distant skyline of blocks, paler than the foreground."""

@@ -83,8 +83,8 @@ def hierarchy_csv(seed: int, plan: SynthPlan, words_of: Callable[[int], list[str
     """Text of train_label_to_hierarchical.csv for the train landmarks (sorted by landmark id):
     category (a Commons category URL of the landmark's name), supercategory and
     hierarchical_label from its main building's roof, natural_or_human_made."""
-    scene_of = {it.landmark_id: it.scene for it in plan.split("train")
-                if it.scene < plan.num_landmark_scenes}
+    # A landmark's first facet is its main scene (scene i for the i-th landmark).
+    scene_of = {lid: i for i, lid in enumerate(plan.train_landmarks)}
     rows = []
     for lid in sorted(plan.train_landmarks):
         roof = next(w for w in words_of(scene_of[lid]) if w in ROOF_HIERARCHY)
