@@ -131,7 +131,19 @@ def clean_quality(root: str, plan, train_npz: str, quantile: float = 0.99,
     kept = {i for line in read_text(out).splitlines()[1:] for i in line.split(",")[1].split()}
     dropped = {it.id for it in plan.split("train")} - kept
     tp = len(dropped & noise)
-    return out, {"noise_recall": tp / max(1, len(noise)),
+    # Dropped images that are no noise, and those of them on another scene than their class's
+    # most common one (a landmark's other facets: a largest-group rule drops them too).
+    items = {it.id: it for it in plan.split("train")}
+    main_scene = {}
+    for it in items.values():
+        if it.id not in noise:
+            main_scene.setdefault(it.landmark_id, []).append(it.scene)
+    main_scene = {k: max(set(v), key=v.count) for k, v in main_scene.items()}
+    true_dropped = [items[i] for i in dropped - noise]
+    return out, {"true_dropped": len(true_dropped),
+                 "true_dropped_other_facets": sum(it.scene != main_scene[it.landmark_id]
+                                                  for it in true_dropped),
+                 "noise_recall": tp / max(1, len(noise)),
                  "noise_precision": tp / max(1, len(dropped)),
                  "dropped": len(dropped), "noise": len(noise), "quantile": quantile,
                  "threshold": summary["threshold"], "classes_kept": summary["classes"]}
