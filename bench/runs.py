@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -168,8 +169,6 @@ def pretrain(out: str, **env: str) -> str:
 def run_rows(path: str, seed: int, rows, run_row) -> dict:
     """Runs `run_row(row) -> dict` for each row not yet in the results file `path` (a JSON
     {seed: {row: result}}), saving after each and printing one JSON line per row."""
-    import time
-
     results = read_json(path, {})
     done = results.setdefault(str(seed), {})
     for row in rows:
@@ -196,3 +195,74 @@ def per_seed_table(results: dict, rows, keys=("map@100", "gap")) -> str:
             cells += [" / ".join(f"{x:.3f}" for x in v), f"{max(v) - min(v):.3f}"]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# The CLI pipeline (landmark-* commands, exported SavedModels), for benches that score the
+# exported model as a user would (superglobal_bench): per seed, landmark-synth (difficulty 0.7)
+# -> landmark-tfrecords -> landmark-train (the demo's B0) side by side -> export -> embed.
+BIN = os.path.dirname(sys.executable)
+EMBED_SPLITS = ("train", "index", "test", "nonlandmark")
+
+
+def run(name: str, *args: str, log_dir: str) -> dict:
+    """Runs landmark-NAME with args; returns its closing JSON line; output kept in log_dir."""
+    os.makedirs(log_dir, exist_ok=True)
+    cmd = [os.path.join(BIN, f"landmark-{name}"), *args]
+    print(f"$ landmark-{name} " + " ".join(args), file=sys.stderr)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    tag = f"{name}-{abs(hash(args)) % 10**8}"
+    with open(os.path.join(log_dir, tag + ".log"), "w") as log:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"landmark-{name} failed (exit {done.returncode}); see {log.name}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prepare(seed: int, root: str) -> dict:
+    """Synthetic set + train TFRecords for one seed; returns paths."""
+    p = {"data": f"{root}/gldv2", "records": f"{root}/tfrecords", "logs": f"{root}/logs"}
+    run("synth", f"--output_dir={p['data']}", f"--seed={seed}", "--difficulty=0.7",
+        "--noprogress", log_dir=p["logs"])  # fmt: skip
+    run("tfrecords", f"--train_csv={p['data']}/train.csv",
+        f"--clean_csv={p['data']}/train_clean.csv", f"--image_dir={p['data']}/train",
+        f"--output_dir={p['records']}", "--val_fraction=0.1", "--num_shards=4",
+        "--noprogress", log_dir=p["logs"])  # fmt: skip
+    return p
+
+
+def train_command(p: dict, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """landmark-train arguments of the shared baseline (the demo's B0 settings)."""
+    return [f"--data_dir={p['records']}", f"--workdir={p['run']}", "--backbone=efficientnet-b0",
+            "--image_size=64", "--batch_size=32", "--head=cosface", "--embedding_dim=128",
+            f"--train_steps={steps}", "--learning_rate=0.1", "--schedule=cosine",
+            "--warmup_steps=20", "--seed=1", "--checkpoint_every=50", *extra]  # fmt: skip
+
+
+def train_and_embed(paths: list[dict], steps: int, extra: tuple[str, ...] = ()) -> float:
+    """Trains one model per seed side by side, exports and embeds; returns training seconds."""
+    t0 = time.perf_counter()
+    procs = []
+    for p in paths:
+        os.makedirs(p["logs"], exist_ok=True)
+        tag = os.path.basename(os.path.dirname(p["run"]))
+        log = open(os.path.join(p["logs"], f"train-{tag}.log"), "w")  # noqa: SIM115
+        cmd = [os.path.join(BIN, "landmark-train"), *train_command(p, steps, extra)]
+        print("$ landmark-train " + " ".join(cmd[1:]), file=sys.stderr)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=log, env=env), log))
+    for proc, log in procs:
+        if proc.wait() != 0:
+            raise SystemExit(f"landmark-train failed; see {log.name}")
+        log.close()
+    seconds = time.perf_counter() - t0
+    for p in paths:
+        if not os.path.exists(f"{p['export']}/saved_model.pb"):  # a rerun reuses the export
+            run("export", f"--workdir={p['run']}", f"--export_dir={p['export']}", "--overwrite",
+                log_dir=p["logs"])  # fmt: skip
+        for split in EMBED_SPLITS:
+            out = f"{p['embeddings']}/{split}.npz"
+            if not os.path.exists(out):
+                run("embed", f"--model={p['export']}", f"--csv={p['data']}/{split}.csv",
+                    f"--image_dir={p['data']}/{split}", f"--output={out}",
+                    log_dir=p["logs"])  # fmt: skip
+    return seconds

@@ -3,7 +3,7 @@
     PYTHONPATH=$PWD .venv/bin/python bench/superglobal_bench.py synthetic [--seeds 0,1]
     PYTHONPATH=$PWD .venv/bin/python bench/superglobal_bench.py scale [--n 1000000]
 
-synthetic: bench/levers.py's pipeline (landmark-synth difficulty 0.7 -> tfrecords -> B0 at 64 px,
+synthetic: bench/runs.py's CLI pipeline (landmark-synth difficulty 0.7 -> tfrecords -> B0 at 64 px,
 --steps CPU steps -> export -> embed; one model per seed, reused by reruns), then each
 --rerank method is scored by `python -m landmark_tf.cli.evaluate` in its own process under
 /usr/bin/time -v: mAP@100 (all / Public / Private), wall seconds and peak RSS. The same model is
@@ -24,8 +24,8 @@ import subprocess
 import sys
 import time
 
-import levers
 import numpy as np
+import runs
 import scale_bench
 
 GB = 1e9
@@ -54,12 +54,12 @@ def synthetic(a) -> dict:
     paths = []
     for seed in seeds:
         root = f"{a.workdir}/seed{seed}"
-        p = levers.prepare(seed, root)
+        p = runs.prepare(seed, root)
         tag = f"b0_{a.steps}steps"
         p.update(run=f"{root}/{tag}/run", export=f"{root}/{tag}/export",
                  embeddings=f"{root}/{tag}/embeddings")  # fmt: skip
         paths.append(p)
-    levers.train_and_embed(paths, a.steps)
+    runs.train_and_embed(paths, a.steps)
     out = {}
     for seed, p in zip(seeds, paths, strict=True):
         e, data = p["embeddings"], p["data"]
