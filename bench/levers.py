@@ -2,7 +2,7 @@
 fine-tuned from a pretrained start, over several seeds (issue 24).
 
   PYTHONPATH=. .venv/bin/python bench/levers.py --out /tmp/levers [--seeds 0,1,2] [--steps 200]
-      [--jobs 2] [--rows clean,pseudo,control,dynamic,npairs,factorised]
+      [--jobs 2] [--rows clean,pseudo,control,dynamic,npairs,factorised,pk]
 
 Data: per seed, landmark-synth with PHENOMENA (below; why each models GLDv2 is said there).
 Start: scripts/pretrain_synthetic.sh OUT/pretrain (EfficientNet-B0, 64 px, 400 steps on a
@@ -26,6 +26,7 @@ Rows (per seed; "gain" is row - baseline):
   dynamic      dynamic_arcface (GLR2021 1st: margins 0.45 minmax(n^-1/4) + 0.05, k 3, s 45)
   npairs       cosface + NPAIRS_WEIGHT x n-pairs on P x K batches (8 landmarks x 4 images)
   factorised   cosface with head_rank 16 (a memory lever: not expected to gain accuracy)
+  pk           cosface on the npairs row's P x K batches, no n-pairs (what npairs must beat)
 Tasks run as `--jobs` processes side by side (each trains on about one core); every row's
 result is its own file OUT/seed<S>/rows/<row>.json, so a rerun skips finished rows and resumes
 unfinished ones. A markdown table (mean over seeds, gain over the baseline and its spread max -
@@ -97,8 +98,12 @@ TRAINING = {  # row -> (fit settings, source, expected direction)
     "npairs": ({"npairs_weight": NPAIRS_WEIGHT, "batch_classes": 4},
                "Baidu GLR2019 (n-pairs)", "+"),
     "factorised": ({"head_rank": 16}, "Cookpad GLR2019 (memory)", "= (memory)"),
+    "pk": ({"batch_classes": 4}, "P x K batches alone: the npairs row's sampler", ""),
 }
-BASE_ROWS = ("start", "baseline", "post", "quality")
+BASE_ROWS = ("start", "baseline", "post", "quality", "facet")
+# Re-rankers also scored where only the index images on the query's own facet count.
+FACET_METHODS = ("none", "aqe", "dba", "dba+aqe", "aqe qe_k 3", "superglobal", "diffusion", "egt",
+                 "discriminative")
 
 
 class Seed:
@@ -153,6 +158,8 @@ def base_task(s: Seed) -> None:
         s.save("post", post_processing(s))
     if not s.done("quality"):
         s.save("quality", quality(s))
+    if not s.done("facet"):
+        s.save("facet", facet_rows(s))
 
 
 def post_processing(s: Seed) -> dict:
@@ -178,6 +185,33 @@ def post_processing(s: Seed) -> dict:
                 "g": r["nonlandmark_classifier_exponent"],
                 "val_gap": [r[f"nonlandmark_validation_gap{x}"] for x in ("_before", "")]}
     out["label_accuracy"] = label_accuracy(s, e)
+    return out
+
+
+def facet_rows(s: Seed) -> dict:
+    """The re-rankers scored against a solution that counts only index images on the query's
+    own facet (scene) as relevant, and the share of relevant index images on that facet: where
+    similarity-based re-ranking can help and where only labels can."""
+    index = s.plan.split("index")
+    shares, lines = [], ["id,images,Usage"]
+    for it in sorted(s.plan.split("test"), key=lambda x: x.id):
+        same = [x.id for x in index if x.landmark_id == it.landmark_id and x.scene == it.scene]
+        relevant = [x for x in index if x.landmark_id == it.landmark_id >= 0]
+        if relevant:
+            shares.append(len(same) / len(relevant))
+        lines.append(f"{it.id},{' '.join(same)},{s.plan.usage[it.id]}" if same
+                     else f"{it.id},None,Ignored")
+    path = os.path.join(s.root, "retrieval_solution_same_facet.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    e = {split: s.emb("baseline", split) for split in ("train", "index", "test")}
+    out = {"same_facet_share": float(np.mean(shares)),
+           "queries_with_same_facet": len(lines) - 1 - sum(x.endswith("Ignored") for x in lines)}
+    for name in FACET_METHODS:
+        r = evaluation.evaluate(evaluation.EvalConfig(
+            queries=e["test"], index=e["index"], train=e["train"], solution=path,
+            **RETRIEVAL[name][0]))
+        out[f"map@100 {name}"] = r["map@100"]
     return out
 
 
@@ -325,7 +359,7 @@ def summarise(out: str, seeds: list[int], settings: dict, steps: int) -> tuple[s
              "gain = lever - none, mean and spread max - min over seeds):", "",
              "| lever | source | expected | per seed | mean | mean gain | spread of gain |",
              "|---|---|---|---|---|---|---|"]
-    summary = {"post": {}, "training": {}, "quality": {}}
+    summary = {"post": {}, "facet": {}, "training": {}, "quality": {}}
 
     def add(name, key, base_key, source, expected, table):
         vals = [got[x][table][key] for x in have]
@@ -345,6 +379,22 @@ def summarise(out: str, seeds: list[int], settings: dict, steps: int) -> tuple[s
         acc = [got[x]["post"]["label_accuracy"]["accuracy"] for x in have]
         lines += ["", "3-NN label accuracy on queries of train landmarks (discriminative "
                   f"re-ranking's label step): {' / '.join(f'{v:.2f}' for v in acc)}"]
+    f_seeds = [x for x in seeds if got[x]["facet"]]
+    if f_seeds:
+        share = [got[x]["facet"]["same_facet_share"] for x in f_seeds]
+        lines += ["", "The same re-rankers where only index images on the query's own facet "
+                  "count as relevant (share of relevant index images on it: "
+                  f"{' / '.join(f'{v:.2f}' for v in share)}):", "",
+                  "| lever | mAP@100 per seed | mean | mean gain | spread of gain |",
+                  "|---|---|---|---|---|"]
+        for name in FACET_METHODS:
+            v = [got[x]["facet"][f"map@100 {name}"] for x in f_seeds]
+            g = [got[x]["facet"][f"map@100 {name}"] - got[x]["facet"]["map@100 none"]
+                 for x in f_seeds]
+            lines.append(f"| {name} | {' / '.join(f'{x:.3f}' for x in v)} | {np.mean(v):.3f} "
+                         f"| {np.mean(g):+.3f} | {np.ptp(g):.3f} |")
+            summary["facet"][name] = {"per_seed": dict(zip(f_seeds, v, strict=True)),
+                                      "mean_gain": round(float(np.mean(g)), 4)}
     lines += ["", f"Training rows, {steps} steps from the pretrained start (mAP@100 and GAP per "
               "seed; gain over the baseline, mean and spread):", "",
               "| row | source | expected | mAP@100 per seed | mean | gain | spread | "
@@ -370,14 +420,17 @@ def summarise(out: str, seeds: list[int], settings: dict, steps: int) -> tuple[s
         lines += ["", "Cleaning: dropped images vs the noise truth (precision / recall per "
                   "seed), landmark-clean's embeddings and --auto_quantile:", "",
                   "| embeddings | quantile | precision per seed | recall per seed | "
-                  "dropped / noise per seed |", "|---|---|---|---|---|"]
+                  "dropped / noise per seed | true images dropped (on other facets) |",
+                  "|---|---|---|---|---|---|"]
         for tag in ("start", "baseline"):
             for q in CLEAN_QUANTILES:
                 r = [got[x]["quality"][f"clean {tag} {q}"] for x in q_seeds]
                 lines.append(f"| {tag} | {q} | "
                              + " / ".join(f"{v['noise_precision']:.2f}" for v in r) + " | "
                              + " / ".join(f"{v['noise_recall']:.2f}" for v in r) + " | "
-                             + " / ".join(f"{v['dropped']}/{v['noise']}" for v in r) + " |")
+                             + " / ".join(f"{v['dropped']}/{v['noise']}" for v in r) + " | "
+                             + " / ".join(f"{v['true_dropped']} ({v['true_dropped_other_facets']})"
+                                          for v in r) + " |")
                 summary["quality"][f"clean {tag} {q}"] = r
         lines += ["", "Pseudo-labels of the index (baseline's train embeddings, k 5):", "",
                   "| threshold | labelled per seed | precision per seed |", "|---|---|---|"]
