@@ -1,7 +1,7 @@
 """Every lever of the seeds against one baseline, on landmark-synth data with GLDv2's phenomena,
 fine-tuned from a pretrained start, over several seeds (issue 24).
 
-  PYTHONPATH=. .venv/bin/python bench/levers.py --out /tmp/levers [--seeds 0,1,2] [--steps 200]
+  PYTHONPATH=. .venv/bin/python bench/levers.py --out /tmp/levers [--seeds 0,1,2] [--steps 150]
       [--jobs 2] [--rows clean,pseudo,control,dynamic,npairs,factorised,pk]
 
 Data: per seed, landmark-synth with PHENOMENA (below; why each models GLDv2 is said there).
@@ -62,7 +62,7 @@ PHENOMENA = {
     "test_distractors": 3.0,  # recognition test set mostly non-landmark images
     "novel_landmarks": 2,  # train covers (almost) all index landmarks
 }
-STEPS, LR, WARMUP = 200, 0.01, 10
+STEPS, LR, WARMUP = 150, 0.01, 10
 PSEUDO_THRESHOLD = 0.8
 NPAIRS_WEIGHT = 0.01
 CLEAN_QUANTILES = (0.9, 0.95, 0.99)
@@ -207,11 +207,35 @@ def facet_rows(s: Seed) -> dict:
     e = {split: s.emb("baseline", split) for split in ("train", "index", "test")}
     out = {"same_facet_share": float(np.mean(shares)),
            "queries_with_same_facet": len(lines) - 1 - sum(x.endswith("Ignored") for x in lines)}
+    out["neighbour_precision"] = neighbour_precision(s, e)
     for name in FACET_METHODS:
         r = evaluation.evaluate(evaluation.EvalConfig(
             queries=e["test"], index=e["index"], train=e["train"], solution=path,
             **RETRIEVAL[name][0]))
         out[f"map@100 {name}"] = r["map@100"]
+    return out
+
+
+def neighbour_precision(s: Seed, e: dict) -> dict:
+    """Share of the k nearest index images that show the query's landmark (k 1, 3, 10), over
+    test queries of a landmark ("query") and over index images of one, themselves excluded
+    ("index"): what alpha-QE (queries) and DBA (index) average with, at --qe_k."""
+    from landmark_tf.retrieval import embeddings as emb_lib
+
+    index = emb_lib.load_embeddings(e["index"])
+    lid = {it.id: it.landmark_id for it in s.plan.items}
+    index_lids = np.array([lid[str(i)] for i in index.ids])
+    out = {}
+    for name, path in (("query", e["test"]), ("index", e["index"])):
+        q = emb_lib.load_embeddings(path)
+        q_lids = np.array([lid[str(i)] for i in q.ids])
+        sims = q.embeddings @ index.embeddings.T
+        if name == "index":
+            np.fill_diagonal(sims, -np.inf)
+        keep = q_lids >= 0
+        order = np.argsort(-sims[keep], axis=1)
+        same = index_lids[order] == q_lids[keep][:, None]
+        out[name] = {k: round(float(same[:, :k].mean()), 3) for k in (1, 3, 10)}
     return out
 
 
@@ -382,6 +406,14 @@ def summarise(out: str, seeds: list[int], settings: dict, steps: int) -> tuple[s
     f_seeds = [x for x in seeds if got[x]["facet"]]
     if f_seeds:
         share = [got[x]["facet"]["same_facet_share"] for x in f_seeds]
+        for x in f_seeds:
+            npr = got[x]["facet"].get("neighbour_precision")
+            if npr:
+                lines.append(f"seed {x}: share of the 1 / 3 / 10 nearest index images of the "
+                             "same landmark, for landmark queries: "
+                             f"{' / '.join(str(v) for v in npr['query'].values())}; "
+                             "for index images: "
+                             f"{' / '.join(str(v) for v in npr['index'].values())}")
         lines += ["", "The same re-rankers where only index images on the query's own facet "
                   "count as relevant (share of relevant index images on it: "
                   f"{' / '.join(f'{v:.2f}' for v in share)}):", "",
@@ -468,6 +500,13 @@ def main() -> None:
         base_task(s) if a.worker == "base" else train_task(s, a.worker)
         return
     t0 = time.time()
+    # Row files do not say how they were made: one OUT holds one setting of the bench.
+    made = {"steps": a.steps, "phenomena": settings, "lr": LR, "warmup": WARMUP,
+            "pseudo_threshold": PSEUDO_THRESHOLD, "npairs_weight": NPAIRS_WEIGHT}
+    before = runs.read_json(os.path.join(a.out, "bench_settings.json"))
+    if before is not None and before != json.loads(json.dumps(made)):
+        raise SystemExit(f"{a.out} holds a run with other settings ({before}); use another --out")
+    runs.write_json(os.path.join(a.out, "bench_settings.json"), made)
     runs.pretrain(os.path.join(a.out, "pretrain"), PRETRAIN_STEPS=str(a.pretrain_steps))
     schedule(a, settings)
     text, summary = summarise(a.out, a.seed_list, settings, a.steps)
