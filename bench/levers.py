@@ -23,6 +23,7 @@ Rows (per seed; "gain" is row - baseline):
   clean        fine-tune on the list landmark-clean keeps (start's embeddings, default 0.99)
   pseudo       baseline + steps/2 on train.csv + the index's pseudo-labels (PSEUDO_THRESHOLD)
   control      baseline + steps/2 on train.csv only (what pseudo must beat)
+  pseudo05     pseudo at threshold 0.5 (more labels, fewer right)
   dynamic      dynamic_arcface (GLR2021 1st: margins 0.45 minmax(n^-1/4) + 0.05, k 3, s 45)
   npairs       cosface + NPAIRS_WEIGHT x n-pairs on P x K batches (8 landmarks x 4 images)
   factorised   cosface with head_rank 16 (a memory lever: not expected to gain accuracy)
@@ -64,6 +65,7 @@ PHENOMENA = {
 }
 STEPS, LR, WARMUP = 150, 0.01, 10
 PSEUDO_THRESHOLD = 0.8
+PSEUDO_ROWS = {"pseudo": PSEUDO_THRESHOLD, "pseudo05": 0.5}  # training row -> its threshold
 NPAIRS_WEIGHT = 0.01
 CLEAN_QUANTILES = (0.9, 0.95, 0.99)
 PSEUDO_THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
@@ -93,6 +95,7 @@ TRAINING = {  # row -> (fit settings, source, expected direction)
     "clean": ({}, "Cookpad GLR2019; GLDv2-clean", "+"),
     "pseudo": ({}, "WeChat / Baidu GLR2019 pseudo-labels", "+"),
     "control": ({}, "same extra steps without pseudo-labels", ""),
+    "pseudo05": ({}, "pseudo-labels at threshold 0.5 (more, less precise)", "+"),
     "dynamic": ({"head": "dynamic_arcface", "subcenters": 3, "scale": 45.0},
                 "GLR2021 1st (dynamic margins)", "+"),
     "npairs": ({"npairs_weight": NPAIRS_WEIGHT, "batch_classes": 4},
@@ -282,13 +285,13 @@ def quality(s: Seed) -> dict:
     return out
 
 
-def pseudo_records(s: Seed) -> str:
-    """TFRecords of train.csv plus the index images landmark-pseudolabel labels at
-    PSEUDO_THRESHOLD (one image tree of links: landmark-tfrecords reads one --image_dir)."""
-    path = os.path.join(s.root, f"pseudo_{PSEUDO_THRESHOLD}.csv")
+def pseudo_records(s: Seed, threshold: float) -> str:
+    """TFRecords of train.csv plus the index images landmark-pseudolabel labels at `threshold`
+    (one image tree of links: landmark-tfrecords reads one --image_dir)."""
+    path = os.path.join(s.root, f"pseudo_{threshold}.csv")
     rows = [line.split(",") for line in runs.read_text(path).splitlines()[1:]]
     labelled = {r[0] for r in rows}
-    merged = os.path.join(s.root, "merged_images")
+    merged = os.path.join(s.root, f"merged_images_{threshold}")
     for split in ("train", "index"):
         for it in s.plan.split(split):
             if split == "index" and it.id not in labelled:
@@ -297,11 +300,12 @@ def pseudo_records(s: Seed) -> str:
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             if not os.path.exists(dst):
                 os.symlink(os.path.abspath(generator.image_path(s.gldv2, split, it.id)), dst)
-    csv_path = os.path.join(s.root, "train_plus_pseudo.csv")
+    csv_path = os.path.join(s.root, f"train_plus_pseudo_{threshold}.csv")
     with open(csv_path, "w") as f:
         f.write(runs.read_text(os.path.join(s.gldv2, "train.csv")))
         f.writelines(f"{r[0]},,{r[2]}\n" for r in rows)
-    return runs.records(s.root, "pseudo", os.path.join(merged, "x"), train_csv=csv_path)
+    return runs.records(s.root, f"pseudo_{threshold}", os.path.join(merged, "x"),
+                        train_csv=csv_path)
 
 
 def train_task(s: Seed, row: str) -> None:
@@ -316,8 +320,9 @@ def train_task(s: Seed, row: str) -> None:
         path, extra = runs.clean_quality(s.root, s.plan, s.emb("start", "train"))
         data = runs.records(s.root, "clean", os.path.join(s.gldv2, "train"), train_csv=path)
         fit = s.fit(row, data, s.steps, s.start)
-    elif row in ("pseudo", "control"):
-        data = pseudo_records(s) if row == "pseudo" else train
+    elif row in ("pseudo", "pseudo05", "control"):
+        threshold = PSEUDO_ROWS.get(row)
+        data = pseudo_records(s, threshold) if threshold else train
         fit = s.fit(row, data, max(1, s.steps // 2), baseline)
     else:
         fit = s.fit(row, train, s.steps, s.start, **TRAINING[row][0])
@@ -468,7 +473,7 @@ def summarise(out: str, seeds: list[int], settings: dict, steps: int) -> tuple[s
                   "| threshold | labelled per seed | precision per seed |", "|---|---|---|"]
         for t in PSEUDO_THRESHOLDS:
             r = [got[x]["quality"][f"pseudo {t}"] for x in q_seeds]
-            mark = " (trained)" if t == PSEUDO_THRESHOLD else ""
+            mark = " (trained)" if t in PSEUDO_ROWS.values() else ""
             lines.append(f"| {t}{mark} | " + " / ".join(str(v["labelled"]) for v in r) + " | "
                          + " / ".join(f"{v['precision']:.2f}" for v in r) + " |")
             summary["quality"][f"pseudo {t}"] = r
