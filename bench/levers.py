@@ -2,7 +2,7 @@
 fine-tuned from a pretrained start, over several seeds (issue 24).
 
   PYTHONPATH=. .venv/bin/python bench/levers.py --out /tmp/levers [--seeds 0,1,2] [--steps 150]
-      [--jobs 2] [--rows clean,pseudo,control,dynamic,npairs,factorised,pk]
+      [--jobs 2] [--rows clean,pseudo,control,pseudo05,dynamic,npairs,factorised,pk]
 
 Data: per seed, landmark-synth with PHENOMENA (below; why each models GLDv2 is said there).
 Start: scripts/pretrain_synthetic.sh OUT/pretrain (EfficientNet-B0, 64 px, 400 steps on a
