@@ -1,5 +1,5 @@
-"""DOLG vs GAP/GeM necks on EfficientNet-B0, and a keras-hub backbone vs keras.applications,
-at equal steps on landmark-synth, with seed spread (one table).
+"""DOLG vs GAP/GeM necks on EfficientNet-B0, a keras-hub backbone vs keras.applications, and
+ConvNeXt-Tiny, at equal steps on landmark-synth, with seed spread (one table).
 
   PYTHONPATH=. nice -n 10 .venv/bin/python bench/architectures_train.py --out /tmp/arch \
       [--seeds 0,1] [--steps 150] [--rows gap,gem,dolg,hub_b0]
@@ -22,6 +22,8 @@ scratch in so few steps) and a 128-d descriptor; scored by test->index mAP@100 a
           the BatchNorm ending each residual branch, and timm's B0 has no drop-connect here
   hub_b0_zg  the same preset with those gammas 0, as backbones.py initialises
           keras.applications' EfficientNets (zero-gamma): the init rule of `gap`
+  convnext_t  --backbone=convnext-tiny (keras.applications, 27.8M parameters vs B0's 4.0M;
+          LayerScale 1e-6 starts its blocks near the identity) -> GAP -> Dense -> BN
 hub_b0 needs keras-hub (pip install '.[hub]'). Results go to OUT/results.json after each row
 (a rerun skips rows already there); a markdown table with the spread (max - min) is printed.
 """
@@ -38,7 +40,7 @@ from landmark_tf.config import ModelConfig, TrainConfig
 from landmark_tf.synth import plan as synth_plan
 from landmark_tf.training import train
 
-ROWS = ("gap", "gem", "dolg", "hub_b0", "hub_b0_zg")
+ROWS = ("gap", "gem", "dolg", "hub_b0", "hub_b0_zg", "convnext_t")
 HEAD = {"head": "cosface", "margin": 0.15}
 MODELS = {
     "gap": {"pooling": "gap"},
@@ -46,7 +48,9 @@ MODELS = {
     "dolg": {"pooling": "gem", "neck": "dolg", "dolg_dilations": [1, 2, 3]},
     "hub_b0": {"pooling": "gap"},
     "hub_b0_zg": {"pooling": "gap"},
+    "convnext_t": {"pooling": "gap"},
 }
+BACKBONES = {"convnext_t": "convnext-tiny"}  # the rest: EfficientNet-B0 (hub_b0*: keras-hub's)
 
 
 def hub_b0_preset(path: str, zero_gamma: bool) -> str:
@@ -74,7 +78,7 @@ def hub_b0_preset(path: str, zero_gamma: bool) -> str:
 
 
 def fit(row: str, data_dir: str, workdir: str, steps: int, seed: int, out: str) -> dict:
-    backbone = "efficientnet-b0"
+    backbone = BACKBONES.get(row, "efficientnet-b0")
     if row.startswith("hub_b0"):
         backbone = "hub:" + hub_b0_preset(os.path.join(out, f"{row}_preset"), row == "hub_b0_zg")
     cfg = ModelConfig(backbone=backbone, image_size=runs.SIZE, embedding_dim=runs.DIM,

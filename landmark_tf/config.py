@@ -11,7 +11,10 @@ from typing import Any
 
 from landmark_tf.errors import UserError
 
-BACKBONES = tuple(f"efficientnet-b{i}" for i in range(8))
+EFFICIENTNETS = tuple(f"efficientnet-b{i}" for i in range(8))
+# keras.applications ConvNeXt (Liu et al. 2022): LayerNorm, no BatchNorm (modeling/backbones.py).
+CONVNEXTS = tuple(f"convnext-{size}" for size in ("tiny", "small", "base", "large", "xlarge"))
+BACKBONES = EFFICIENTNETS + CONVNEXTS
 # --backbone=hub:SOURCE: a keras-hub backbone (modeling/hub_backbones.py) from a preset folder
 # (local or gs://), a hub handle (online only) or one of the tiny random-init test configs.
 HUB_PREFIX = "hub:"
@@ -96,7 +99,7 @@ class ModelConfig:
             ("neck", self.neck in NECKS, f"one of {NECKS}"),
             ("neck_activation", self.neck_activation in NECK_ACTIVATIONS,
              f"one of {NECK_ACTIVATIONS}"),
-            ("image_size", self.image_size >= 32, ">= 32 (the EfficientNet minimum)"),
+            ("image_size", self.image_size >= 32, ">= 32 (the backbones' minimum)"),
             ("embedding_dim", self.embedding_dim > 0, "> 0"),
             ("gem_p", self.gem_p > 0, "> 0"),
             ("scale", self.scale is None or self.scale > 0, "> 0, or None for auto"),
@@ -117,8 +120,12 @@ class ModelConfig:
             ("dolg_dilations", len(self.dolg_dilations) == 3 and all(
                 isinstance(d, int) and d >= 1 for d in self.dolg_dilations),
              "3 whole numbers >= 1"),
-            ("neck", self.neck != "dolg" or self.backbone.startswith("efficientnet-"),
+            ("neck", self.neck != "dolg" or self.backbone in EFFICIENTNETS,
              "not dolg with this backbone (DOLG taps EfficientNet's stage 5 and 7 outputs)"),
+            ("backbone_mode", self.backbone_mode != "frozen_bn" or self.backbone not in CONVNEXTS,
+             "train with ConvNeXt (frozen_bn would change nothing: it has LayerNorms, no "
+             "BatchNorm statistics to freeze, and keras.applications builds it without drop "
+             "path)"),
         ]
         for field, ok, expected in checks:
             if not ok:

@@ -1,8 +1,9 @@
 """The one image preprocessing step shared by training, evaluation, export and embedding.
 
-Keras EfficientNet rescales and normalises inside the model, so the model input is float32 in
-0..255: here we only resize. Square bilinear resize without keeping the aspect ratio, as the
-GLR2020 winner did; the same function everywhere keeps train and serve identical.
+Every backbone (EfficientNet, ConvNeXt, keras-hub) rescales and normalises inside the model, so
+the model input is float32 in 0..255: here we only resize. Square bilinear resize without
+keeping the aspect ratio, as the GLR2020 winner did; the same function everywhere keeps train
+and serve identical.
 """
 
 from __future__ import annotations

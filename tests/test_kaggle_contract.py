@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from stage_named_backbone import stage_named_backbone
+from tiny_convnext import tiny_convnext
 
 from landmark_tf import config
 from landmark_tf.config import ModelConfig
@@ -27,25 +28,31 @@ SIZES = "37x501,64x48,33x33"
 
 # The pooling and neck ops are what differ per option; EfficientNet's own ops are in the B0
 # exports loaded in TF 2.2 by test_export / test_jax_train (B1-B7 use the same layer types).
-_tiny_backbone = stage_named_backbone
+# ConvNeXt's (grouped convolutions, LayerNorm, gelu) come from a ConvNeXt branch per pooling;
+# a convnext-tiny CLI export loads in TF 2.2 in test_convnext (slow).
+# (backbone, its stand-in, pooling, neck) of each branch of `every_neck`.
+_BRANCHES = [("efficientnet-b0", stage_named_backbone, p, n)
+             for p in config.POOLINGS for n in config.NECKS] + [
+    ("convnext-tiny", tiny_convnext, p, "dense_bn") for p in config.POOLINGS]
 
 
 @pytest.fixture(scope="module")
 def every_neck(tmp_path_factory):
-    """One SavedModel whose descriptor concatenates an embedding model per pooling x neck."""
+    """One SavedModel whose descriptor concatenates an embedding model per pooling x neck, and
+    per pooling on a ConvNeXt."""
     root = tmp_path_factory.mktemp("necks")
     original = model_lib.backbones.build_backbone
-    model_lib.backbones.build_backbone = _tiny_backbone
     try:
         branches, want = [], []
         images = [tf.constant(im) for im in _images()]
-        for i, (pooling, neck) in enumerate(
-                (p, n) for p in config.POOLINGS for n in config.NECKS):
+        for i, (backbone, stand_in, pooling, neck) in enumerate(_BRANCHES):
             keras.utils.set_random_seed(i)
-            cfg = ModelConfig(image_size=32, embedding_dim=8, num_classes=4, pooling=pooling,
-                              neck=neck)
+            model_lib.backbones.build_backbone = stand_in
+            cfg = ModelConfig(backbone=backbone, image_size=32, embedding_dim=8, num_classes=4,
+                              pooling=pooling, neck=neck)
             model = model_lib.build_models(cfg).embedding_model
-            branches.append(signatures.KerasBranch(model, [32], name=f"{pooling}_{neck}"))
+            branches.append(signatures.KerasBranch(model, [32],
+                                                   name=f"{backbone[:8]}_{pooling}_{neck}"))
         module = signatures.DescriptorModule(branches, [1.0] * len(branches))
         want = np.stack([module.serving_default(im)["global_descriptor"].numpy()
                          for im in images])
@@ -64,7 +71,7 @@ def _images():
 
 
 def test_every_pooling_and_neck_loads_in_tf22_with_the_same_descriptors(every_neck):
-    assert every_neck["branches"] == len(config.POOLINGS) * len(config.NECKS)
+    assert every_neck["branches"] == len(_BRANCHES)
     with open(os.path.join(every_neck["path"], "metadata.json")) as f:
         meta = json.load(f)
     assert meta["kaggle"]["ok"], meta["kaggle"]
@@ -98,6 +105,34 @@ def test_check_finds_attributes_tf22_ops_did_not_have(tmp_path):
     node.attr["a_future_attr"].b = True
     problems = kaggle_contract.op_problems(proto)
     assert problems == ["op Conv2D has attribute(s) a_future_attr unknown to TensorFlow 2.2"]
+
+
+def test_grouped_convolutions_are_found_and_traced_as_depthwise(tmp_path):
+    """TF 2.2 has no CPU kernel for a grouped Conv2D: the check names it in a plain trace of a
+    ConvNeXt; `native_depthwise_convolutions` computes the same as depthwise convolutions, here
+    with 2 outputs per group (ConvNeXt has 1), and leaves the layers as they were."""
+    keras.utils.set_random_seed(0)
+    image = keras.Input((None, None, 4))
+    model = keras.Model(image, keras.layers.Conv2D(8, 3, groups=4, strides=2)(image))
+    x = np.random.default_rng(0).normal(size=(2, 9, 7, 4)).astype("float32")
+    want = keras.ops.convert_to_numpy(model(x))
+    with portable_savedmodel.native_depthwise_convolutions(model) as patched:
+        graph = tf.function(model).get_concrete_function(tf.TensorSpec(x.shape)).graph
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(model(x)), want, atol=1e-5)
+    assert patched == 1
+    assert {"DepthwiseConv2dNative"} <= {op.type for op in graph.get_operations()}
+    assert not any("convolution_op" in vars(la) for la in model.layers)
+
+    convnext = tiny_convnext()
+    plain = tf.Module()
+    plain.variables_ = list(convnext.variables)
+    plain.serve = tf.function(lambda im: {"global_descriptor": convnext(im)},
+                              input_signature=[tf.TensorSpec([1, 32, 32, 3], tf.float32)])
+    path = str(tmp_path / "plain")
+    portable_savedmodel.save(plain, path, {"serving_default": plain.serve})
+    problems = kaggle_contract.check(path)["tf_problems"]
+    assert any(p.startswith("4 grouped Conv2D (no CPU kernel in TensorFlow 2.2)")
+               for p in problems), problems
 
 
 def test_signature_that_kaggle_cannot_call_is_reported(tmp_path):

@@ -2,13 +2,15 @@
 
   python -m landmark_tf.cli.demo_report demo_output/results
 
-Prints a table (mAP@100 and GAP of the untrained baseline, each trained model and the ensemble)
-and, last, one JSON line: untrained_map@100, trained_map@100 (best single model),
-ensemble_map@100, gap (the ensemble's recognition GAP).
+Prints a table (mAP@100 and GAP of the untrained baseline, each trained model, the ensemble and
+the ensemble with each post-processing lever, `evaluate_ensemble+NAME.json`, with its gain over
+the plain ensemble) and, last, one JSON line: untrained_map@100, trained_map@100 (best single
+model), ensemble_map@100, gap (the ensemble's recognition GAP), levers (NAME -> map@100, gap).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -37,6 +39,16 @@ def main(argv: list[str]) -> dict:
         steps = "-" if m == "ensemble" else str(_read(results, f"train_{m}").get("step", "?"))
         gap = f"{scores[m]['gap']:.4f}" if "gap" in scores[m] else "-"
         rows.append((m, steps, f"{scores[m]['map@100']:.4f}", gap))
+    plain = scores["ensemble"]
+    levers = {}
+    pattern = os.path.join(glob.escape(results), "evaluate_ensemble+*.json")
+    for path in sorted(glob.glob(pattern)):
+        name = os.path.basename(path)[len("evaluate_ensemble+"):-len(".json")]
+        got = _read(results, f"evaluate_ensemble+{name}")
+        levers[name] = {k: got[k] for k in ("map@100", "gap") if k in got}
+        cells = [f"{got[k]:.4f} ({got[k] - plain[k]:+.4f})" if k in got and k in plain else "-"
+                 for k in ("map@100", "gap")]
+        rows.append((f"ensemble+{name}", "-", *cells))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print()
     for r in rows:
@@ -47,6 +59,7 @@ def main(argv: list[str]) -> dict:
         "trained_map@100": max(scores["b0"]["map@100"], scores["b1"]["map@100"]),
         "ensemble_map@100": scores["ensemble"]["map@100"],
         "gap": scores["ensemble"]["gap"],
+        "levers": levers,
         "results_dir": results,
     }
 

@@ -137,10 +137,12 @@ flags.DEFINE_integer("num_classes", 0, "With --memory_check: classes of the head
 flags.DEFINE_string("init_from", _T.init_from, "Workdir of an earlier stage: backbone and neck "
                     "restored; the head too when head type and class count match.")
 flags.DEFINE_string("pretrained_weights", _T.pretrained_weights, "Keras ImageNet weights "
-                    "efficientnetbN_notop.h5 (local or gs://) for a fresh backbone.")
+                    "for a fresh keras.applications backbone (local or gs://; nothing "
+                    "downloads): efficientnetbN_notop.h5, convnext_SIZE_notop.h5.")
 # Model.
 flags.DEFINE_string("backbone", _M.backbone, f"{', '.join(config.BACKBONES)} "
-                    "(keras.applications; ImageNet weights from --pretrained_weights), or "
+                    "(keras.applications; ImageNet weights from --pretrained_weights; "
+                    "ConvNeXt: LayerNorms, so --backbone_mode=train only), or "
                     "hub:SOURCE, a keras-hub backbone (pip install 'landmark-tf[hub]'): SOURCE "
                     "a keras-hub preset folder, local or gs:// (EfficientNet(V2), ViT, DINOv2, "
                     "...: its weights load at the start, its architecture on every restore, so "
@@ -154,7 +156,8 @@ _define_choice("backbone_mode", _M.backbone_mode, config.BACKBONE_MODES, "How th
                   "averages updated), drop-connect on. frozen_bn: inference mode, as the GLR2020 "
                   "winner's released code (model(images) without training= in tf.keras 2): "
                   "BatchNorm uses and keeps its stored moving statistics, gamma/beta still "
-                  "train, no drop-connect; neck and head train normally.")
+                  "train, no drop-connect; neck and head train normally. Not with convnext-* "
+                  "(no BatchNorm, no drop path: it would change nothing).")
 flags.DEFINE_integer("image_size", _M.image_size, "Square training image side in pixels.")
 _define_choice("pooling", _M.pooling, config.POOLINGS, "Global pooling: gap or gem.")
 flags.DEFINE_float("gem_p", _M.gem_p, "Initial GeM exponent (trainable).")

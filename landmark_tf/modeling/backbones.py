@@ -1,4 +1,5 @@
-"""EfficientNet B0-B7 feature extractors from `keras.applications`, with offline ImageNet weights.
+"""EfficientNet B0-B7 and ConvNeXt feature extractors from `keras.applications`, with offline
+ImageNet weights.
 
 `keras.applications.EfficientNetBx(weights="imagenet")` adds, after its Normalization layer, a
 Rescaling by 1/sqrt(ImageNet std), because the released weight files store the std (not the
@@ -14,6 +15,17 @@ EfficientNets). With Keras's init (gamma = 1) a random EfficientNet-B1 trained f
 the demo's 60 classes stayed at chance for 80 SGD steps (train accuracy 0.003); with zero-gamma
 it reached 0.32 (validation 0.36) in the same steps. ImageNet weights overwrite these gammas.
 
+ConvNeXt (Liu et al. 2022, "A ConvNet for the 2020s"; `--backbone=convnext-tiny|small|base|
+large|xlarge`) is Keras's `ConvNeXtTiny`... with `include_preprocessing=True`: its first layer
+normalises 0..255 inputs by the ImageNet mean and std of 0..255 pixels (its "prestem"), as
+its ImageNet weight files expect, so no fix as above is needed. Its no-top model ends in a
+LayerNormalization over the channels at each position of the stride-32 map: the features are
+signed (about half negative), so GeM and SuperGlobal pool their part above eps, GAP all of
+them. A random ConvNeXt already starts its residual blocks near the identity: each block's
+LayerScale is 1e-6 (Touvron et al. 2021), the role zero-gamma plays above. Its norms are
+LayerNorms (no statistics) and Keras builds these variants without stochastic depth, so the
+training and inference modes compute the same function (config refuses frozen_bn with it).
+
 `InferenceModeBackbone` wraps a backbone so that it always runs in inference mode, also inside a
 training step (`--backbone_mode=frozen_bn`, the GLR2020 winner's released training).
 """
@@ -28,7 +40,7 @@ import tempfile
 
 import keras
 
-from landmark_tf.config import BACKBONES
+from landmark_tf.config import BACKBONES, CONVNEXTS
 from landmark_tf.errors import UserError
 
 # What Keras's efficientnetbN_notop.h5 files hold in their Normalization layer: the mean and,
@@ -38,30 +50,43 @@ IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 
 
 def keras_name(backbone: str) -> str:
-    """'efficientnet-b3' -> 'efficientnetb3' (Keras's model name and weight-file stem)."""
+    """Keras's model name and weight-file stem: 'efficientnet-b3' -> 'efficientnetb3',
+    'convnext-tiny' -> 'convnext_tiny'."""
     _check_name(backbone)
+    if backbone in CONVNEXTS:
+        return backbone.replace("-", "_")
     return backbone.replace("-", "")
 
 
 def weights_file_name(backbone: str) -> str:
-    """The Keras ImageNet no-top weight file for a backbone, e.g. 'efficientnetb0_notop.h5'."""
+    """The Keras ImageNet no-top weight file for a backbone, e.g. 'efficientnetb0_notop.h5',
+    'convnext_tiny_notop.h5'."""
     return f"{keras_name(backbone)}_notop.h5"
 
 
 def build_backbone(backbone: str, weights_path: str | None = None) -> keras.Model:
-    """Builds a no-top EfficientNet: float32 [B, H, W, 3] in 0..255 -> features [B, h, w, F].
+    """Builds a no-top EfficientNet or ConvNeXt: float32 [B, H, W, 3] in 0..255 -> features
+    [B, h, w, F] (stride 32; F = 1280 for B0, 768 for convnext-tiny).
 
     Any H, W >= 32 works. The features are in the global dtype policy's compute dtype
-    (bfloat16 under mixed_bfloat16). `weights_path`: a Keras `efficientnetbN_notop.h5` file,
-    local or gs://; None keeps the random initialisation (with ImageNet input normalisation).
+    (bfloat16 under mixed_bfloat16). `weights_path`: Keras's no-top ImageNet weights file
+    (`weights_file_name`), local or gs://; None keeps the random initialisation (with the
+    ImageNet input normalisation).
     """
     _check_name(backbone)
     if weights_path and not _fileio().exists(weights_path):
         raise UserError(f"pretrained weights file not found: {weights_path}")
-    constructor = getattr(keras.applications, f"EfficientNetB{backbone[-1]}")
-    plain = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
-    model = _with_imagenet_input_scaling(plain)
-    _zero_init_residual_gammas(model)
+    if backbone in CONVNEXTS:
+        size = backbone.split("-")[1]
+        constructor = getattr(keras.applications, "ConvNeXt" + (
+            "XLarge" if size == "xlarge" else size.capitalize()))
+        model = constructor(include_top=False, include_preprocessing=True, weights=None,
+                            input_shape=(None, None, 3), name=keras_name(backbone))
+    else:
+        constructor = getattr(keras.applications, f"EfficientNetB{backbone[-1]}")
+        plain = constructor(include_top=False, weights=None, input_shape=(None, None, 3))
+        model = _with_imagenet_input_scaling(plain)
+        _zero_init_residual_gammas(model)
     if weights_path:
         _load_weights_file(model, weights_path)
     return model

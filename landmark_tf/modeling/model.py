@@ -1,7 +1,8 @@
 """The landmark models, and restoring them from a workdir's checkpoints.
 
-backbone (EfficientNet) -> neck (pool -> Dense [-> BN]) -> head (cosine classifier) for training;
-backbone -> neck -> L2 normalisation for the product, the embedding model. Both share layers.
+backbone (EfficientNet, ConvNeXt, keras-hub) -> neck (pool -> Dense [-> BN]) -> head (cosine
+classifier) for training; backbone -> neck -> L2 normalisation for the product, the embedding
+model. Both share layers.
 Checkpoints are modeling/checkpoint's format, the same under both Keras backends; workdirs of
 earlier versions (tf.train.Checkpoint or npz files) are read through legacy_checkpoints.
 """
@@ -57,7 +58,9 @@ def build_models(
 ) -> LandmarkModels:
     """Builds all models for `cfg`. Call under `strategy.scope()` to place the variables.
 
-    pretrained_weights: Keras `efficientnetbN_notop.h5` ImageNet file (local or gs://), or None.
+    pretrained_weights: Keras's no-top ImageNet weights file of a keras.applications backbone
+      (`backbones.weights_file_name`: efficientnetbN_notop.h5, convnext_SIZE_notop.h5), local
+      or gs://, or None.
     class_counts: train images per class (dataset_info.json), for the dynamic_arcface margins.
     preset_weights: with a `hub:` backbone, load the preset's weights (a training run's start);
       else only its architecture is built (restores read the checkpoint).
@@ -106,7 +109,7 @@ def _build_backbone(cfg: ModelConfig, pretrained_weights: str | None, preset_wei
     if not hub_backbones.is_hub(cfg.backbone):
         return backbones.build_backbone(cfg.backbone, pretrained_weights)
     if pretrained_weights:
-        raise UserError(f"--pretrained_weights is for keras.applications EfficientNets; "
+        raise UserError(f"--pretrained_weights is for keras.applications backbones; "
                         f"--backbone={cfg.backbone} takes its weights from the preset")
     backbone = hub_backbones.build(cfg.backbone, cfg.image_size, preset_weights)
     if isinstance(backbone.layers[-1], hub_backbones.ClassToken) and cfg.pooling != "gap":

@@ -30,7 +30,9 @@ from landmark_tf.serving import kaggle_contract, signatures
 
 FORMAT = "landmark-tf/savedmodel/v1"
 METADATA_FILE = workdir.METADATA_FILE
-MIN_IMAGE_SIZE = 32  # EfficientNet's total stride: smaller inputs fail inside the backbone.
+# The backbones' total stride: smaller inputs fail inside EfficientNet, and ConvNeXt's unpadded
+# stride-4/2/2/2 convolutions leave an empty map.
+MIN_IMAGE_SIZE = 32
 # Kaggle's GLR2020 limit could not be confirmed from a primary source here; we warn at 1 GB
 # (10^9 bytes), the conservative reading of the limit reported for the competition: the winning
 # 4-model ensemble (3x EfficientNet-B7 + B6, ~238M float32 parameters, ~0.95 GB) fitted under it.

@@ -6,6 +6,9 @@ The competition's rule: the model "must be compatible with TensorFlow 2.2", load
 2.2 when any function in it uses an op 2.2 does not register ("Op type not registered") or an
 attribute the op did not have yet. `tf2.2_ops.json` beside this file is TF 2.2.0's op registry
 (op -> attribute names), written by `scripts/dump_op_registry.py` run in a real TF 2.2.
+One op TF 2.2 registers fails at run time instead: a grouped Conv2D (filter input channels
+fewer than the image's), which has no CPU kernel there ("Fused conv implementation does not
+support grouped convolutions for now"); it is found from the shapes the graph records.
 
 Only `saved_model.pb` is read (no TensorFlow graph is built), so the check costs milliseconds.
 """
@@ -73,6 +76,37 @@ def op_problems(proto: saved_model_pb2.SavedModel) -> list[str]:
     return problems
 
 
+def grouped_convolutions(proto: saved_model_pb2.SavedModel) -> list[str]:
+    """Conv2D nodes whose filter [kh, kw, c, f] takes fewer input channels c than its input has
+    (Keras `Conv2D(groups > 1)`), where the graph records both shapes."""
+    found = []
+    for function in (f for m in proto.meta_graphs for f in m.graph_def.library.function):
+        nodes = {n.name: n for n in function.node_def}
+        args = {a.name: i for i, a in enumerate(function.signature.input_arg)}
+        for node in (n for n in function.node_def if n.op == "Conv2D"):
+            image = _recorded_shape(function, nodes, args, node.input[0])
+            kernel = _recorded_shape(function, nodes, args, node.input[1])
+            if image and kernel and len(kernel) == 4 and 0 < kernel[2] < image[-1]:
+                found.append(f"{function.signature.name}/{node.name}")
+    return found
+
+
+def _recorded_shape(function, nodes: dict, args: dict, ref: str) -> list[int] | None:
+    """The `_output_shapes` the graph records for input `ref` (node:output:index or a function
+    argument), None where it records none."""
+    name, *rest = ref.split(":")
+    if name in nodes:
+        attr, index = nodes[name].attr, int(rest[-1]) if rest else 0
+    elif name in args:
+        attr, index = function.arg_attr[args[name]].attr, 0
+    else:
+        return None
+    if "_output_shapes" not in attr or len(attr["_output_shapes"].list.shape) <= index:
+        return None
+    shape = attr["_output_shapes"].list.shape[index]
+    return None if shape.unknown_rank else [d.size for d in shape.dim]
+
+
 def signature_problems(proto: saved_model_pb2.SavedModel) -> list[str]:
     """Kaggle's call: serving_default(input_image: uint8 [H, W, 3]) -> global_descriptor [D]."""
     signatures = proto.meta_graphs[0].signature_def if proto.meta_graphs else {}
@@ -100,5 +134,9 @@ def check(export_dir: str) -> dict[str, Any]:
     """The closing-JSON facts of the contract for the SavedModel at `export_dir`."""
     proto = read_savedmodel(export_dir)
     ops, signature = op_problems(proto), signature_problems(proto)
+    grouped = grouped_convolutions(proto)
+    if grouped:
+        ops.append(f"{len(grouped)} grouped Conv2D (no CPU kernel in TensorFlow {TARGET_TF}), "
+                   f"e.g. {grouped[0]}")
     return {"loads_in_tf": TARGET_TF, "tf_problems": ops, "signature_problems": signature,
             "ok": not ops and not signature}

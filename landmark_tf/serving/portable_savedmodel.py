@@ -14,12 +14,20 @@ What TF 2.21 writes and TF 2.2 cannot take, and why each change is safe for an i
   does not track functions, so it warns "Unresolved object in checkpoint" for each. The graph is
   rewritten without nodes that hold no value and lead to none; values are keyed by path, so
   every variable restores as before, in either TensorFlow (both match by name from the root).
+- A grouped Conv2D (Keras `Conv2D(groups=...)`: ConvNeXt's 7x7 depthwise convolutions) is one
+  Conv2D op whose filter has fewer input channels than the image. TF 2.2 has the op but no CPU
+  kernel for it ("Fused conv implementation does not support grouped convolutions for now",
+  measured); `native_depthwise_convolutions` traces those with groups == input channels as
+  DepthwiseConv2dNative of the same kernel, reshaped: the same function, and the SavedModel's
+  variables stay the Keras model's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
+import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2, trackable_object_graph_pb2
 
@@ -37,6 +45,36 @@ def save(obj: tf.Module, path: str, signatures: dict) -> None:
     _drop_gradient_names(path)
     _prune_checkpoint_graph(fileio.join(path, "variables", "variables"))
     _rewrite_fingerprint(path)
+
+
+@contextlib.contextmanager
+def native_depthwise_convolutions(model: keras.Model):
+    """While active, each Conv2D of `model` (nested models included) with one input channel
+    per group computes as a depthwise convolution: kernel [kh, kw, 1, G * M] read as
+    [kh, kw, G, M] (output channel g * M + m of group g is depthwise channel g, multiplier m).
+    For tracing a serving function; the layers are as before afterwards."""
+    patched = []
+    for layer in model._flatten_layers(include_self=False):
+        if (isinstance(layer, keras.layers.Conv2D) and layer.groups > 1
+                and layer.kernel.shape[2] == 1 and layer.data_format == "channels_last"):
+            layer.convolution_op = _depthwise_op(layer)
+            patched.append(layer)
+    try:
+        yield len(patched)
+    finally:
+        for layer in patched:
+            del layer.convolution_op
+
+
+def _depthwise_op(layer: keras.layers.Conv2D):
+    def convolution_op(inputs, kernel):
+        kh, kw, _, filters = kernel.shape
+        depthwise = keras.ops.reshape(kernel, (kh, kw, layer.groups, filters // layer.groups))
+        return keras.ops.depthwise_conv(inputs, depthwise, strides=layer.strides,
+                                        padding=layer.padding,
+                                        dilation_rate=layer.dilation_rate)
+
+    return convolution_op
 
 
 def _drop_gradient_names(path: str) -> None:

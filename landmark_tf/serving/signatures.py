@@ -79,9 +79,13 @@ class KerasBranch(tf.Module):
         self._combine = combine
         # Traced once for all signatures and scales (tracing EfficientNet is the slow part of
         # saving). A closure, not an attribute: tf.Module would track the Keras object graph.
+        # Grouped convolutions are traced as TF 2.2 can run them (portable_savedmodel).
+        def call(x):
+            with portable_savedmodel.native_depthwise_convolutions(model):
+                return tf.cast(model(x, training=False), tf.float32)
+
         self._call = tf.function(
-            lambda x: tf.cast(model(x, training=False), tf.float32),
-            input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
+            call, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)],
             autograph=False,
         )
 
