@@ -146,6 +146,26 @@ def test_a_class_without_a_large_group_is_dropped(tmp_path):
     assert (r["not_embedded"], r["embeddings_not_in_csv"]) == (0, 0)
 
 
+def test_min_group_keeps_every_facet_of_a_class_and_still_drops_single_noise(tmp_path):
+    rng = np.random.default_rng(6)
+    facets = [rng.normal(size=32) for _ in range(3)]  # one class, three unrelated looks
+    sizes = (6, 4, 3)
+    vectors = [f + 0.1 * rng.normal(size=(n, 32)) for f, n in zip(facets, sizes, strict=True)]
+    noise = rng.normal(size=(3, 32))  # three unrelated images filed under the class
+    vectors = _unit(np.concatenate([*vectors, noise]))
+    ids = np.array([f"id{i:04d}" for i in range(len(vectors))])
+    landmarks = np.full(len(ids), 7)
+    train_csv, npz = _write_train(tmp_path, ids, landmarks, vectors)
+
+    def kept(**kw):
+        out = str(tmp_path / f"clean{len(kw)}.csv")
+        clean.clean(clean.CleanConfig(npz, train_csv, out, threshold=0.8, k=8, **kw))
+        return {r.image_id for r in gldv2.read_csv(out)[1]}
+
+    assert kept() == set(ids[:6])  # the largest group only: two facets lost
+    assert kept(min_group=2) == set(ids[:13])  # every facet kept, the noise dropped
+
+
 def test_labels_that_disagree_with_train_csv_are_an_error(tmp_path):
     ids, landmarks, vectors, _ = _noisy_classes(np.random.default_rng(5), classes=2)
     train_csv, _ = _write_train(tmp_path, ids, landmarks, vectors)

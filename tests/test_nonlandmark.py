@@ -88,6 +88,20 @@ def test_handling_lifts_gap_on_held_out_queries(method):
     assert after > before + 0.05, (before, after, cal)
 
 
+def test_a_train_set_smaller_than_the_bank_keeps_rows_for_the_classifier():
+    # Two landmarks of two images each, ten non-landmark images: holding out every train image
+    # left the classifier no landmark rows (a ZeroDivisionError in its class weights).
+    rng = np.random.default_rng(2)
+    train = rng.normal(size=(4, 8)).astype(np.float32)
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    bank = rng.normal(size=(10, 8)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    split = nl.validation_split(np.array([1, 1, 2, 2]), len(bank), seed=0)
+    assert len(split.held_out) == 3
+    cal = nl.calibrate("both", knn.Searcher(train), np.array([1, 1, 2, 2]), bank, k=2, seed=0)
+    assert cal.validation_queries == 6
+
+
 def test_tune_switches_a_harmful_classifier_off():
     # The classifier's probabilities rank the wrong prediction first: g = 0 is best.
     lam, n, ex, gap = nl.tune(np.array([5, 6]), np.array([2.0, 1.0]), np.array([5, -1]), None,

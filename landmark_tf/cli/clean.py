@@ -29,6 +29,9 @@ flags.DEFINE_string("threshold", "auto", "Cosine of an edge: " + _FLOAT_OR_AUTO 
 flags.DEFINE_float("auto_quantile", 0.99, "Quantile of cross-class cosine used by "
                    "--threshold=auto.")
 flags.DEFINE_integer("min_images", 3, "Drop classes with fewer images, before or after cleaning.")
+flags.DEFINE_integer("min_group", 0, "0: keep each class's largest group only (Cookpad's "
+                     "rule). N > 0: keep every group of at least N images, the largest always "
+                     "(classes with several unrelated facets, like GLDv2's Commons categories).")
 flags.DEFINE_integer("seed", 0, "Seed of the pair sample behind --threshold=auto.")
 
 
@@ -50,7 +53,7 @@ def main(argv: list[str]) -> dict:
         embeddings=FLAGS.embeddings or "", train_csv=FLAGS.train_csv or "",
         output=FLAGS.output or "", report=FLAGS.report, k=FLAGS.k,
         threshold=_threshold(FLAGS.threshold), auto_quantile=FLAGS.auto_quantile,
-        min_images=FLAGS.min_images, seed=FLAGS.seed,
+        min_images=FLAGS.min_images, min_group=FLAGS.min_group, seed=FLAGS.seed,
     )
     return clean.clean(cfg)
 

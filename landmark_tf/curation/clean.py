@@ -1,4 +1,5 @@
-"""landmark-clean: keep each landmark's largest coherent group of train images.
+"""landmark-clean: keep each landmark's largest coherent group of train images (or every
+group of at least `min_group` images, for landmarks filed with several unrelated facets).
 
 The seeds' recipe: Cookpad (GLR2019 recognition, 5th) dropped rare classes and, for each class,
 kept only the images of its largest cluster of pretrained-model embeddings; GLR2020's 3rd place
@@ -9,6 +10,13 @@ clustering, i.e. DBSCAN with min_samples=1 and eps = 1 - threshold in cosine dis
 kNN-sparsified graph). The default threshold is relative: the `auto_quantile` of cosine
 similarity between images of *different* classes, so "an edge" means "more alike than 99% of
 pairs of different landmarks" for whatever model made the embeddings.
+
+`min_group` > 0 (not the seeds' rule): every group of at least that many images is kept, the
+largest always. GLDv2's classes are Wikimedia Commons categories, where a church's exterior,
+nave and altar are unrelated-looking groups of one landmark; the largest-group rule drops all
+but one of them as if they were noise, while the noise (photos of no landmark, or of another
+landmark each) mostly stays in groups of one. Measured on landmark-synth's multi-facet set:
+bench/README.md "levers".
 
 Reads: train embeddings (.npz, ids[, landmark_ids]) and train.csv (id,url,landmark_id; the
 labels come from it). Writes: `output` in train_clean.csv format (landmark_id,images, rows by
@@ -49,6 +57,7 @@ class CleanConfig:
     threshold: float | None = None
     auto_quantile: float = 0.99
     min_images: int = 3
+    min_group: int = 0  # 0: keep only each class's largest group (Cookpad)
     seed: int = 0
 
     def validate(self) -> CleanConfig:
@@ -62,6 +71,7 @@ class CleanConfig:
             (0 < self.auto_quantile < 1, f"--auto_quantile={self.auto_quantile}: must be in "
              "(0, 1)"),
             (self.min_images >= 1, f"--min_images={self.min_images}: must be >= 1"),
+            (self.min_group >= 0, f"--min_group={self.min_group}: must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,6 +107,8 @@ def group_largest(
     src, dst = graph.within_class_edges(x, starts, sizes, cfg.k, threshold)
     component = graph.connected_components(len(x), src, dst)
     keep = graph.largest_component_mask(landmarks, component)
+    if cfg.min_group:
+        keep |= np.bincount(component, minlength=len(component))[component] >= cfg.min_group
     kept_per_class = np.add.reduceat(keep.astype(np.int64), starts) if len(x) else keep
     too_small = np.repeat((sizes < cfg.min_images) | (kept_per_class < cfg.min_images), sizes)
     return CleanResult(landmarks, ids, keep & ~too_small, component, float(threshold))

@@ -114,13 +114,14 @@ def validation_split(
     train_landmarks: np.ndarray, num_nonlandmark: int, *, max_queries=5000, seed=0
 ) -> ValidationSplit:
     """As many train images of landmarks with 2+ images (so that another image of theirs stays
-    in train) as non-landmark images: half the non-landmark set, at most `max_queries` each."""
+    in train) as non-landmark images: half the non-landmark set, at most `max_queries` each,
+    and never every train image (the classifier trains on the train images not held out)."""
     rng = np.random.default_rng(seed)
     _, inverse, counts = np.unique(train_landmarks, return_inverse=True, return_counts=True)
     eligible = np.flatnonzero((counts[inverse] >= 2) & (train_landmarks >= 0))
     perm = rng.permutation(num_nonlandmark)
     half = num_nonlandmark // 2
-    n = min(len(eligible), half, max_queries)
+    n = min(len(eligible), half, max_queries, len(train_landmarks) - 1)
     if n == 0:
         raise UserError("non-landmark validation needs 2+ non-landmark images and a train "
                         "landmark with 2+ images")
