@@ -133,9 +133,20 @@ def data(tmp_path_factory):
     return out
 
 
+def test_frozen_bn_runs_tensorflow_on_a_stand_in_backbone(data, tmp_path, monkeypatch):
+    """The TF trainer and export on a small backbone with BatchNorm and Dropout (B0: below)."""
+    monkeypatch.setattr(model.backbones, "build_backbone", frozen_bn_run.stand_in_backbone)
+    _run_tensorflow(data, tmp_path, min_layers=2)
+
+
+@pytest.mark.slow  # ~1 min of EfficientNet-B0 runs; make test-slow runs it
 def test_frozen_bn_runs_tensorflow(data, tmp_path):
+    _run_tensorflow(data, tmp_path)
+
+
+def _run_tensorflow(data, tmp_path, min_layers: int = 40):
     results = frozen_bn_run.run(data, str(tmp_path))
-    _check_runs(results)
+    _check_runs(results, min_layers=min_layers)
     # The SavedModel of the frozen run gives the start's descriptors.
     from landmark_tf.serving import export
 
