@@ -2,8 +2,9 @@
 
   landmark-synth --output_dir=/tmp/synth [--num_landmarks=60 --min_images=8 --max_images=40
                  --image_size=96 --seed=0 --difficulty=1.0]
-  GLDv2's phenomena (what the demo and bench/levers.py use):
-  landmark-synth ... --facets=3 --noisy_fraction=0.2 --noise_other_landmarks=0.5 \
+  GLDv2's phenomena (bench/levers.py's data, with --novel_landmarks=2; make demo uses the
+  last two):
+  landmark-synth ... --facets=3 --noisy_fraction=0.2 --noise_other_landmarks=0.5
                  --nonlandmark_style=everyday --test_distractors=3
 
 Writes train.csv, train_clean.csv, index.csv, test.csv, retrieval_solution_v2.1.csv,
