@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import shutil
-import subprocess
 import sys
 import time
 
 import numpy as np
+from scale_bench import measure  # bench/ is the script's folder: on sys.path
 
 GB = 1e9
 # The seed's table (GLR2019 private / public mAP@100, %).
@@ -95,18 +94,6 @@ def make_sets(workdir: str, landmarks: int, d: int, seed: int = 0) -> dict:
         f.write("\n".join(lines) + "\n")
     return {"queries": f"{workdir}/test.npz", "index": f"{workdir}/index.npz",
             "train": f"{workdir}/train.npz", "solution": f"{workdir}/solution.csv"}  # fmt: skip
-
-
-def measure(cmd: list[str]) -> dict:
-    """Runs cmd under /usr/bin/time -v: {seconds, peak_gb, json (its last stdout line)}."""
-    t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"{cmd} failed:\n{p.stderr[-3000:]}")
-    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    return {"seconds": seconds, "peak_gb": kb * 1024 / GB,
-            "json": json.loads(p.stdout.strip().splitlines()[-1])}  # fmt: skip
 
 
 def run_row(config: str) -> None:

@@ -116,18 +116,9 @@ def bench_step(args) -> dict:
     batch = {"image": tf.random.uniform([args.batch, args.image_size, args.image_size, 3], 0, 255),
              "label": tf.range(args.batch, dtype=tf.int32) % args.classes,
              "weight": tf.ones([args.batch])}
-    bare_opt, our_opt = (keras.optimizers.SGD(0.01, momentum=0.9) for _ in range(2))
-    bare_opt.build(variables)
+    our_opt = keras.optimizers.SGD(0.01, momentum=0.9)
     our_opt.build(variables)
-
-    @tf.function
-    def bare(image, label):
-        with tf.GradientTape() as tape:
-            logits = net({"image": image, "label": label}, training=True)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                label, tf.cast(logits, tf.float32)))
-        bare_opt.apply(tape.gradient(loss, variables), variables)
-        return loss
+    bare = _bare_tf_step(net, batch)
 
     strategy = tf.distribute.get_strategy()
     replica_fn = tf_step.make_train_step(models, our_opt, global_batch=args.batch, replicas=1,
@@ -139,7 +130,7 @@ def bench_step(args) -> dict:
     n = tf.constant(args.steps_per_execution)
     executions = max(args.steps // args.steps_per_execution, 1)
     contenders = {
-        "bare": (lambda: float(bare(batch["image"], batch["label"])), args.steps),
+        "bare": (lambda: bare(1), args.steps),
         "ours": (lambda: float(ours(iterator, n)["loss"]), executions),
     }
     for fn, _ in contenders.values():  # trace and warm up

@@ -104,7 +104,7 @@ def knn_graph(searcher: Searcher, k: int, cache_dir: str) -> KnnGraph:
         tmp = _tmp_folder(cache_dir, os.path.basename(folder))
         try:
             _build(searcher, k, tmp)
-            _publish(tmp, folder)
+            _publish(tmp, folder, "graph.json")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return open_graph(folder, reused)
@@ -136,12 +136,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _publish(tmp: str, folder: str) -> None:
-    """Renames the finished folder into place; a concurrent builder that won keeps its copy."""
+def _publish(tmp: str, folder: str, sentinel: str) -> None:
+    """Renames the finished folder into place; a concurrent builder that won (its folder holds
+    `sentinel`, written last) keeps its copy."""
     try:
         os.rename(tmp, folder)
     except OSError:
-        if not os.path.exists(os.path.join(folder, "graph.json")):
+        if not os.path.exists(os.path.join(folder, sentinel)):
             raise
 
 
@@ -169,19 +170,11 @@ def mutual_graph(graph: KnnGraph) -> MutualGraph:
         tmp = _tmp_folder(graph.folder, "mutual")
         try:
             _build_mutual(graph, tmp)
-            _publish_mutual(tmp, folder)
+            _publish(tmp, folder, "done")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     load = lambda name: np.load(os.path.join(folder, name), mmap_mode="r")  # noqa: E731
     return MutualGraph(load("indptr.npy"), load("indices.npy"), load("sims.npy"))
-
-
-def _publish_mutual(tmp: str, folder: str) -> None:
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        if not os.path.exists(os.path.join(folder, "done")):
-            raise
 
 
 def _build_mutual(graph: KnnGraph, folder: str) -> None:
